@@ -1,0 +1,3 @@
+from metarl.cli import main
+
+raise SystemExit(main())

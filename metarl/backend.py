@@ -1,0 +1,127 @@
+"""Where actors live: Ray (the default) or this process (`--local`, for debugging and fast tests).
+
+Both backends offer the same four verbs — `actor`, `call`, `wait`, `get` — so the meta-iteration
+in metarl.run is written once. With Ray, calls return ObjectRefs that are handed to other calls
+without passing through the driver (theta and theta' travel by reference); locally, calls run
+at once and return their values wrapped the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+class CallFailed(RuntimeError):
+    """A worker call died, raised or hung; `task` names the task it was running."""
+
+
+@dataclass
+class LocalRef:
+    value: Any = None
+    error: BaseException | None = None
+
+
+class LocalBackend:
+    """Runs every actor in this process, every call immediately."""
+
+    name = "local"
+
+    def actor(self, cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0, restarts: int = 0,
+              name: str | None = None) -> Any:
+        return cls(*args)
+
+    @staticmethod
+    def _resolve(x: Any) -> Any:
+        if isinstance(x, LocalRef):
+            if x.error is not None:
+                raise x.error
+            return x.value
+        return x
+
+    def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
+        try:
+            out = getattr(actor, method)(*(self._resolve(a) for a in args))
+        except Exception as e:  # the error surfaces where the result is read, as with Ray
+            err = e
+            return LocalRef(error=err) if num_returns == 1 else tuple(LocalRef(error=err) for _ in range(num_returns))
+        if num_returns == 1:
+            return LocalRef(out)
+        return tuple(LocalRef(v) for v in out)
+
+    def put(self, x: Any) -> LocalRef:
+        return LocalRef(x)
+
+    def wait(self, refs: list[Any], timeout: float | None) -> tuple[list[Any], list[Any]]:
+        return list(refs), []
+
+    def get(self, ref: Any, timeout: float | None = None) -> Any:
+        return self._resolve(ref)
+
+    def kill(self, actor: Any) -> None:
+        pass
+
+    def pid_of(self, actor: Any) -> int:
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        pass
+
+
+class RayBackend:
+    """Ray actors with restart enabled; fractional CPUs and GPUs as the config asks."""
+
+    name = "ray"
+
+    def __init__(self, address: str = "", num_cpus: int = 0):
+        import ray
+
+        self.ray = ray
+        address = address or os.environ.get("RAY_ADDRESS", "")
+        self.attached = bool(address)
+        if ray.is_initialized():
+            self.owns_ray = False
+        elif address:
+            ray.init(address=address, log_to_driver=True)
+            self.owns_ray = False
+        else:
+            ray.init(num_cpus=num_cpus or None, include_dashboard=False, dashboard_host="127.0.0.1",
+                     log_to_driver=True, configure_logging=True, logging_level="WARNING")
+            self.owns_ray = True
+
+    def resources(self) -> dict[str, float]:
+        return dict(self.ray.cluster_resources())
+
+    def actor(self, cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0, restarts: int = 0,
+              name: str | None = None) -> Any:
+        remote_cls = self.ray.remote(cls)
+        opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=restarts, max_task_retries=0)
+        if name:
+            opts["name"] = name
+        return remote_cls.options(**opts).remote(*args)
+
+    def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
+        return getattr(actor, method).options(num_returns=num_returns).remote(*args)
+
+    def put(self, x: Any) -> Any:
+        return self.ray.put(x)
+
+    def wait(self, refs: list[Any], timeout: float | None) -> tuple[list[Any], list[Any]]:
+        if not refs:
+            return [], []
+        return self.ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+
+    def get(self, ref: Any, timeout: float | None = None) -> Any:
+        return self.ray.get(ref, timeout=timeout)
+
+    def kill(self, actor: Any) -> None:
+        """Kill a hung actor; Ray restarts it (max_restarts) for the next iteration."""
+        self.ray.kill(actor, no_restart=False)
+
+    def pid_of(self, actor: Any) -> int:
+        return self.ray.get(actor.pid.remote())
+
+    def shutdown(self) -> None:
+        if self.owns_ray:
+            self.ray.shutdown()

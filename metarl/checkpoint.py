@@ -1,0 +1,75 @@
+"""Atomic checkpoints that load without executing pickled code.
+
+A checkpoint is a torch file of tensors and plain values (theta, Adam state, iteration, grouping
+RNG state, cumulative counters, the resolved config), written to a temporary file, fsynced and
+renamed into place, so a crash mid-write never leaves a half-written checkpoint under the real
+name. Loading uses `torch.load(weights_only=True)`, which refuses arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CKPT_RE = re.compile(r"^ckpt_(\d{6})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the CLI prints it as one line and exits 2."""
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(run_dir: Path, state: dict[str, Any], keep: int = 3) -> Path:
+    d = checkpoint_dir(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"ckpt_{int(state['iteration']):06d}.pt"
+    tmp = d / f".{final.name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    dfd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))
+
+
+def load(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass a file from <run>/checkpoints/")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or carrying pickled code
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint '{path}' is unreadable ({first}); delete it to fall back to an earlier one"
+        ) from None
+    missing = {"theta", "optimizer", "iteration"} - set(state if isinstance(state, dict) else {})
+    if missing:
+        raise CheckpointError(f"checkpoint '{path}' lacks {', '.join(sorted(missing))}; it is not a metarl checkpoint")
+    return state
+
+
+def latest(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None

@@ -1,0 +1,381 @@
+"""Typed, strict configuration: YAML -> frozen dataclasses, validated before anything starts.
+
+Every field carries a one-line doc (the string after it in `FIELD_DOCS`) that the README and
+`metarl run --help-config` print. Unknown keys, unknown games, a skip count that does not fit and
+non-positive step sizes are rejected with one line naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the CLI prints it as one line and exits 2."""
+
+
+ALGOS = ("fomaml", "maml", "reptile")
+FAMILIES = ("atari", "sinusoid", "nav2d")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    family: str = "atari"
+    """Task family: atari (one ALE game per task), sinusoid or nav2d (cheap MAML-paper families)."""
+    train: tuple[str, ...] = ("pong", "breakout")
+    """Training task names: ALE game ids for atari, or 'task-<i>' style names for the cheap families."""
+    heldout: tuple[str, ...] = ()
+    """Held-out task names used by `metarl eval` and `metarl sweep`."""
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    num_envs: int = 8
+    """Parallel emulators per task (one AtariVectorEnv per task); the batch B of every rollout."""
+    rollout_len: int = 32
+    """Steps per env per rollout (T); one rollout is T x B agent steps."""
+    env_threads: int = 1
+    """C++ threads per AtariVectorEnv; keep workers x threads <= cores."""
+    sticky_actions: float = 0.25
+    """Probability the emulator repeats the previous action (Machado et al. 2018)."""
+    frameskip: int = 4
+    """Emulator frames per agent step (max-pooled over the last two)."""
+    noop_max: int = 30
+    """Up to this many no-op actions at episode start."""
+    reward_clip: bool = True
+    """Clip training rewards to their sign; logged returns are always the raw game score."""
+    max_episode_frames: int = 108000
+    """Truncate an episode after this many emulator frames (30 minutes of play)."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda for the advantages."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    ent_coef: float = 0.01
+    """Weight of the entropy bonus."""
+    norm_adv: bool = True
+    """Normalise advantages per batch before the policy-gradient term."""
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    algo: str = "fomaml"
+    """Meta-gradient: fomaml (first order), maml (second order via HVPs) or reptile."""
+    skip: int = 1
+    """Task skip count k: N tasks form ceil(N/k) groups; one leader per group adapts theta'."""
+    inner_lr: float = 0.01
+    """alpha: step size of the inner SGD adaptation."""
+    inner_steps: int = 1
+    """S: inner SGD steps per adaptation, each on a fresh rollout."""
+    outer_lr: float = 1e-4
+    """beta: Adam step size of the meta-update."""
+    max_grad_norm: float = 1.0
+    """Clip the averaged meta-gradient to this global norm."""
+    iterations: int = 100
+    """Meta-iterations to run (a resumed run stops at the same total)."""
+    checkpoint_every: int = 10
+    """Write an atomic checkpoint every C iterations (and always after the last)."""
+    seed: int = 0
+    """Seed for grouping, network initialisation and every worker's RNG."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    workers: int = 0
+    """Task worker actors; 0 means one per training task. Fewer workers own several tasks each."""
+    cpus_per_worker: float = 0.5
+    """Ray CPUs reserved per task worker (fractional, so 12 fit on a laptop)."""
+    gpus_per_worker: float = 0.0
+    """Ray GPUs per task worker (fractional) when the cluster has GPUs; 0 keeps workers on CPU."""
+    learner_gpus: str = "auto"
+    """Learner GPU: 'auto' takes one when the cluster has any, '0' forces CPU, '1' requires one."""
+    address: str = ""
+    """Ray address to attach to; empty uses RAY_ADDRESS when set, else starts a local Ray."""
+    num_cpus: int = 0
+    """CPUs of a locally started Ray; 0 lets Ray detect them."""
+    call_timeout_s: float = 900.0
+    """Seconds one worker call may take before the worker counts as hung."""
+    max_worker_restarts: int = 3
+    """Times Ray restarts a dead task worker."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    experiment: str = "metarl"
+    """Experiment name: the W&B group and the prefix of run names."""
+    wandb_project: str = "metarl"
+    """W&B project."""
+    wandb_mode: str = "auto"
+    """auto (online with WANDB_API_KEY, else offline), online, offline or disabled."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
+
+@dataclass(frozen=True)
+class SinusoidConfig:
+    k_shot: int = 10
+    """K: support (and query) points per task and adaptation step."""
+    amp_range: tuple[float, float] = (0.1, 5.0)
+    """Amplitude range of the sine tasks."""
+    phase_range: tuple[float, float] = (0.0, 3.141592653589793)
+    """Phase range of the sine tasks."""
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    """Input range."""
+    hidden: tuple[int, ...] = (40, 40)
+    """Hidden layer widths of the ReLU regressor."""
+
+
+@dataclass(frozen=True)
+class Nav2dConfig:
+    episodes: int = 20
+    """Episodes per rollout (the batch B)."""
+    horizon: int = 100
+    """Steps per episode (H)."""
+    goal_range: tuple[float, float] = (-0.5, 0.5)
+    """Goals are drawn uniformly from this square."""
+    hidden: tuple[int, ...] = (100, 100)
+    """Hidden layer widths of the Gaussian policy."""
+
+
+@dataclass(frozen=True)
+class Config:
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    """Which tasks to meta-train on and which to hold out."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Atari environment and rollout settings."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Actor-critic surrogate settings."""
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    """Meta-learning algorithm and step sizes."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Actors and resources."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Experiment naming and W&B."""
+    sinusoid: SinusoidConfig = field(default_factory=SinusoidConfig)
+    """Sinusoid regression family (used when tasks.family = sinusoid)."""
+    nav2d: Nav2dConfig = field(default_factory=Nav2dConfig)
+    """2D navigation family (used when tasks.family = nav2d)."""
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks.train)
+
+    @property
+    def num_workers(self) -> int:
+        n = self.ray.workers or self.num_tasks
+        return min(n, self.num_tasks)
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.log.experiment}-{self.meta.algo}-skip{self.meta.skip}-seed{self.meta.seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# building dataclasses from plain dicts, strictly
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under each field (parsed from the source once)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value).strip()  # type: ignore[union-attr]
+    return docs
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of {sorted(f.name for f in fields(tp))}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must have {len(args)} entries, got {list(value)!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported union type for {key}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            where = f"section '{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"unknown config key '{key}'; allowed in {where}: {', '.join(names)}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML, JSON and W&B."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError("config file must be a YAML mapping of sections (tasks, env, loss, meta, ray, log)")
+    return _build(Config, data)
+
+
+def load(path: str | Path | None) -> Config:
+    """Load a YAML config file (None -> built-in defaults). Raises ConfigError."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist; pass an existing YAML file, e.g. configs/smoke.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file '{p}' is not valid YAML{where}; fix the syntax") from None
+    return from_dict(data)
+
+
+def override(cfg: Config, dotted: str, raw: Any) -> Config:
+    """Return cfg with `section.key` set to raw (a string is parsed as YAML: 0.1, true, [a, b])."""
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override '{dotted}' must look like section.key, e.g. meta.inner_lr=0.05")
+    section, key = parts
+    if section not in {f.name for f in fields(Config)}:
+        raise ConfigError(f"unknown config section '{section}'; allowed: {', '.join(f.name for f in fields(Config))}")
+    sub = getattr(cfg, section)
+    if isinstance(raw, str):
+        try:
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            pass
+    new_sub = _build(type(sub), {**{f.name: getattr(sub, f.name) for f in fields(sub)}, key: raw}, section)
+    return replace(cfg, **{section: new_sub})
+
+
+# ---------------------------------------------------------------------------------------------
+# semantic validation
+
+
+def atari_games() -> list[str]:
+    from ale_py import roms
+
+    return sorted(roms.get_all_rom_ids())
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone cannot; raises ConfigError with one actionable line."""
+    t, m, e, r = cfg.tasks, cfg.meta, cfg.env, cfg.ray
+    if t.family not in FAMILIES:
+        raise ConfigError(f"tasks.family '{t.family}' is unknown; allowed: {', '.join(FAMILIES)}")
+    if not t.train:
+        raise ConfigError("tasks.train is empty; list at least one training task")
+    if len(set(t.train)) != len(t.train):
+        dup = sorted({g for g in t.train if t.train.count(g) > 1})
+        raise ConfigError(f"tasks.train lists {', '.join(dup)} more than once; each task once")
+    if t.family == "atari":
+        valid = set(atari_games())
+        for key, games in (("tasks.train", t.train), ("tasks.heldout", t.heldout)):
+            bad = [g for g in games if g not in valid]
+            if bad:
+                raise ConfigError(
+                    f"{key}: unknown Atari game '{bad[0]}'; valid games: {', '.join(sorted(valid))}"
+                )
+    if m.algo not in ALGOS:
+        raise ConfigError(f"meta.algo '{m.algo}' is unknown; allowed: {', '.join(ALGOS)}")
+    if m.skip < 1 or m.skip > len(t.train):
+        raise ConfigError(
+            f"meta.skip = {m.skip} does not fit {len(t.train)} training tasks; choose 1..{len(t.train)}"
+        )
+    for key, v in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr), ("meta.max_grad_norm", m.max_grad_norm)):
+        if not v > 0:
+            raise ConfigError(f"{key} = {v} must be positive")
+    positive_ints = (
+        ("meta.inner_steps", m.inner_steps), ("meta.iterations", m.iterations),
+        ("meta.checkpoint_every", m.checkpoint_every), ("env.num_envs", e.num_envs),
+        ("env.rollout_len", e.rollout_len), ("env.env_threads", e.env_threads), ("env.frameskip", e.frameskip),
+        ("sinusoid.k_shot", cfg.sinusoid.k_shot), ("nav2d.episodes", cfg.nav2d.episodes),
+        ("nav2d.horizon", cfg.nav2d.horizon),
+    )
+    for key, v in positive_ints:
+        if v < 1:
+            raise ConfigError(f"{key} = {v} must be at least 1")
+    if not 0.0 <= e.sticky_actions <= 1.0:
+        raise ConfigError(f"env.sticky_actions = {e.sticky_actions} must be a probability in [0, 1]")
+    if e.noop_max < 0:
+        raise ConfigError(f"env.noop_max = {e.noop_max} must be >= 0")
+    if not 0.0 < cfg.loss.gamma <= 1.0 or not 0.0 <= cfg.loss.gae_lambda <= 1.0:
+        raise ConfigError("loss.gamma must be in (0, 1] and loss.gae_lambda in [0, 1]")
+    if r.workers < 0 or r.cpus_per_worker < 0 or r.gpus_per_worker < 0:
+        raise ConfigError("ray.workers, ray.cpus_per_worker and ray.gpus_per_worker must be >= 0")
+    if r.learner_gpus not in ("auto", "0", "1"):
+        raise ConfigError(f"ray.learner_gpus '{r.learner_gpus}' is unknown; allowed: auto, 0, 1")
+    if r.call_timeout_s <= 0:
+        raise ConfigError(f"ray.call_timeout_s = {r.call_timeout_s} must be positive")
+    if cfg.log.wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"log.wandb_mode '{cfg.log.wandb_mode}' is unknown; allowed: {', '.join(WANDB_MODES)}")
+    return cfg
+
+
+def describe() -> str:
+    """Every key with its default and one-line doc (for `metarl run --help-config`)."""
+    lines = []
+    for f in fields(Config):
+        sub = f.default_factory()  # type: ignore[misc]
+        docs = _field_docs(type(sub))
+        lines.append(f"{f.name}:")
+        for sf in fields(sub):
+            lines.append(f"  {sf.name}: {getattr(sub, sf.name)!r}  # {docs.get(sf.name, '')}")
+    return "\n".join(lines)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

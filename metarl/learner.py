@@ -1,0 +1,91 @@
+"""Learner: holds theta, the Adam state and the iteration counter; applies meta-gradients.
+
+theta lives as one flat tensor on the learner's device (a GPU when the actor was given one; the
+same code on CPU). Adam and global-norm clipping on the flat vector are exactly the per-tensor
+versions. Gradients arrive as flat float32 numpy arrays; theta leaves as one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from metarl.policy import ParamSpec, init_params
+from metarl.tasks.base import TaskFamily
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+class Learner:
+    def __init__(self, family: TaskFamily, seed: int, outer_lr: float, max_grad_norm: float,
+                 device: str = "auto", torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.device = pick_device(device)
+        torch.manual_seed(seed)
+        model = family.make_model()
+        self.spec = ParamSpec.of(model)
+        flat = torch.from_numpy(self.spec.flatten(init_params(model)))
+        self.theta = torch.nn.Parameter(flat.to(self.device))
+        self.opt = torch.optim.Adam([self.theta], lr=outer_lr)
+        self.max_grad_norm = max_grad_norm
+        self.iteration = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"device": self.device, "num_params": self.spec.numel, "iteration": self.iteration,
+                "cuda": torch.cuda.is_available()}
+
+    def get_theta(self) -> np.ndarray:
+        return self.theta.detach().to("cpu").numpy().copy()
+
+    def step(self, n_evaluations: int, *grads: np.ndarray) -> dict[str, Any]:
+        """theta <- Adam(theta, clip(sum(grads) / n_evaluations)); skipped if not finite."""
+        t0 = time.perf_counter()
+        g = torch.zeros_like(self.theta)
+        for x in grads:
+            g += torch.from_numpy(np.asarray(x)).to(self.device)
+        g /= max(n_evaluations, 1)
+        norm = float(g.norm())
+        skipped = not math.isfinite(norm)
+        update_norm = 0.0
+        if not skipped:
+            scale = min(1.0, self.max_grad_norm / (norm + 1e-6))
+            before = self.theta.detach().clone()
+            self.theta.grad = g * scale
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            update_norm = float((self.theta.detach() - before).norm())
+        self.iteration += 1
+        return {"grad_norm": norm, "update_skipped": skipped, "update_norm": update_norm,
+                "theta_norm": float(self.theta.detach().norm()), "seconds": time.perf_counter() - t0}
+
+    def skip_step(self) -> dict[str, Any]:
+        """Count an iteration whose gradient set was incomplete or non-finite, without updating."""
+        self.iteration += 1
+        return {"grad_norm": float("nan"), "update_skipped": True, "update_norm": 0.0,
+                "theta_norm": float(self.theta.detach().norm()), "seconds": 0.0}
+
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint needs, as CPU tensors and plain values."""
+        opt = self.opt.state_dict()
+        for s in opt["state"].values():
+            for k, v in s.items():
+                if torch.is_tensor(v):
+                    s[k] = v.detach().to("cpu")
+        return {"theta": self.theta.detach().to("cpu").clone(), "optimizer": opt, "iteration": self.iteration}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        theta = state["theta"]
+        if tuple(theta.shape) != (self.spec.numel,):
+            raise ValueError(f"checkpoint theta has {tuple(theta.shape)} values, this network has {self.spec.numel}")
+        with torch.no_grad():
+            self.theta.copy_(theta.to(self.device))
+        self.opt.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])

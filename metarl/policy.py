@@ -1,0 +1,140 @@
+"""Networks, called functionally with a name -> tensor parameter dict, and the flat wire format.
+
+theta and theta' are `Params` (ordered dict name -> tensor). The network module is built once per
+process and never mutated: `forward(model, params, x)` runs it with whatever parameters are given
+(torch.func.functional_call), so adapted parameters never touch the module's own tensors.
+On the wire (Ray object store, checkpoints) parameters are one flat float32 numpy array laid out
+by a `ParamSpec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+
+NUM_ATARI_ACTIONS = 18  # the full ALE action set, shared by every game
+
+
+class NatureCNN(nn.Module):
+    """Mnih et al. (2015) trunk with an actor-critic head: 4x84x84 uint8 -> (18 logits, value)."""
+
+    def __init__(self, num_actions: int = NUM_ATARI_ACTIONS, in_frames: int = 4):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_frames, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 512), nn.ReLU(),
+        )
+        self.pi = nn.Linear(512, num_actions)
+        self.v = nn.Linear(512, 1)
+        for m in self.trunk:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(m.weight, np.sqrt(2))
+                nn.init.zeros_(m.bias)
+        nn.init.orthogonal_(self.pi.weight, 0.01)
+        nn.init.zeros_(self.pi.bias)
+        nn.init.orthogonal_(self.v.weight, 1.0)
+        nn.init.zeros_(self.v.bias)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(obs.float() / 255.0)
+        return self.pi(h), self.v(h).squeeze(-1)
+
+
+class MLP(nn.Module):
+    """ReLU multilayer perceptron (sinusoid regressor, navigation policy trunk)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: Sequence[int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        layers.append(nn.Linear(d, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def forward(model: nn.Module, params: Params, *args: torch.Tensor):
+    """Run `model` with `params` instead of its own tensors (differentiable w.r.t. params)."""
+    return functional_call(model, params, args)
+
+
+def init_params(model: nn.Module) -> Params:
+    """A detached copy of the module's freshly initialised parameters."""
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Names, shapes and offsets of the parameters inside one flat float32 vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @staticmethod
+    def of(params_or_model: Params | nn.Module) -> "ParamSpec":
+        items = (
+            list(params_or_model.named_parameters())
+            if isinstance(params_or_model, nn.Module)
+            else list(params_or_model.items())
+        )
+        return ParamSpec(tuple(k for k, _ in items), tuple(tuple(v.shape) for _, v in items))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(np.prod(s)) if s else 1 for s in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        return int(sum(self.sizes))
+
+    def flatten(self, params: Params) -> np.ndarray:
+        """Params -> one contiguous float32 numpy vector (detached, on CPU)."""
+        out = np.empty(self.numel, dtype=np.float32)
+        i = 0
+        for name, n in zip(self.names, self.sizes):
+            out[i : i + n] = params[name].detach().reshape(-1).to("cpu", torch.float32).numpy()
+            i += n
+        return out
+
+    def unflatten(self, flat: np.ndarray | torch.Tensor, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, requires_grad: bool = False) -> Params:
+        """Flat vector -> Params (fresh leaf tensors; the source array is never written)."""
+        if isinstance(flat, np.ndarray):
+            if flat.shape != (self.numel,):
+                raise ValueError(f"flat parameter vector has shape {flat.shape}, expected ({self.numel},)")
+            t = torch.from_numpy(np.array(flat, dtype=np.float32, copy=True))
+        else:
+            t = flat.detach().clone()
+        t = t.to(device=device, dtype=dtype)
+        out: Params = {}
+        i = 0
+        for name, shape, n in zip(self.names, self.shapes, self.sizes):
+            p = t[i : i + n].view(shape).clone()
+            p.requires_grad_(requires_grad)
+            out[name] = p
+            i += n
+        return out
+
+    def flatten_grads(self, grads: Sequence[torch.Tensor | None]) -> np.ndarray:
+        """Gradients in `names` order -> flat float32 numpy (None counts as zero)."""
+        out = np.zeros(self.numel, dtype=np.float32)
+        i = 0
+        for g, n in zip(grads, self.sizes):
+            if g is not None:
+                out[i : i + n] = g.detach().reshape(-1).to("cpu", torch.float32).numpy()
+            i += n
+        return out

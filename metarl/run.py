@@ -1,0 +1,333 @@
+"""`metarl run`: start the actors, run meta-iterations, log, checkpoint, resume.
+
+One function, `meta_iteration`, is the hot path, readable top to bottom:
+group -> theta by reference -> leaders adapt -> members evaluate -> gather -> guard -> step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metarl import checkpoint, config as config_mod
+from metarl.backend import LocalBackend, RayBackend
+from metarl.config import Config
+from metarl.learner import Learner
+from metarl.meta import Group, group_sizes, make_groups
+from metarl.tasks import make_family
+from metarl.tracking import Progress, Tracker, read_metrics
+from metarl.worker import TaskWorker
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked; the CLI prints it as one line and exits 2."""
+
+
+def task_seed(seed: int, index: int) -> int:
+    """Each task's RNG/emulator seed depends on the run seed and the task's place in the list,
+    not on which worker owns it."""
+    return int(seed) * 10_007 + 7919 * (index + 1)
+
+
+# ------------------------------------------------------------------------------------------
+# actors
+
+
+@dataclass
+class Fleet:
+    backend: Any
+    learner: Any
+    workers: list[Any]
+    owner: dict[str, int]
+    """task name -> index of the worker that owns it"""
+    learner_info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_resources(cfg: Config, available_cpus: float, has_gpu: bool) -> tuple[float, float, float, list[str]]:
+    """(cpus per worker, learner cpus, learner gpus, notes): shrink fractional CPUs so all actors
+    fit the CPUs Ray has, and give the learner a GPU when asked or when 'auto' finds one."""
+    notes = []
+    W = cfg.num_workers
+    cpw, learner_cpus = cfg.ray.cpus_per_worker, 1.0
+    need = W * cpw + learner_cpus
+    if need > available_cpus > 0:
+        scale = available_cpus / need
+        cpw, learner_cpus = cpw * scale, learner_cpus * scale
+        notes.append(f"{W} workers x {cfg.ray.cpus_per_worker} CPUs + learner need {need:g} CPUs, Ray has "
+                     f"{available_cpus:g}: using {cpw:.3f} CPUs per worker and {learner_cpus:.3f} for the learner")
+    learner_gpus = {"0": 0.0, "1": 1.0}.get(cfg.ray.learner_gpus, 1.0 if has_gpu else 0.0)
+    return cpw, learner_cpus, learner_gpus, notes
+
+
+def start_fleet(cfg: Config, local: bool) -> Fleet:
+    family = make_family(cfg)
+    m = cfg.meta
+    backend = LocalBackend() if local else RayBackend(cfg.ray.address, cfg.ray.num_cpus)
+    if local:
+        cpw, lcpu, lgpu, notes = 0.0, 0.0, 0.0, []
+    else:
+        res = backend.resources()
+        cpw, lcpu, lgpu, notes = plan_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0) > 0)
+        if lgpu and res.get("GPU", 0.0) < 1:
+            raise config_mod.ConfigError("ray.learner_gpus = 1 but the Ray cluster has no GPU; use auto or 0")
+    learner_device = "cuda" if lgpu else "cpu"
+    learner = backend.actor(Learner, family, m.seed, m.outer_lr, m.max_grad_norm, learner_device,
+                            num_cpus=lcpu, num_gpus=lgpu, restarts=0)
+    W = cfg.num_workers
+    assignment: list[dict[str, int]] = [{} for _ in range(W)]
+    owner = {}
+    for i, name in enumerate(cfg.tasks.train):
+        assignment[i % W][name] = task_seed(m.seed, i)
+        owner[name] = i % W
+    worker_device = "cuda" if cfg.ray.gpus_per_worker > 0 and not local else "cpu"
+    workers = [
+        backend.actor(TaskWorker, family, seeds, m.inner_lr, m.inner_steps, m.algo == "maml", 1, worker_device,
+                      num_cpus=cpw, num_gpus=0.0 if local else cfg.ray.gpus_per_worker,
+                      restarts=cfg.ray.max_worker_restarts)
+        for seeds in assignment
+    ]
+    info = backend.get(backend.call(learner, "info"))
+    return Fleet(backend, learner, workers, owner, info, notes)
+
+
+# ------------------------------------------------------------------------------------------
+# the meta-iteration
+
+
+def _gather(backend: Any, named_refs: dict[Any, Any], timeout: float) -> tuple[dict[Any, Any], dict[Any, str]]:
+    """Wait for every ref (one shared deadline); return (results, failures with a reason)."""
+    ready, pending = backend.wait(list(named_refs.values()), timeout)
+    pending_ids = {id(r) for r in pending}
+    results, failed = {}, {}
+    for key, ref in named_refs.items():
+        if id(ref) in pending_ids:
+            failed[key] = f"no answer within {timeout:g}s"
+            continue
+        try:
+            results[key] = backend.get(ref)
+        except Exception as e:  # RayActorError (died), RayTaskError (raised), or a local exception
+            failed[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    return results, failed
+
+
+def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], algo: str,
+                   timeout: float) -> dict[str, Any]:
+    """One meta-iteration with task skipping. Rule for faults: a task whose call dies, raises or
+    hangs is dropped from this iteration (a dead leader drops its whole group); theta is updated
+    from the remaining finite gradients, averaged over the evaluations that completed, and the
+    metrics name every dropped task. A hung worker is killed so Ray restarts it."""
+    b, t_start = fleet.backend, time.perf_counter()
+    worker = lambda i: fleet.workers[fleet.owner[tasks[i]]]  # noqa: E731
+    theta_ref = b.call(fleet.learner, "get_theta")  # stays in the object store; passed by reference
+
+    # 1. leaders adapt (all adapt calls are submitted before any evaluate, so no actor waits on a
+    #    theta' that sits behind its own queued work)
+    tp_refs, adapt_stat_refs = {}, {}
+    for g in groups:
+        method = "reptile" if algo == "reptile" else "adapt"
+        tp_refs[g.leader], adapt_stat_refs[g.leader] = b.call(worker(g.leader), method, tasks[g.leader], theta_ref,
+                                                              num_returns=2)
+    # 2. every member evaluates its leader's theta' (Ray passes theta' by reference)
+    grad_refs, eval_stat_refs = {}, {}
+    if algo == "reptile":
+        grad_refs = dict(tp_refs)
+    else:
+        for g in groups:
+            for j in g.members:
+                grad_refs[j], eval_stat_refs[j] = b.call(worker(j), "evaluate", tasks[j], tp_refs[g.leader],
+                                                         num_returns=2)
+    # 3. gather statistics (small); gradients stay in the object store
+    adapt_stats, adapt_failed = _gather(b, adapt_stat_refs, timeout)
+    eval_stats, eval_failed = _gather(b, eval_stat_refs, max(timeout - (time.perf_counter() - t_start), 1.0))
+    if algo == "reptile":
+        eval_stats = {i: s for i, s in adapt_stats.items()}
+    failed = {**{i: f"adapt: {r}" for i, r in adapt_failed.items()}, **{i: f"evaluate: {r}" for i, r in eval_failed.items()}}
+    nonfinite = sorted(tasks[j] for j, s in eval_stats.items() if not s.get("finite", True))
+    usable = eval_stats if algo != "reptile" else adapt_stats
+    members = (lambda g: g.members) if algo != "reptile" else (lambda g: (g.leader,))
+    ok = {g.leader: [j for j in members(g) if g.leader in adapt_stats and j in usable and s_ok(usable[j])]
+          for g in groups}
+    # 4. MAML: each leader pulls its group's summed gradient back through its inner steps
+    if algo == "maml":
+        corr_refs = {g.leader: b.call(worker(g.leader), "maml_correct", tasks[g.leader], *[grad_refs[j] for j in ok[g.leader]])
+                     for g in groups if ok[g.leader]}
+        _, corr_failed = _gather(b, corr_refs, timeout)
+        for i, r in corr_failed.items():
+            failed[i] = f"maml_correct: {r}"
+            ok[i] = []
+        step_refs = [corr_refs[i] for i in corr_refs if ok[i]]
+    else:
+        step_refs = [grad_refs[j] for members in ok.values() for j in members]
+    n_ok = sum(len(v) for v in ok.values())
+    # 5. guard, clip, Adam step on the learner (gradients go straight from workers to it)
+    t_learn = time.perf_counter()
+    if n_ok == 0 or nonfinite:
+        lstats = b.get(b.call(fleet.learner, "skip_step"))
+    else:
+        lstats = b.get(b.call(fleet.learner, "step", n_ok, *step_refs), timeout=timeout)
+    learner_s = time.perf_counter() - t_learn
+    for i in failed:  # a hung worker is killed so that Ray restarts it
+        if "no answer" in failed[i]:
+            b.kill(worker(i))
+    return summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats,
+                     time.perf_counter() - t_start, learner_s)
+
+
+def s_ok(stats: dict[str, Any]) -> bool:
+    return bool(stats.get("finite", True))
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats, wall, learner_s):
+    rec: dict[str, Any] = {
+        "algo": algo, "groups": len(groups), "adaptations": len(adapt_stats),
+        "evaluations": len(eval_stats) if algo != "reptile" else 0,
+        "evaluations_used": n_ok,
+        "group_sizes": [len(g.members) for g in groups],
+        "env_steps/adapt": int(sum(s["env_steps"] for s in adapt_stats.values())),
+        "env_steps/eval": int(sum(s["env_steps"] for s in eval_stats.values())) if algo != "reptile" else 0,
+        "frames/adapt": int(sum(s["frames"] for s in adapt_stats.values())),
+        "frames/eval": int(sum(s["frames"] for s in eval_stats.values())) if algo != "reptile" else 0,
+        "return/pre": _mean([r for s in adapt_stats.values() for r in s["returns"]]),
+        "return/post": _mean([r for s in eval_stats.values() for r in s["returns"]]) if algo != "reptile" else float("nan"),
+        "reward_per_step/pre": _mean([s["reward_sum"] / max(s["env_steps"], 1) for s in adapt_stats.values()]),
+        "reward_per_step/post": (_mean([s["reward_sum"] / max(s["env_steps"], 1) for s in eval_stats.values()])
+                                 if algo != "reptile" else float("nan")),
+        "loss/inner": _mean([s["inner_losses"][0] for s in adapt_stats.values()]),
+        "loss/outer": _mean([s.get("loss", float("nan")) for s in eval_stats.values()]) if algo != "reptile" else float("nan"),
+        "grad/norm": lstats["grad_norm"], "grad/update_norm": lstats["update_norm"], "theta_norm": lstats["theta_norm"],
+        "update_skipped": bool(lstats["update_skipped"]),
+        "tasks_dropped": sorted(tasks[i] for i in failed), "drop_reasons": {tasks[i]: r for i, r in failed.items()},
+        "nonfinite_tasks": nonfinite,
+        "time/iteration_s": wall, "time/learner_s": learner_s,
+        "time/adapt_s": float(sum(s["seconds"] for s in adapt_stats.values())),
+        "time/eval_s": float(sum(s["seconds"] for s in eval_stats.values())) if algo != "reptile" else 0.0,
+    }
+    for i, s in adapt_stats.items():
+        rec[f"return_pre/{tasks[i]}"] = _mean(s["returns"])
+    if algo != "reptile":
+        for j, s in eval_stats.items():
+            rec[f"return_post/{tasks[j]}"] = _mean(s["returns"])
+    return rec
+
+
+# ------------------------------------------------------------------------------------------
+# the run
+
+
+def prepare_run_dir(out: Path, resume: bool) -> Path | None:
+    """Refuse to reuse a directory unless resuming; return the checkpoint to resume from."""
+    out = Path(out)
+    if resume:
+        if not out.is_dir():
+            raise RunDirError(f"--resume: run directory '{out}' does not exist; drop --resume to start a new run")
+        ckpt = checkpoint.latest(out)
+        if ckpt is None:
+            raise RunDirError(f"--resume: '{out}' has no checkpoint yet; start a new run with another --out")
+        return ckpt
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(f"run directory '{out}' already exists; pass --resume to continue it or --out for a new one")
+    return None
+
+
+def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=print) -> dict[str, Any]:
+    """Meta-train as cfg says, writing everything to `out`. Returns the final summary."""
+    out = Path(out)
+    ckpt_path = prepare_run_dir(out, resume)
+    state = checkpoint.load(ckpt_path) if ckpt_path else None
+    if state is not None and "config" in state:
+        old = state["config"]
+        for key in ("tasks", "meta"):
+            for k in ("family", "train", "algo", "skip"):
+                if k in old.get(key, {}) and old[key][k] != config_mod.to_dict(cfg)[key][k]:
+                    raise RunDirError(f"--resume: {key}.{k} was {old[key][k]!r} in '{out}', now "
+                                      f"{config_mod.to_dict(cfg)[key][k]!r}; resume with the same settings")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config_mod.dump_yaml(cfg))
+
+    N, k = cfg.num_tasks, cfg.meta.skip
+    sizes = group_sizes(N, k)
+    if N % k:
+        log(f"note: skip {k} does not divide {N} tasks: groups of sizes {sizes} (the last one smaller)")
+    if cfg.meta.algo == "reptile" and k > 1:
+        log("note: reptile ignores evaluation; with skip > 1 only the group leaders' directions are used")
+
+    fleet = start_fleet(cfg, local)
+    for n in fleet.notes:
+        log(f"note: {n}")
+    start_iter, counters = 0, {"env_steps": 0, "frames": 0, "wall_s": 0.0}
+    rng = np.random.default_rng(cfg.meta.seed)
+    if state is not None:
+        fleet.backend.get(fleet.backend.call(fleet.learner, "load_state", state))
+        start_iter = int(state["iteration"])
+        rng.bit_generator.state = state["rng"]
+        counters.update(state.get("counters", {}))
+        _discard_rows_after(out, start_iter)
+        log(f"resuming '{out}' from {ckpt_path.name} at iteration {start_iter}")
+    log(f"metarl run: {N} tasks, algo {cfg.meta.algo}, skip {k} -> {len(sizes)} adaptations and "
+        f"{N if cfg.meta.algo != 'reptile' else 0} evaluations per iteration; {len(fleet.workers)} workers "
+        f"({fleet.backend.name}), learner on {fleet.learner_info['device']}; writing to {out}")
+
+    tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment, name=cfg.run_name,
+                      config={**config_mod.to_dict(cfg), "skip": k, "algo": cfg.meta.algo}, mode=cfg.log.wandb_mode)
+    progress = Progress(cfg.meta.iterations, start_iter, cfg.log.progress)
+    rec: dict[str, Any] = {}
+    try:
+        for it in range(start_iter, cfg.meta.iterations):
+            groups = make_groups(N, k, rng)
+            rec = meta_iteration(fleet, cfg.tasks.train, groups, cfg.meta.algo, cfg.ray.call_timeout_s)
+            counters["env_steps"] += rec["env_steps/adapt"] + rec["env_steps/eval"]
+            counters["frames"] += rec["frames/adapt"] + rec["frames/eval"]
+            counters["wall_s"] += rec["time/iteration_s"]
+            rec = {"iteration": it + 1, "skip": k, **rec, "env_steps/total": counters["env_steps"],
+                   "frames/total": counters["frames"], "time/wall_s": counters["wall_s"],
+                   "speed/env_steps_per_s": (rec["env_steps/adapt"] + rec["env_steps/eval"]) / rec["time/iteration_s"]}
+            tracker.log(rec)
+            progress.update(rec)
+            if (it + 1) % cfg.meta.checkpoint_every == 0 or it + 1 == cfg.meta.iterations:
+                lstate = fleet.backend.get(fleet.backend.call(fleet.learner, "state"))
+                checkpoint.save(out, {**lstate, "rng": rng.bit_generator.state, "counters": dict(counters),
+                                      "config": config_mod.to_dict(cfg)})
+    finally:
+        progress.close()
+        tracker.finish()
+        for w in fleet.workers:
+            try:
+                fleet.backend.get(fleet.backend.call(w, "close"), timeout=30)
+            except Exception:
+                pass
+        fleet.backend.shutdown()
+    summary = {"iterations": cfg.meta.iterations, "env_steps": counters["env_steps"], "frames": counters["frames"],
+               "wall_s": counters["wall_s"], "last": rec, "run_dir": str(out)}
+    return summary
+
+
+def _discard_rows_after(out: Path, iteration: int) -> None:
+    """Rows logged after the checkpoint we resume from are redone; move them aside, never delete."""
+    path = out / "metrics.jsonl"
+    rows = read_metrics(path)
+    keep = [r for r in rows if r.get("iteration", 0) <= iteration]
+    drop = [r for r in rows if r.get("iteration", 0) > iteration]
+    if not drop:
+        return
+    import json
+
+    with open(out / "metrics.discarded.jsonl", "a") as f:
+        for r in drop:
+            f.write(json.dumps(r) + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+
+

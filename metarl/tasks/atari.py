@@ -1,0 +1,108 @@
+"""Atari 2600 games as tasks, stepped by ale-py's C++ vector environment.
+
+Every game uses the full 18-action set so one network fits all; observations are 84x84 gray,
+4-frame stacks, frameskip 4 with max-pooling, up to 30 no-op starts, sticky actions 0.25 and no
+life-loss termination (Machado et al. 2018). The emulator always returns raw rewards: training
+clips them to their sign here (so logged returns stay the real game score); evaluation does not.
+Environments persist across rollouts (A2C-style): an episode continues through parameter changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from metarl.config import EnvConfig, LossConfig
+from metarl.losses import actor_critic_loss, gae
+from metarl.policy import NUM_ATARI_ACTIONS, NatureCNN, Params, forward
+from metarl.tasks.base import Batch, Task, TaskFamily
+
+
+def make_vector_env(game: str, env: EnvConfig, seed: int, num_envs: int | None = None):
+    """An AtariVectorEnv with metarl's protocol (raw rewards; clipping happens in the task)."""
+    from ale_py.vector_env import AtariVectorEnv
+
+    venv = AtariVectorEnv(
+        game,
+        num_envs or env.num_envs,
+        num_threads=env.env_threads,
+        repeat_action_probability=env.sticky_actions,
+        full_action_space=True,
+        frameskip=env.frameskip,
+        noop_max=env.noop_max,
+        episodic_life=False,
+        reward_clipping=False,
+        max_num_frames_per_episode=env.max_episode_frames,
+        autoreset_mode="SameStep",
+    )
+    obs, _ = venv.reset(seed=seed)
+    return venv, obs
+
+
+class AtariTask(Task):
+    def __init__(self, game: str, seed: int, env: EnvConfig, loss: LossConfig):
+        self.name = game
+        self.env_cfg, self.loss_cfg = env, loss
+        self.venv, self.obs = make_vector_env(game, env, seed)
+        self.B, self.T = env.num_envs, env.rollout_len
+        self.gen = torch.Generator().manual_seed(seed)
+        self.ep_return = np.zeros(self.B, dtype=np.float64)
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, params: Params) -> Batch:
+        T, B = self.T, self.B
+        obs_buf = np.empty((T + 1, B, *self.obs.shape[1:]), dtype=np.uint8)
+        actions = np.empty((T, B), dtype=np.int64)
+        rewards = np.empty((T, B), dtype=np.float32)
+        dones = np.empty((T, B), dtype=np.float32)
+        finished: list[float] = []
+        for t in range(T):
+            obs_buf[t] = self.obs
+            logits, _ = forward(model, params, torch.from_numpy(self.obs))
+            a = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.gen).squeeze(-1)
+            actions[t] = a.numpy()
+            self.obs, r, term, trunc, _ = self.venv.step(actions[t].astype(np.int32))
+            done = np.logical_or(term, trunc)
+            self.ep_return += r
+            finished.extend(self.ep_return[done].tolist())
+            self.ep_return[done] = 0.0
+            rewards[t], dones[t] = r, done
+        obs_buf[T] = self.obs
+        raw_sum = float(rewards.sum())
+        if self.env_cfg.reward_clip:
+            np.sign(rewards, out=rewards)
+        data = {k: torch.from_numpy(v) for k, v in
+                (("obs", obs_buf), ("actions", actions), ("rewards", rewards), ("dones", dones))}
+        return Batch(data, env_steps=T * B, episode_returns=finished, reward_sum=raw_sum,
+                     frames=T * B * self.env_cfg.frameskip)
+
+    def loss(self, model: nn.Module, params: Params, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        obs = batch.data["obs"]
+        T1, B = obs.shape[:2]
+        logits, values = forward(model, params, obs.reshape(T1 * B, *obs.shape[2:]))
+        logits, values = logits.reshape(T1, B, -1), values.reshape(T1, B)
+        c = self.loss_cfg
+        adv, ret = gae(batch.data["rewards"], values[:-1], batch.data["dones"], values[-1], c.gamma, c.gae_lambda)
+        loss, parts = actor_critic_loss(
+            logits[:-1].reshape(-1, logits.shape[-1]), values[:-1].reshape(-1), batch.data["actions"].reshape(-1),
+            adv.reshape(-1), ret.reshape(-1), c.vf_coef, c.ent_coef, c.norm_adv,
+        )
+        return loss, {k: float(v) for k, v in parts.items()}
+
+    def close(self) -> None:
+        self.venv.close()
+
+
+@dataclass(frozen=True)
+class AtariFamily(TaskFamily):
+    env: EnvConfig
+    loss: LossConfig
+
+    def make_model(self) -> nn.Module:
+        return NatureCNN(NUM_ATARI_ACTIONS)
+
+    def make_task(self, name: str, seed: int) -> Task:
+        return AtariTask(name, seed, self.env, self.loss)

@@ -1,0 +1,69 @@
+"""What the meta-learning core knows about a task: it samples a batch and scores a loss.
+
+A `Task` (a) produces a batch of data with given parameters and (b) scores a differentiable loss
+on that batch with any parameters. A `TaskFamily` builds the one network every task of the
+family shares and the tasks themselves. The core (metarl.meta) never knows which kind it has.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from metarl.policy import Params
+
+
+@dataclass
+class Batch:
+    """Data collected with one parameter vector, plus the numbers the system reports about it."""
+
+    data: dict[str, torch.Tensor]
+    env_steps: int
+    """Agent steps (transitions or supervised samples) that produced the batch."""
+    episode_returns: list[float] = field(default_factory=list)
+    """Raw (unclipped) returns of episodes that ended while collecting it."""
+    reward_sum: float = 0.0
+    """Raw reward summed over the batch (for a per-step rate when no episode ended)."""
+    frames: int = 0
+    """Emulator frames (env_steps x frameskip on Atari; env_steps elsewhere)."""
+
+    @property
+    def mean_return(self) -> float:
+        return float(sum(self.episode_returns) / len(self.episode_returns)) if self.episode_returns else math.nan
+
+    @property
+    def reward_per_step(self) -> float:
+        return self.reward_sum / max(self.env_steps, 1)
+
+
+class Task(abc.ABC):
+    """One task: a game, a sine curve, a goal."""
+
+    name: str
+
+    @abc.abstractmethod
+    def sample(self, model: nn.Module, params: Params) -> Batch:
+        """Collect fresh data acting with `params` (no gradient is recorded)."""
+
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, params: Params, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss of `params` on `batch`, differentiable w.r.t. params, and scalar stats."""
+
+    def close(self) -> None:
+        """Release emulators or other resources."""
+
+
+class TaskFamily(abc.ABC):
+    """Builds the shared network and the tasks; picklable so Ray can ship it to actors."""
+
+    @abc.abstractmethod
+    def make_model(self) -> nn.Module:
+        """The network every task of the family uses (freshly initialised)."""
+
+    @abc.abstractmethod
+    def make_task(self, name: str, seed: int) -> Task:
+        """The task called `name`, with its own RNG seeded by `seed`."""

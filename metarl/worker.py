@@ -1,0 +1,109 @@
+"""TaskWorker: owns one or more tasks (their emulators and RNGs) and one policy network.
+
+A thin shell around metarl.meta: parameters arrive as flat float32 numpy arrays (zero-copy out of
+Ray's object store), are loaded into the single network functionally, and only gradients and
+statistics go back. The driver wraps this class with `ray.remote`; `--local` uses it as is.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from metarl import meta
+from metarl.policy import ParamSpec
+from metarl.tasks.base import Batch, TaskFamily
+
+
+def batch_stats(batch: Batch) -> dict[str, Any]:
+    return {"env_steps": batch.env_steps, "frames": batch.frames or batch.env_steps,
+            "returns": list(batch.episode_returns), "reward_sum": batch.reward_sum}
+
+
+def merge_batch_stats(batches: list[Batch]) -> dict[str, Any]:
+    out = {"env_steps": 0, "frames": 0, "returns": [], "reward_sum": 0.0}
+    for b in batches:
+        s = batch_stats(b)
+        for k in ("env_steps", "frames", "reward_sum"):
+            out[k] += s[k]
+        out["returns"] += s["returns"]
+    return out
+
+
+class TaskWorker:
+    def __init__(self, family: TaskFamily, task_seeds: dict[str, int], inner_lr: float, inner_steps: int,
+                 keep_adaptation: bool = False, torch_threads: int = 1, device: str = "cpu"):
+        torch.set_num_threads(torch_threads)
+        self.device = device
+        self.model = family.make_model().to(device)
+        self.spec = ParamSpec.of(self.model)
+        self.inner_lr, self.inner_steps = inner_lr, inner_steps
+        self.keep_adaptation = keep_adaptation
+        self.tasks = {name: family.make_task(name, seed) for name, seed in task_seeds.items()}
+        self._adaptations: dict[str, meta.Adaptation] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _params(self, flat: np.ndarray):
+        return self.spec.unflatten(flat, device=self.device)
+
+    def _task(self, name: str):
+        if name not in self.tasks:
+            raise KeyError(f"worker pid {os.getpid()} does not own task {name!r}; it owns {sorted(self.tasks)}")
+        return self.tasks[name]
+
+    # -- remote methods -----------------------------------------------------------------------
+    def pid(self) -> int:
+        return os.getpid()
+
+    def adapt(self, task_name: str, theta: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """Leader step: S inner SGD steps on fresh rollouts -> theta' (flat) and stats."""
+        t0 = time.perf_counter()
+        task = self._task(task_name)
+        a = meta.adapt(task, self.model, self._params(theta), self.inner_lr, self.inner_steps)
+        if self.keep_adaptation:
+            self._adaptations[task_name] = a
+        stats = merge_batch_stats(a.batches)
+        stats.update(task=task_name, inner_losses=a.losses, seconds=time.perf_counter() - t0,
+                     seconds_sample=a.seconds_sample, seconds_grad=a.seconds_grad)
+        return self.spec.flatten(a.theta_prime), stats
+
+    def evaluate(self, task_name: str, theta_prime: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """Member step: roll out theta' on this task and return g_j = grad_{theta'} L_j(theta')."""
+        t0 = time.perf_counter()
+        task = self._task(task_name)
+        params = self._params(theta_prime)
+        batch = task.sample(self.model, params)
+        t1 = time.perf_counter()
+        grads, loss, parts = meta.loss_grad(task, self.model, params, batch)
+        flat = self.spec.flatten_grads(grads)
+        finite = bool(np.isfinite(flat).all())
+        stats = batch_stats(batch)
+        stats.update(task=task_name, loss=loss, grad_norm=float(np.linalg.norm(flat)) if finite else float("nan"),
+                     finite=finite, seconds=time.perf_counter() - t0, seconds_sample=t1 - t0, **parts)
+        return flat, stats
+
+    def maml_correct(self, task_name: str, *member_grads: np.ndarray) -> np.ndarray:
+        """Leader step for MAML: pull the group's summed first-order gradient back through this
+        task's inner updates with chained Hessian-vector products (one backward per group)."""
+        a = self._adaptations.pop(task_name, None)
+        if a is None:
+            raise RuntimeError(f"task {task_name!r}: maml_correct called before adapt on this worker")
+        v = np.sum(np.stack(member_grads), axis=0) if len(member_grads) > 1 else member_grads[0]
+        v_params = self._params(v)
+        out = meta.maml_backward(self._task(task_name), self.model, a, self.inner_lr, tuple(v_params.values()))
+        return self.spec.flatten_grads(out)
+
+    def reptile(self, task_name: str, theta: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """Reptile: theta - theta' after S inner steps (no evaluation rollout)."""
+        theta_prime, stats = self.adapt(task_name, theta)
+        direction = theta - theta_prime
+        stats.update(finite=bool(np.isfinite(direction).all()), grad_norm=float(np.linalg.norm(direction)))
+        return direction, stats
+
+    def close(self) -> None:
+        for t in self.tasks.values():
+            t.close()
