@@ -89,10 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="print every config key with its doc and exit")
     p.set_defaults(func=cmd_run)
 
-    for extra in ("metarl.evaluate", "metarl.sweep", "metarl.bench"):
+    import importlib
+
+    for extra in ("metarl.evaluate", "metarl.sweep", "metarl.bench", "metarl.fewshot"):
         try:
-            mod = __import__(extra, fromlist=["add_parser"])
-        except ImportError:
+            mod = importlib.import_module(extra)
+        except ModuleNotFoundError as e:
+            if e.name != extra:  # a real missing dependency inside the module: say so
+                raise
             continue
         mod.add_parser(sub)
     return parser

@@ -50,7 +50,7 @@ class Learner:
         t0 = time.perf_counter()
         g = torch.zeros_like(self.theta)
         for x in grads:
-            g += torch.from_numpy(np.asarray(x)).to(self.device)
+            g += torch.from_numpy(np.array(x, dtype=np.float32, copy=True)).to(self.device)
         g /= max(n_evaluations, 1)
         norm = float(g.norm())
         skipped = not math.isfinite(norm)
