@@ -1,0 +1,31 @@
+"""Shared test set-up: no W&B account, small torch thread pools, paths to the repo's configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+@pytest.fixture(scope="session")
+def smoke_config_path() -> Path:
+    return CONFIGS / "smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by the tests that need real actors (run() reuses it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()

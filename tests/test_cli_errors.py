@@ -1,0 +1,121 @@
+"""Bad input: one line naming the problem, exit code 2, no traceback, nothing overwritten."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS, REPO
+
+
+def metarl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "metarl", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=env, timeout=120)
+
+
+def assert_usage_error(p: subprocess.CompletedProcess, *needles: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("metarl: error: ")
+    assert "Traceback" not in p.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def snapshot(d: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) for p in d.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def smoke_variant(tmp_path):
+    def write(text_replace: tuple[str, str]) -> Path:
+        src = (CONFIGS / "smoke.yaml").read_text()
+        assert text_replace[0] in src
+        p = tmp_path / "cfg.yaml"
+        p.write_text(src.replace(*text_replace))
+        return p
+
+    return write
+
+
+def test_unknown_config_key(smoke_variant, tmp_path):
+    cfg = smoke_variant(("inner_lr:", "inner_lrr:"))
+    assert_usage_error(metarl("run", "--config", str(cfg), "--out", str(tmp_path / "r")), "meta.inner_lrr", "inner_lr")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_section(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("metaa:\n  skip: 2\n")
+    assert_usage_error(metarl("run", "--config", str(cfg)), "metaa", "allowed")
+
+
+def test_unknown_game_lists_valid_ones(smoke_variant):
+    cfg = smoke_variant(("[pong, breakout, freeway]", "[pong, breakot, freeway]"))
+    p = metarl("run", "--config", str(cfg))
+    assert_usage_error(p, "breakot", "valid games", "breakout", "space_invaders")
+
+
+@pytest.mark.parametrize("skip", ["0", "4", "-1"])
+def test_skip_that_does_not_fit(skip):
+    assert_usage_error(metarl("run", "--config", str(CONFIGS / "smoke.yaml"), "--skip", skip), "meta.skip", "1..3")
+
+
+@pytest.mark.parametrize("key", ["meta.inner_lr=0", "meta.outer_lr=-1e-3"])
+def test_non_positive_step_size(key):
+    assert_usage_error(metarl("run", "--config", str(CONFIGS / "smoke.yaml"), "--set", key), key.split("=")[0], "positive")
+
+
+def test_wrong_type(smoke_variant):
+    cfg = smoke_variant(("skip: 1 ", "skip: two "))
+    assert_usage_error(metarl("run", "--config", str(cfg)), "meta.skip", "integer")
+
+
+def test_missing_config_file(tmp_path):
+    assert_usage_error(metarl("run", "--config", str(tmp_path / "nope.yaml")), "nope.yaml", "does not exist")
+
+
+def test_invalid_yaml(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("meta: [skip: 1\n")
+    assert_usage_error(metarl("run", "--config", str(cfg)), "not valid YAML")
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    before = snapshot(out)
+    assert_usage_error(metarl("run", "--config", str(CONFIGS / "smoke.yaml"), "--out", str(out)), "already exists", "--resume")
+    assert snapshot(out) == before
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "ckpt_000003.pt").write_bytes(b"\x80\x02not a checkpoint at all")
+    (out / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    before = snapshot(out)
+    p = metarl("run", "--config", str(CONFIGS / "smoke.yaml"), "--out", str(out), "--resume")
+    assert_usage_error(p, "ckpt_000003.pt", "unreadable")
+    assert snapshot(out) == before
+
+
+def test_resume_without_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    assert_usage_error(metarl("run", "--config", str(CONFIGS / "smoke.yaml"), "--out", str(out), "--resume"), "no checkpoint")
+
+
+def test_help_config_documents_every_key():
+    p = metarl("run", "--help-config")
+    assert p.returncode == 0
+    for key in ("skip:", "inner_lr:", "num_envs:", "sticky_actions:", "learner_gpus:", "wandb_mode:"):
+        assert key in p.stdout
+    assert all("#" in ln for ln in p.stdout.splitlines() if ln.startswith("  ")), "every key has a doc"

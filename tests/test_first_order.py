@@ -1,0 +1,114 @@
+"""The first-order identity, the inner SGD step and the learner's update, on a real ALE game."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metarl import meta
+from metarl.config import EnvConfig, LossConfig
+from metarl.learner import Learner
+from metarl.policy import NatureCNN, ParamSpec, init_params
+from metarl.tasks.atari import AtariFamily
+from metarl.worker import TaskWorker
+
+ENV = EnvConfig(num_envs=2, rollout_len=6)
+FAMILY = AtariFamily(ENV, LossConfig())
+
+
+@pytest.fixture(scope="module")
+def pong():
+    torch.manual_seed(0)
+    task = FAMILY.make_task("pong", seed=1)
+    model = FAMILY.make_model()
+    yield task, model, init_params(model)
+    task.close()
+
+
+def test_batch_shapes_and_protocol(pong):
+    task, model, theta = pong
+    b = task.sample(model, theta)
+    assert b.data["obs"].shape == (ENV.rollout_len + 1, ENV.num_envs, 4, 84, 84)
+    assert b.data["obs"].dtype == torch.uint8
+    assert b.env_steps == ENV.rollout_len * ENV.num_envs
+    assert b.frames == b.env_steps * 4
+    assert int(b.data["actions"].max()) < 18
+    assert set(np.unique(b.data["rewards"].numpy())) <= {-1.0, 0.0, 1.0}  # clipped for training
+
+
+def test_first_order_gradient_equals_detached_copy_gradient(pong):
+    task, model, theta = pong
+    a = meta.adapt(task, model, theta, inner_lr=0.05, inner_steps=1)
+    batch = task.sample(model, a.theta_prime)
+    g_fo, loss, _ = meta.loss_grad(task, model, a.theta_prime, batch)
+    # a separate module holding a detached copy of theta' as its own parameters
+    copy = NatureCNN()
+    copy.load_state_dict({k: v.detach().clone() for k, v in a.theta_prime.items()})
+    own = dict(copy.named_parameters())
+    loss_copy, _ = task.loss(copy, own, batch)
+    loss_copy.backward()
+    assert abs(float(loss_copy) - loss) < 1e-5
+    for (name, p), g in zip(own.items(), g_fo):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # and no gradient reaches theta through theta' (first order)
+    assert all(not v.requires_grad for v in a.theta_prime.values())
+
+
+def test_inner_step_is_plain_sgd(pong):
+    task, model, theta = pong
+    torch.manual_seed(3)
+    a = meta.adapt(task, model, theta, inner_lr=0.1, inner_steps=1)
+    g, _, _ = meta.loss_grad(task, model, a.thetas[0], a.batches[0])
+    for (name, p0), g0 in zip(theta.items(), g):
+        torch.testing.assert_close(a.theta_prime[name], p0 - 0.1 * g0, rtol=1e-5, atol=1e-6)
+    two = meta.adapt(task, model, theta, inner_lr=0.1, inner_steps=2)
+    assert len(two.batches) == 2 and len(two.thetas) == 2
+    assert not torch.equal(two.thetas[1]["pi.weight"], theta["pi.weight"])
+
+
+def test_paramspec_roundtrip():
+    model = NatureCNN()
+    spec = ParamSpec.of(model)
+    params = init_params(model)
+    flat = spec.flatten(params)
+    assert flat.dtype == np.float32 and flat.shape == (spec.numel,)
+    back = spec.unflatten(flat)
+    for k in params:
+        assert torch.equal(back[k], params[k])
+    back["pi.bias"].add_(1.0)
+    assert np.array_equal(flat, spec.flatten(params))  # unflatten never aliases the wire array
+
+
+def test_worker_evaluate_returns_flat_first_order_gradient():
+    w = TaskWorker(FAMILY, {"pong": 5, "breakout": 6}, inner_lr=0.05, inner_steps=1)
+    try:
+        theta = Learner(FAMILY, 0, 1e-3, 1.0, "cpu").get_theta()
+        theta_prime, astats = w.adapt("pong", theta)
+        assert theta_prime.shape == theta.shape and not np.array_equal(theta_prime, theta)
+        assert astats["env_steps"] == ENV.num_envs * ENV.rollout_len
+        g, stats = w.evaluate("breakout", theta_prime)  # theta' of pong applied to another task
+        assert g.shape == theta.shape and stats["finite"] and stats["grad_norm"] > 0
+        with pytest.raises(KeyError):
+            w.evaluate("qbert", theta_prime)
+    finally:
+        w.close()
+
+
+def test_learner_adam_step_descends_and_guards_nonfinite():
+    learner = Learner(FAMILY, 0, outer_lr=1e-3, max_grad_norm=1e9, device="cpu")
+    theta0 = learner.get_theta()
+    g = np.random.default_rng(0).normal(size=theta0.shape).astype(np.float32)
+    out = learner.step(2, g, g)  # mean of two equal gradients is g
+    delta = learner.get_theta() - theta0
+    big = np.abs(g) > 1e-3
+    np.testing.assert_allclose(delta[big], -1e-3 * np.sign(g[big]), rtol=1e-3)  # Adam's first step
+    assert not out["update_skipped"] and learner.iteration == 1
+    bad = g.copy()
+    bad[10] = np.nan
+    before = learner.get_theta()
+    out = learner.step(1, bad)
+    assert out["update_skipped"] and np.array_equal(before, learner.get_theta())
+    clipped = Learner(FAMILY, 0, outer_lr=1e-3, max_grad_norm=0.5, device="cpu")
+    st = clipped.step(1, g)
+    assert st["grad_norm"] == pytest.approx(float(np.linalg.norm(g)), rel=1e-4)
