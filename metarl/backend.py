@@ -86,12 +86,17 @@ class RayBackend:
             ray.init(address=address, log_to_driver=True)
             self.owns_ray = False
         else:
-            ray.init(num_cpus=num_cpus or None, include_dashboard=False, dashboard_host="127.0.0.1",
+            # a local Ray binds to loopback only: node address and dashboard (when enabled)
+            ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1",
                      log_to_driver=True, configure_logging=True, logging_level="WARNING")
             self.owns_ray = True
 
     def resources(self) -> dict[str, float]:
         return dict(self.ray.cluster_resources())
+
+    def node_cpus(self) -> list[float]:
+        return [n["Resources"].get("CPU", 0.0) for n in self.ray.nodes() if n["Alive"]]
 
     def actor(self, cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0, restarts: int = 0,
               name: str | None = None) -> Any:

@@ -109,8 +109,10 @@ class RayConfig:
     """CPUs of a locally started Ray; 0 lets Ray detect them."""
     call_timeout_s: float = 900.0
     """Seconds one worker call may take before the worker counts as hung."""
-    max_worker_restarts: int = 3
-    """Times Ray restarts a dead task worker."""
+    max_worker_restarts: int = 1000
+    """Times Ray restarts a dead task worker (a lost node or OOM kill restarts it elsewhere)."""
+    task_downtime_s: float = 600.0
+    """A task dropped from every iteration for this long stops the run (resume once fixed)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,12 @@ class Nav2dConfig:
     """Goals are drawn uniformly from this square."""
     hidden: tuple[int, ...] = (100, 100)
     """Hidden layer widths of the Gaussian policy."""
+    max_action: float = 0.1
+    """A move is max_action * clip(a, -1, 1) per coordinate: the policy acts in normalised units."""
+    goal_tolerance: float = 0.01
+    """An episode ends early when both coordinates are within this distance of the goal."""
+    init_log_std: float = 0.0
+    """Initial log-std of the Gaussian policy in normalised action units (part of theta)."""
 
 
 @dataclass(frozen=True)
@@ -334,6 +342,19 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(
                     f"{key}: unknown Atari game '{bad[0]}'; valid games: {', '.join(sorted(valid))}"
                 )
+    if t.family in ("sinusoid", "nav2d"):
+        prefix = "sine" if t.family == "sinusoid" else "goal"
+        for key, names in (("tasks.train", t.train), ("tasks.heldout", t.heldout)):
+            bad = [x for x in names if not (x.startswith(f"{prefix}-") and x[len(prefix) + 1:].isdigit())]
+            if bad:
+                raise ConfigError(f"{key}: {t.family} task '{bad[0]}' must be named {prefix}-<index>, e.g. {prefix}-0017")
+    s, n = cfg.sinusoid, cfg.nav2d
+    for key, (lo, hi) in (("sinusoid.amp_range", s.amp_range), ("sinusoid.phase_range", s.phase_range),
+                          ("sinusoid.x_range", s.x_range), ("nav2d.goal_range", n.goal_range)):
+        if not lo <= hi:
+            raise ConfigError(f"{key} = [{lo}, {hi}] must be [low, high] with low <= high")
+    if not n.max_action > 0 or n.goal_tolerance < 0:
+        raise ConfigError("nav2d.max_action must be positive and nav2d.goal_tolerance >= 0")
     if m.algo not in ALGOS:
         raise ConfigError(f"meta.algo '{m.algo}' is unknown; allowed: {', '.join(ALGOS)}")
     if m.skip < 1 or m.skip > len(t.train):
@@ -363,8 +384,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("ray.workers, ray.cpus_per_worker and ray.gpus_per_worker must be >= 0")
     if r.learner_gpus not in ("auto", "0", "1"):
         raise ConfigError(f"ray.learner_gpus '{r.learner_gpus}' is unknown; allowed: auto, 0, 1")
-    if r.call_timeout_s <= 0:
-        raise ConfigError(f"ray.call_timeout_s = {r.call_timeout_s} must be positive")
+    if r.call_timeout_s <= 0 or r.task_downtime_s <= 0:
+        raise ConfigError("ray.call_timeout_s and ray.task_downtime_s must be positive")
     if cfg.log.wandb_mode not in WANDB_MODES:
         raise ConfigError(f"log.wandb_mode '{cfg.log.wandb_mode}' is unknown; allowed: {', '.join(WANDB_MODES)}")
     return cfg

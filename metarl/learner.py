@@ -8,6 +8,8 @@ versions. Gradients arrive as flat float32 numpy arrays; theta leaves as one.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from typing import Any
 
@@ -40,7 +42,7 @@ class Learner:
 
     def info(self) -> dict[str, Any]:
         return {"device": self.device, "num_params": self.spec.numel, "iteration": self.iteration,
-                "cuda": torch.cuda.is_available()}
+                "cuda": torch.cuda.is_available(), "pid": os.getpid(), "host": socket.gethostname()}
 
     def get_theta(self) -> np.ndarray:
         return self.theta.detach().to("cpu").numpy().copy()

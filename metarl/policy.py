@@ -46,7 +46,12 @@ class NatureCNN(nn.Module):
         nn.init.zeros_(self.v.bias)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.trunk(obs.float() / 255.0)
+        if torch.is_grad_enabled() and obs.dim() == 4:
+            # channels-last makes oneDNN's convolution backward (the first layer's weight gradient
+            # above all) ~1.5x faster; without a backward pass the transposition does not pay off
+            obs = obs.contiguous(memory_format=torch.channels_last)
+        # uint8 / 255.0 converts and scales in one pass, to the same values as .float() / 255.0
+        h = self.trunk(obs.float() / 255.0 if obs.is_floating_point() else obs / 255.0)
         return self.pi(h), self.v(h).squeeze(-1)
 
 

@@ -6,6 +6,7 @@ group -> theta by reference -> leaders adapt -> members evaluate -> gather -> gu
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -50,9 +51,20 @@ class Fleet:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_resources(cfg: Config, available_cpus: float, has_gpu: bool) -> tuple[float, float, float, list[str]]:
+def _packs(node_cpus: list[float], learner_cpus: float, cpw: float, n_workers: int) -> bool:
+    """Learner on the largest node, then as many workers per node as fit."""
+    free = sorted(node_cpus, reverse=True)
+    if not free or free[0] + 1e-9 < learner_cpus:
+        return False
+    free[0] -= learner_cpus
+    return cpw <= 0 or sum(int((f + 1e-9) // cpw) for f in free) >= n_workers
+
+
+def plan_resources(cfg: Config, available_cpus: float, has_gpu: bool,
+                   node_cpus: list[float] | None = None) -> tuple[float, float, float, list[str]]:
     """(cpus per worker, learner cpus, learner gpus, notes): shrink fractional CPUs so all actors
-    fit the CPUs Ray has, and give the learner a GPU when asked or when 'auto' finds one."""
+    fit the CPUs Ray has, node by node, and give the learner a GPU when asked or when 'auto'
+    finds one. (An autoscaling cluster that will add nodes should pass node_cpus=None.)"""
     notes = []
     W = cfg.num_workers
     cpw, learner_cpus = cfg.ray.cpus_per_worker, 1.0
@@ -62,6 +74,13 @@ def plan_resources(cfg: Config, available_cpus: float, has_gpu: bool) -> tuple[f
         cpw, learner_cpus = cpw * scale, learner_cpus * scale
         notes.append(f"{W} workers x {cfg.ray.cpus_per_worker} CPUs + learner need {need:g} CPUs, Ray has "
                      f"{available_cpus:g}: using {cpw:.3f} CPUs per worker and {learner_cpus:.3f} for the learner")
+    if node_cpus:
+        before = (cpw, learner_cpus)
+        while not _packs(node_cpus, learner_cpus, cpw, W) and learner_cpus > 1e-3:
+            cpw, learner_cpus = cpw * 0.9, learner_cpus * 0.9
+        if (cpw, learner_cpus) != before:
+            notes.append(f"nodes have {node_cpus} CPUs: using {cpw:.3f} CPUs per worker and "
+                         f"{learner_cpus:.3f} for the learner so that every actor fits on a node")
     learner_gpus = {"0": 0.0, "1": 1.0}.get(cfg.ray.learner_gpus, 1.0 if has_gpu else 0.0)
     return cpw, learner_cpus, learner_gpus, notes
 
@@ -74,7 +93,8 @@ def start_fleet(cfg: Config, local: bool) -> Fleet:
         cpw, lcpu, lgpu, notes = 0.0, 0.0, 0.0, []
     else:
         res = backend.resources()
-        cpw, lcpu, lgpu, notes = plan_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0) > 0)
+        cpw, lcpu, lgpu, notes = plan_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0) > 0,
+                                                node_cpus=backend.node_cpus())
         if lgpu and res.get("GPU", 0.0) < 1:
             raise config_mod.ConfigError("ray.learner_gpus = 1 but the Ray cluster has no GPU; use auto or 0")
     learner_device = "cuda" if lgpu else "cpu"
@@ -266,6 +286,7 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
     fleet = start_fleet(cfg, local)
     for n in fleet.notes:
         log(f"note: {n}")
+    write_actors_file(out, fleet)
     start_iter, counters = 0, {"env_steps": 0, "frames": 0, "wall_s": 0.0}
     rng = np.random.default_rng(cfg.meta.seed)
     if state is not None:
@@ -280,13 +301,23 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
         f"({fleet.backend.name}), learner on {fleet.learner_info['device']}; writing to {out}")
 
     tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment, name=cfg.run_name,
-                      config={**config_mod.to_dict(cfg), "skip": k, "algo": cfg.meta.algo}, mode=cfg.log.wandb_mode)
+                      config={**config_mod.to_dict(cfg), "skip": k, "algo": cfg.meta.algo}, mode=cfg.log.wandb_mode,
+                      step_key="frames/total")
     progress = Progress(cfg.meta.iterations, start_iter, cfg.log.progress)
     rec: dict[str, Any] = {}
+    failing_since: dict[str, float] = {}  # task -> time of the first drop in its current streak
     try:
         for it in range(start_iter, cfg.meta.iterations):
             groups = make_groups(N, k, rng)
             rec = meta_iteration(fleet, cfg.tasks.train, groups, cfg.meta.algo, cfg.ray.call_timeout_s)
+            now = time.time()
+            for name in cfg.tasks.train:
+                if name in rec["tasks_dropped"]:
+                    failing_since.setdefault(name, now)
+                else:
+                    failing_since.pop(name, None)
+            for name, why in rec["drop_reasons"].items():
+                log(f"warning: iteration {it + 1}: task {name} dropped ({why})")
             counters["env_steps"] += rec["env_steps/adapt"] + rec["env_steps/eval"]
             counters["frames"] += rec["frames/adapt"] + rec["frames/eval"]
             counters["wall_s"] += rec["time/iteration_s"]
@@ -295,6 +326,13 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
                    "speed/env_steps_per_s": (rec["env_steps/adapt"] + rec["env_steps/eval"]) / rec["time/iteration_s"]}
             tracker.log(rec)
             progress.update(rec)
+            lost = [name for name, t0 in failing_since.items() if now - t0 > cfg.ray.task_downtime_s]
+            if lost:
+                raise RuntimeError(f"task(s) {', '.join(lost)} failed every iteration for over "
+                                   f"{cfg.ray.task_downtime_s:g}s (last: {rec['drop_reasons'].get(lost[0])}); "
+                                   f"stopping. Resume with --resume --out {out} once the cause is fixed")
+            if len(rec["tasks_dropped"]) == N:  # nothing worked: give Ray time to restart actors
+                time.sleep(min(2.0 * len(failing_since), 10.0))
             if (it + 1) % cfg.meta.checkpoint_every == 0 or it + 1 == cfg.meta.iterations:
                 lstate = fleet.backend.get(fleet.backend.call(fleet.learner, "state"))
                 checkpoint.save(out, {**lstate, "rng": rng.bit_generator.state, "counters": dict(counters),
@@ -313,6 +351,14 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
     return summary
 
 
+def write_actors_file(out: Path, fleet: Fleet) -> None:
+    """actors.json: pid and host of the learner and of every worker with its tasks (operators use
+    it to find the process behind a task; the fault-injection tests kill workers by these pids)."""
+    infos = [fleet.backend.get(fleet.backend.call(w, "info")) for w in fleet.workers]
+    (out / "actors.json").write_text(json.dumps({"backend": fleet.backend.name, "learner": fleet.learner_info,
+                                                 "workers": infos}, indent=1))
+
+
 def _discard_rows_after(out: Path, iteration: int) -> None:
     """Rows logged after the checkpoint we resume from are redone; move them aside, never delete."""
     path = out / "metrics.jsonl"
@@ -321,8 +367,6 @@ def _discard_rows_after(out: Path, iteration: int) -> None:
     drop = [r for r in rows if r.get("iteration", 0) > iteration]
     if not drop:
         return
-    import json
-
     with open(out / "metrics.discarded.jsonl", "a") as f:
         for r in drop:
             f.write(json.dumps(r) + "\n")

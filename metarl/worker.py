@@ -8,6 +8,7 @@ statistics go back. The driver wraps this class with `ray.remote`; `--local` use
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Any
 
@@ -58,6 +59,10 @@ class TaskWorker:
     # -- remote methods -----------------------------------------------------------------------
     def pid(self) -> int:
         return os.getpid()
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs (for operators: which process to look at for a task)."""
+        return {"pid": os.getpid(), "host": socket.gethostname(), "tasks": sorted(self.tasks), "device": self.device}
 
     def adapt(self, task_name: str, theta: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """Leader step: S inner SGD steps on fresh rollouts -> theta' (flat) and stats."""

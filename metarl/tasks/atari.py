@@ -42,42 +42,77 @@ def make_vector_env(game: str, env: EnvConfig, seed: int, num_envs: int | None =
     return venv, obs
 
 
+def split_envs(num_envs: int) -> list[slice]:
+    """The emulators in two halves (one part when there is a single one): while one half steps in
+    its C++ thread, the policy acts for the other (double-buffered sampling)."""
+    if num_envs < 2:
+        return [slice(0, num_envs)]
+    return [slice(0, num_envs // 2), slice(num_envs // 2, num_envs)]
+
+
 class AtariTask(Task):
     def __init__(self, game: str, seed: int, env: EnvConfig, loss: LossConfig):
         self.name = game
         self.env_cfg, self.loss_cfg = env, loss
-        self.venv, self.obs = make_vector_env(game, env, seed)
         self.B, self.T = env.num_envs, env.rollout_len
+        self.parts = split_envs(self.B)
+        # emulator i is seeded seed + i whichever part it sits in
+        made = [make_vector_env(game, env, seed + p.start, p.stop - p.start) for p in self.parts]
+        self.venvs = [venv for venv, _ in made]
+        self.obs = np.concatenate([obs for _, obs in made])
         self.gen = torch.Generator().manual_seed(seed)
         self.ep_return = np.zeros(self.B, dtype=np.float64)
 
     @torch.no_grad()
     def sample(self, model: nn.Module, params: Params) -> Batch:
+        """T steps of every emulator. With two parts the emulators of one step while the policy acts
+        for the other, and only one part steps at a time (the emulator threads stay as configured)."""
         T, B = self.T, self.B
-        obs_buf = np.empty((T + 1, B, *self.obs.shape[1:]), dtype=np.uint8)
-        actions = np.empty((T, B), dtype=np.int64)
-        rewards = np.empty((T, B), dtype=np.float32)
-        dones = np.empty((T, B), dtype=np.float32)
+        buf = {"obs": np.empty((T + 1, B, *self.obs.shape[1:]), dtype=np.uint8),
+               "actions": np.empty((T, B), dtype=np.int64), "rewards": np.empty((T, B), dtype=np.float32),
+               "dones": np.empty((T, B), dtype=np.float32)}
+        buf["obs"][0] = self.obs
         finished: list[float] = []
-        for t in range(T):
-            obs_buf[t] = self.obs
-            logits, _ = forward(model, params, torch.from_numpy(self.obs))
-            a = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.gen).squeeze(-1)
-            actions[t] = a.numpy()
-            self.obs, r, term, trunc, _ = self.venv.step(actions[t].astype(np.int32))
-            done = np.logical_or(term, trunc)
-            self.ep_return += r
-            finished.extend(self.ep_return[done].tolist())
-            self.ep_return[done] = 0.0
-            rewards[t], dones[t] = r, done
-        obs_buf[T] = self.obs
-        raw_sum = float(rewards.sum())
+        order = [(t, part) for t in range(T) for part in range(len(self.parts))]
+        overlap = len(self.parts) > 1
+        self._act(model, params, buf, *order[0])
+        self._send(buf, *order[0])
+        for k, (t, part) in enumerate(order):
+            nxt = order[k + 1] if k + 1 < len(order) else None
+            if nxt and overlap:
+                self._act(model, params, buf, *nxt)
+            self._recv(buf, t, part, finished)
+            if nxt:
+                if not overlap:
+                    self._act(model, params, buf, *nxt)
+                self._send(buf, *nxt)
+        self.obs = buf["obs"][T].copy()
+        raw_sum = float(buf["rewards"].sum())
         if self.env_cfg.reward_clip:
-            np.sign(rewards, out=rewards)
-        data = {k: torch.from_numpy(v) for k, v in
-                (("obs", obs_buf), ("actions", actions), ("rewards", rewards), ("dones", dones))}
+            np.sign(buf["rewards"], out=buf["rewards"])
+        data = {k: torch.from_numpy(v) for k, v in buf.items()}
         return Batch(data, env_steps=T * B, episode_returns=finished, reward_sum=raw_sum,
                      frames=T * B * self.env_cfg.frameskip)
+
+    def _act(self, model: nn.Module, params: Params, buf: dict[str, np.ndarray], t: int, part: int) -> None:
+        """Draw step t's actions for one part from the policy."""
+        s = self.parts[part]
+        logits, _ = forward(model, params, torch.from_numpy(buf["obs"][t, s]))
+        buf["actions"][t, s] = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.gen).squeeze(-1).numpy()
+
+    def _send(self, buf: dict[str, np.ndarray], t: int, part: int) -> None:
+        self.venvs[part].send(buf["actions"][t, self.parts[part]])
+
+    def _recv(self, buf: dict[str, np.ndarray], t: int, part: int, finished: list[float]) -> None:
+        """Wait for one part's step t; record it and the raw returns of episodes that ended."""
+        s = self.parts[part]
+        buf["obs"][t + 1, s], r, term, trunc, _ = self.venvs[part].recv()
+        done = np.logical_or(term, trunc)
+        ep_return = self.ep_return[s]  # a view: updated in place
+        ep_return += r
+        finished.extend(ep_return[done].tolist())
+        ep_return[done] = 0.0
+        buf["rewards"][t, s], buf["dones"][t, s] = r, done
 
     def loss(self, model: nn.Module, params: Params, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         obs = batch.data["obs"]
@@ -93,7 +128,8 @@ class AtariTask(Task):
         return loss, {k: float(v) for k, v in parts.items()}
 
     def close(self) -> None:
-        self.venv.close()
+        for venv in self.venvs:
+            venv.close()
 
 
 @dataclass(frozen=True)

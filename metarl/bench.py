@@ -1,0 +1,367 @@
+"""`metarl bench`: measured ratios against the emulator limit (DESIGN.md section 6).
+
+Every figure is measured side by side in one run, through the real code paths:
+
+  sampling_ratio      a TaskWorker's env steps/s through `AtariTask.sample` (policy inference)
+                      / raw `AtariVectorEnv` steps/s with random actions (same game, envs, threads)
+  sampling_cpu_ratio  the same in CPU-seconds per step: what sampling costs a saturated machine
+  gradient_ratio      samples/s through `AtariTask.loss` + `meta.loss_grad` / a bare torch
+                      forward+backward of the same network on the same batch
+  skip_ratio_k        seconds per meta-iteration at skip k / at skip 1, on the config scaled down
+  skip_ratio_k_expected  (ceil(N/k) S + N) / (N S + N): the share of rollouts skip k keeps
+  end_to_end_ratio    env steps/s of whole meta-iterations (`run.meta_iteration`) / env steps/s of
+                      the same fleet only sampling the same rollouts
+  grad_on_worker_s / grad_on_learner_s  one iteration's N gradients, computed where the data is
+                      (flat gradients shipped to the learner) or on the learner (batches shipped)
+  memory_*_mb         peak resident memory (VmHWM) of the workers and the learner
+
+Ratios are what regressions are judged by; absolute rates vary from machine to machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metarl import meta
+from metarl.config import Config, ConfigError
+from metarl.learner import Learner
+from metarl.run import Fleet, meta_iteration, plan_resources, task_seed
+from metarl.tasks import make_family
+from metarl.tasks.base import Batch
+from metarl.worker import TaskWorker
+
+SKIPS = (2, 3, 4, 6)
+MB = 1024 * 1024
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# actors with the calls only the benchmark makes
+
+
+class BenchWorker(TaskWorker):
+    """A TaskWorker that can also sample without gradients, hold a batch, and report memory."""
+
+    def sample_only(self, task_name: str, theta: np.ndarray, rollouts: int) -> int:
+        task, params = self.tasks[task_name], self.spec.unflatten(theta, device=self.device)
+        return sum(task.sample(self.model, params).env_steps for _ in range(rollouts))
+
+    def hold_batch(self, task_name: str, theta: np.ndarray) -> int:
+        batch = self.tasks[task_name].sample(self.model, self.spec.unflatten(theta, device=self.device))
+        self.held = {**getattr(self, "held", {}), task_name: batch}
+        return sum(v.numel() * v.element_size() for v in batch.data.values())
+
+    def held_grad(self, task_name: str, theta: np.ndarray) -> np.ndarray:
+        """grad_on worker: the first-order gradient of the held batch, flat, for the learner."""
+        params = self.spec.unflatten(theta, device=self.device)
+        grads, _, _ = meta.loss_grad(self.tasks[task_name], self.model, params, self.held[task_name])
+        return self.spec.flatten_grads(grads)
+
+    def held_arrays(self, task_name: str) -> dict[str, Any]:
+        """grad_on learner: the held batch as numpy arrays, shipped through the object store."""
+        batch = self.held[task_name]
+        return {"data": {k: v.numpy() for k, v in batch.data.items()}, "env_steps": batch.env_steps}
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
+
+
+class BenchLearner(Learner):
+    """A Learner that can also compute gradients itself from shipped batches."""
+
+    def __init__(self, family, seed: int, outer_lr: float, max_grad_norm: float, device: str,
+                 loss_task: tuple[Any, str]):
+        super().__init__(family, seed, outer_lr, max_grad_norm, device)
+        self.model = family.make_model().to(self.device)
+        loss_family, game = loss_task  # a one-emulator task: only its loss is used here
+        self.loss_task = loss_family.make_task(game, seed)
+
+    def step_from_batches(self, n_evaluations: int, *shipped: dict[str, Any]) -> dict[str, Any]:
+        params = self.spec.unflatten(self.theta.detach(), device=self.device)
+        grads = []
+        for s in shipped:
+            data = {k: torch.from_numpy(np.array(v)).to(self.device) for k, v in s["data"].items()}
+            g, _, _ = meta.loss_grad(self.loss_task, self.model, params, Batch(data, s["env_steps"]))
+            grads.append(self.spec.flatten_grads(g))
+        return self.step(n_evaluations, *grads)
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
+
+
+def start_bench_fleet(cfg: Config, backend: Any) -> Fleet:
+    """The actors `run.start_fleet` starts (same resources, seeds and task assignment), as the
+    bench classes above."""
+    family, m = make_family(cfg), cfg.meta
+    res = backend.resources()
+    cpw, lcpu, lgpu, notes = plan_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0) > 0)
+    loss_task = (make_family(replace(cfg, env=replace(cfg.env, num_envs=1))), cfg.tasks.train[0])
+    learner = backend.actor(BenchLearner, family, m.seed, m.outer_lr, m.max_grad_norm, "cuda" if lgpu else "cpu",
+                            loss_task, num_cpus=lcpu, num_gpus=lgpu)
+    W = cfg.num_workers
+    seeds: list[dict[str, int]] = [{} for _ in range(W)]
+    owner = {}
+    for i, name in enumerate(cfg.tasks.train):
+        seeds[i % W][name] = task_seed(m.seed, i)
+        owner[name] = i % W
+    workers = [backend.actor(BenchWorker, family, s, m.inner_lr, m.inner_steps, False, 1, "cpu", num_cpus=cpw)
+               for s in seeds]
+    return Fleet(backend, learner, workers, owner, backend.get(backend.call(learner, "info")), notes)
+
+
+# ------------------------------------------------------------------------------------------
+# one worker, in this process: emulator vs sampling, loss path vs bare torch
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def measure_sampling(cfg: Config, rollouts: int, rounds: int) -> dict[str, float]:
+    """A TaskWorker's AtariTask.sample vs the bare emulator, alternating blocks of `rollouts`."""
+    from metarl.tasks.atari import make_vector_env
+
+    game, seed = cfg.tasks.train[0], task_seed(cfg.meta.seed, 0)
+    worker = TaskWorker(make_family(cfg), {game: seed}, cfg.meta.inner_lr, cfg.meta.inner_steps)
+    task, theta = worker.tasks[game], worker.spec.unflatten(worker.spec.flatten(dict(worker.model.named_parameters())))
+    venv, _ = make_vector_env(game, cfg.env, seed)
+    rng = np.random.default_rng(seed)
+    B, T = cfg.env.num_envs, cfg.env.rollout_len
+
+    def raw():
+        for _ in range(rollouts * T):
+            venv.step(rng.integers(0, venv.single_action_space.n, B, dtype=np.int32))
+
+    def sample():
+        for _ in range(rollouts):
+            task.sample(worker.model, theta)
+
+    raw(), sample()  # warm-up
+    t = np.zeros((2, 2))
+    for _ in range(rounds):
+        t += np.array([_timed(raw), _timed(sample)])
+    venv.close()
+    steps = rounds * rollouts * T * B
+    (raw_w, raw_c), (smp_w, smp_c) = t
+    fs = cfg.env.frameskip
+    out = {"sampling_ratio": raw_w / smp_w, "sampling_cpu_ratio": raw_c / smp_c,
+           "raw_env_steps_per_s": steps / raw_w, "raw_frames_per_s": steps * fs / raw_w,
+           "sampling_env_steps_per_s": steps / smp_w, "sampling_frames_per_s": steps * fs / smp_w}
+    return {**out, **measure_gradient(worker, game, theta, max(rounds, 2))}
+
+
+def bare_forward_backward(model: torch.nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> None:
+    """The plain-torch baseline: the network's own forward on the batch, a cross-entropy plus
+    value loss, backward into the module's parameters."""
+    model.zero_grad(set_to_none=True)
+    logits, values = model(obs)
+    n = actions.numel()
+    (F.cross_entropy(logits[:n], actions) + values.pow(2).mean()).backward()
+
+
+def measure_gradient(worker: TaskWorker, game: str, theta: dict, reps: int) -> dict[str, float]:
+    task = worker.tasks[game]
+    batch = task.sample(worker.model, theta)
+    bare_model = copy.deepcopy(worker.model)
+    obs, actions = batch.data["obs"].flatten(0, 1), batch.data["actions"].flatten()
+
+    def metarl():
+        meta.loss_grad(task, worker.model, theta, batch)
+
+    def bare():
+        bare_forward_backward(bare_model, obs, actions)
+
+    metarl(), bare()  # warm-up
+    t = np.zeros((2, 2))
+    for _ in range(reps):
+        t += np.array([_timed(metarl), _timed(bare)])
+    n = reps * batch.env_steps
+    return {"gradient_ratio": t[1, 0] / t[0, 0], "grad_samples_per_s": n / t[0, 0],
+            "bare_grad_samples_per_s": n / t[1, 0]}
+
+
+# ------------------------------------------------------------------------------------------
+# a fleet of Ray actors: skip ratios, end to end, gradient placement, memory
+
+
+def _iteration(fleet: Fleet, cfg: Config, skip: int, rng: np.random.Generator) -> dict[str, Any]:
+    groups = meta.make_groups(cfg.num_tasks, skip, rng)
+    rec = meta_iteration(fleet, cfg.tasks.train, groups, cfg.meta.algo, cfg.ray.call_timeout_s)
+    if rec["tasks_dropped"]:
+        raise RuntimeError(f"bench: tasks dropped during an iteration: {rec['drop_reasons']}")
+    return rec
+
+
+def expected_skip_ratio(n: int, k: int, s: int) -> float:
+    """Rollouts per iteration at skip k over those at skip 1: S per adaptation, one per evaluation."""
+    return (math.ceil(n / k) * s + n) / (n * s + n)
+
+
+def measure_skip(fleet: Fleet, cfg: Config, reps: int) -> dict[str, float]:
+    """Median seconds per meta-iteration at each skip, the skips interleaved against load drift."""
+    rng = np.random.default_rng(cfg.meta.seed)
+    skips = (1, *[k for k in SKIPS if k <= cfg.num_tasks])
+    _iteration(fleet, cfg, 1, rng)  # warm-up
+    secs: dict[int, list[float]] = {k: [] for k in skips}
+    for _ in range(reps):
+        for k in skips:
+            secs[k].append(_iteration(fleet, cfg, k, rng)["time/iteration_s"])
+    base = float(np.median(secs[1]))
+    out = {"iteration_s_skip_1": base}
+    for k in skips[1:]:
+        out[f"skip_ratio_{k}"] = float(np.median(secs[k])) / base
+        out[f"skip_ratio_{k}_expected"] = expected_skip_ratio(cfg.num_tasks, k, cfg.meta.inner_steps)
+    return out
+
+
+def _sampling_only(fleet: Fleet, cfg: Config, theta: Any) -> tuple[int, float]:
+    """Every task samples the rollouts one skip-1 iteration takes (S + 1), all at once."""
+    b, t0 = fleet.backend, time.perf_counter()
+    refs = [b.call(fleet.workers[fleet.owner[name]], "sample_only", name, theta, cfg.meta.inner_steps + 1)
+            for name in cfg.tasks.train]
+    steps = sum(b.get(r) for r in refs)
+    return steps, time.perf_counter() - t0
+
+
+def measure_end_to_end(fleet: Fleet, cfg: Config, reps: int) -> dict[str, float]:
+    b, rng = fleet.backend, np.random.default_rng(cfg.meta.seed)
+    _iteration(fleet, cfg, 1, rng)  # warm-up
+    tot = np.zeros(4)  # sampling-only steps, seconds; iteration steps, seconds
+    for _ in range(reps):
+        theta = b.put(b.get(b.call(fleet.learner, "get_theta")))
+        rec = _iteration(fleet, cfg, 1, rng)
+        tot += [*_sampling_only(fleet, cfg, theta), rec["env_steps/adapt"] + rec["env_steps/eval"],
+                rec["time/iteration_s"]]
+    fs = cfg.env.frameskip
+    return {"end_to_end_ratio": (tot[2] / tot[3]) / (tot[0] / tot[1]),
+            "end_to_end_env_steps_per_s": tot[2] / tot[3], "end_to_end_frames_per_s": tot[2] * fs / tot[3],
+            "fleet_sampling_env_steps_per_s": tot[0] / tot[1]}
+
+
+def measure_placement(fleet: Fleet, cfg: Config) -> dict[str, float]:
+    """One iteration's N gradients at theta on held batches: computed on the workers (flat
+    gradients to the learner) vs on the learner (batches to the learner); both end in one step."""
+    b, tasks = fleet.backend, cfg.tasks.train
+    worker = lambda name: fleet.workers[fleet.owner[name]]  # noqa: E731
+    theta = b.put(b.get(b.call(fleet.learner, "get_theta")))
+    sizes = [b.get(b.call(worker(n), "hold_batch", n, theta)) for n in tasks]
+    t0 = time.perf_counter()
+    grads = [b.call(worker(n), "held_grad", n, theta) for n in tasks]
+    b.get(b.call(fleet.learner, "step", len(tasks), *grads))
+    t1 = time.perf_counter()
+    batches = [b.call(worker(n), "held_arrays", n) for n in tasks]
+    b.get(b.call(fleet.learner, "step_from_batches", len(tasks), *batches))
+    t2 = time.perf_counter()
+    return {"grad_on_worker_s": t1 - t0, "grad_on_learner_s": t2 - t1,
+            "grad_on_learner_vs_worker": (t1 - t0) / (t2 - t1), "batch_mb": float(np.mean(sizes)) / MB}
+
+
+def measure_memory(fleet: Fleet) -> dict[str, float]:
+    b = fleet.backend
+    workers = [b.get(b.call(w, "peak_rss")) / MB for w in fleet.workers]
+    learner = b.get(b.call(fleet.learner, "peak_rss")) / MB
+    return {"memory_worker_peak_mb": max(workers), "memory_learner_peak_mb": learner,
+            "memory_total_peak_mb": sum(workers) + learner}
+
+
+# ------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def scaled_down(cfg: Config, tasks: int, num_envs: int, rollout_len: int, workers: int | None = None) -> Config:
+    """The same experiment with fewer tasks and small rollouts (skip ratios, --quick)."""
+    ray_cfg = cfg.ray if workers is None else replace(cfg.ray, workers=workers)
+    return replace(cfg, tasks=replace(cfg.tasks, train=cfg.tasks.train[:tasks]), ray=ray_cfg,
+                   env=replace(cfg.env, num_envs=num_envs, rollout_len=rollout_len))
+
+
+def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print) -> tuple[dict[str, float], dict[str, Any]]:
+    """Every figure, and the context they were measured in."""
+    if cfg.tasks.family != "atari":
+        raise ConfigError(f"metarl bench measures Atari against the emulator; tasks.family is {cfg.tasks.family!r}")
+    if cfg.num_tasks < max(SKIPS):
+        raise ConfigError(f"metarl bench needs at least {max(SKIPS)} training tasks for skip {max(SKIPS)}; "
+                          f"tasks.train has {cfg.num_tasks}")
+    from metarl.backend import RayBackend
+
+    t_start, load_start = time.perf_counter(), os.getloadavg()[0]
+    small = scaled_down(cfg, max(SKIPS) if quick else cfg.num_tasks, 4, 16 if quick else 32, 2 if quick else None)
+    full = small if quick else cfg
+    figures: dict[str, float] = {}
+    log(f"# sampling and gradients: one worker in this process, {full.tasks.train[0]}")
+    figures.update(measure_sampling(full, rollouts=1 if quick else 2, rounds=2 if quick else 3))
+    backend = RayBackend(cfg.ray.address, cfg.ray.num_cpus)
+    try:
+        log(f"# skip ratios: {small.num_tasks} tasks x {small.env.num_envs} envs x {small.env.rollout_len} steps, "
+            f"{small.num_workers} workers")
+        fleet = start_bench_fleet(small, backend)
+        figures.update(measure_skip(fleet, small, reps=1 if quick else 3))
+        if not quick:
+            del fleet
+            log(f"# end to end, gradient placement, memory: {full.num_tasks} tasks x {full.env.num_envs} envs x "
+                f"{full.env.rollout_len} steps, {full.num_workers} workers")
+            fleet = start_bench_fleet(full, backend)
+        figures.update(measure_end_to_end(fleet, full, reps=1 if quick else 2))
+        figures.update(measure_placement(fleet, full))
+        figures.update(measure_memory(fleet))
+        learner_device = fleet.learner_info["device"]
+    finally:
+        backend.shutdown()
+    context = {"quick": quick, "game": full.tasks.train[0], "num_envs": full.env.num_envs,
+               "rollout_len": full.env.rollout_len, "env_threads": full.env.env_threads,
+               "tasks": full.num_tasks, "workers": full.num_workers, "learner_device": learner_device,
+               "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+               "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0],
+               "seconds": time.perf_counter() - t_start}
+    return figures, context
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from metarl.cli import resolve_config
+
+    if args.config is None and os.path.exists("configs/atari12.yaml"):
+        args.config = "configs/atari12.yaml"
+    cfg = resolve_config(args)
+    figures, context = run_bench(cfg, args.quick)
+    for k, v in context.items():
+        print(f"# {k}: {v}")
+    for k, v in figures.items():
+        print(f"{k}: {v:.4g}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"figures": figures, "context": context}, f, indent=1)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    from metarl.cli import add_config_args
+
+    p = sub.add_parser("bench", help="measured ratios against the emulator limit (sampling, gradients, skip, "
+                                     "end to end, memory)")
+    add_config_args(p)
+    p.add_argument("--quick", action="store_true", help="small and fast (about a minute): 6 games, tiny rollouts")
+    p.add_argument("--out", help="also write the figures and their context to this JSON file")
+    p.set_defaults(func=cmd_bench)

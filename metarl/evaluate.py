@@ -1,0 +1,436 @@
+"""`metarl eval`: how fast a meta-trained theta learns held-out games, next to a network never
+meta-trained.
+
+For every held-out game, every initialisation — `meta` (the checkpoint's theta) and `fresh` (theta
+at meta-iteration 0: the Learner's own seeded initialisation) — and every evaluation seed, the
+network is fine-tuned with the inner-loop learner of meta-training: plain SGD with step alpha
+(meta.inner_lr), one step per fresh rollout of T x B env steps (`metarl.meta.adapt` with S = 1,
+repeated) until the env-step budget is spent. Both inits of one (game, seed) see the same emulator
+and action-sampling seeds.
+
+The learning curve is the raw game score of the episodes that end *while fine-tuning*, under the
+protocol of training (sticky actions, full action set, game-over termination, unclipped scores),
+as the running mean of the last `window` finished episodes: performance during learning, the
+summary Machado et al. (2018) recommend, with no separate evaluation phase (an Atari evaluation
+episode can take 27,000 agent steps, more than a small budget). The raw score per agent step of
+each curve window is recorded too; it is defined before the first episode ends.
+
+Scores per (game, init, seed), all from the per-step trace:
+  auc_return          mean running return over the fine-tuning steps (area under the curve / budget)
+  auc_reward_rate     raw score per agent step over the whole budget
+  final_return        running return after the last step; return_at: when env steps reach each `at`
+  steps_to_threshold  first env step with running return >= the game's threshold (None: never); the
+                      default threshold is the fresh network's mean final return on that game
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from metarl import checkpoint, config as config_mod, meta
+from metarl.backend import LocalBackend, RayBackend
+from metarl.config import Config, ConfigError
+from metarl.learner import Learner
+from metarl.plots import Panel, Series, save_grid, write_csv, write_json
+from metarl.policy import Params, ParamSpec
+from metarl.run import task_seed
+from metarl.tasks import make_family
+from metarl.tasks.base import Task, TaskFamily
+from metarl.tracking import Tracker
+
+SCORES = ("auc_return", "auc_reward_rate", "final_return")
+NO_EPISODE = "no episode finished within the budget"
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    games: tuple[str, ...]
+    budget: int
+    """Env steps of fine-tuning per (game, init, seed)."""
+    seeds: tuple[int, ...]
+    points: int = 10
+    window: int = 10
+    """Finished episodes in the running mean of the return curve."""
+    threshold: float | None = None
+    """Score for steps_to_threshold on every game; None uses the fresh network's final return."""
+    at: tuple[int, ...] = ()
+    """Env-step budgets at which return_at is read."""
+
+
+# ------------------------------------------------------------------------------------------
+# fine-tuning: the inner loop of meta-training, run for a budget
+
+
+def finetune(task: Task, model: torch.nn.Module, theta: Params, inner_lr: float,
+             budget: int) -> tuple[dict[str, Any], Params]:
+    """SGD steps of size alpha, each on a fresh rollout, until `budget` env steps are spent.
+    Returns the per-step trace (episodes as [step index, raw return]) and the final parameters."""
+    params, t0 = theta, time.perf_counter()
+    trace: dict[str, Any] = {"env_steps": [], "frames": [], "reward_sum": [], "loss": [], "episodes": []}
+    steps = frames = 0
+    while steps < budget:
+        adaptation = meta.adapt(task, model, params, inner_lr, 1)
+        batch = adaptation.batches[0]
+        steps, frames = steps + batch.env_steps, frames + (batch.frames or batch.env_steps)
+        trace["episodes"] += [[len(trace["env_steps"]), float(r)] for r in batch.episode_returns]
+        trace["env_steps"].append(steps)
+        trace["frames"].append(frames)
+        trace["reward_sum"].append(float(batch.reward_sum))
+        trace["loss"].append(adaptation.losses[0])
+        params = adaptation.theta_prime
+    trace["seconds"] = time.perf_counter() - t0
+    return trace, params
+
+
+class FineTuner:
+    """Actor shell: one network, fine-tunes a fresh task per call and closes its emulators."""
+
+    def __init__(self, family: TaskFamily, inner_lr: float, torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.family, self.inner_lr = family, inner_lr
+        self.model = family.make_model()
+        self.spec = ParamSpec.of(self.model)
+
+    def run(self, game: str, env_seed: int, theta: np.ndarray, budget: int) -> dict[str, Any]:
+        task = self.family.make_task(game, env_seed)
+        try:
+            trace, _ = finetune(task, self.model, self.spec.unflatten(theta), self.inner_lr, budget)
+        finally:
+            task.close()
+        return trace
+
+
+def initial_theta(family: TaskFamily, seed: int) -> np.ndarray:
+    """theta before meta-iteration 1: built by the Learner itself, so it is its exact init."""
+    return Learner(family, seed, outer_lr=1.0, max_grad_norm=1.0, device="cpu").get_theta()
+
+
+def run_jobs(family: TaskFamily, inner_lr: float, thetas: dict[str, np.ndarray], spec: EvalSpec,
+             local: bool, address: str = "", workers: int = 0, log: Callable[[str], None] = print) -> list[dict]:
+    """Fine-tune every (game, init, seed); Ray actors side by side, or one after another locally."""
+    jobs = [{"game": g, "init": init, "seed": s, "env_seed": task_seed(s, gi)}
+            for gi, g in enumerate(spec.games) for s in spec.seeds for init in thetas]
+    backend = LocalBackend() if local else RayBackend(address)
+    try:
+        n = workers or (1 if local else int(backend.resources().get("CPU", 1.0)))
+        actors = [backend.actor(FineTuner, family, inner_lr, num_cpus=1.0) for _ in range(max(1, min(n, len(jobs))))]
+        refs = {name: backend.put(theta) for name, theta in thetas.items()}
+        calls = [backend.call(actors[i % len(actors)], "run", j["game"], j["env_seed"], refs[j["init"]], spec.budget)
+                 for i, j in enumerate(jobs)]
+        for job, call in zip(jobs, calls):
+            try:
+                job["trace"] = backend.get(call)
+            except Exception as e:
+                what = f"fine-tuning {job['game']} from {job['init']} (seed {job['seed']})"
+                raise RuntimeError(f"{what} failed: {e}") from e
+            log(f"eval: {job['game']} from {job['init']}, seed {job['seed']}: {len(job['trace']['episodes'])} "
+                f"episodes in {job['trace']['seconds']:.1f}s")
+    finally:
+        backend.shutdown()
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------
+# curves and scores: pure functions of a trace
+
+
+def running_return(trace: dict[str, Any], window: int) -> np.ndarray:
+    """After each fine-tuning step: mean raw return of the last `window` finished episodes (NaN
+    until one has finished)."""
+    out = np.full(len(trace["env_steps"]), math.nan)
+    ends = [int(i) for i, _ in trace["episodes"]]
+    returns = [float(r) for _, r in trace["episodes"]]
+    seen = 0
+    for i in range(len(out)):
+        while seen < len(ends) and ends[seen] <= i:
+            seen += 1
+        if seen:
+            out[i] = float(np.mean(returns[max(0, seen - window):seen]))
+    return out
+
+
+def curve_steps(n_steps: int, points: int) -> list[int]:
+    """Indices of the fine-tuning steps the curve is read at: min(points, n) evenly spaced, the
+    last one at the end of the budget."""
+    p = max(1, min(points, n_steps))
+    return [math.ceil((k + 1) * n_steps / p) - 1 for k in range(p)]
+
+
+def curve(trace: dict[str, Any], points: int, window: int) -> dict[str, list]:
+    idx = curve_steps(len(trace["env_steps"]), points)
+    running = running_return(trace, window)
+    steps, rewards = np.asarray(trace["env_steps"]), np.asarray(trace["reward_sum"])
+    rates, prev = [], -1
+    for i in idx:
+        done_before = steps[prev] if prev >= 0 else 0
+        rates.append(float(rewards[prev + 1:i + 1].sum() / (steps[i] - done_before)))
+        prev = i
+    ends = np.array([e for e, _ in trace["episodes"]], dtype=int)
+    return {"env_steps": [int(steps[i]) for i in idx], "frames": [int(trace["frames"][i]) for i in idx],
+            "return": [float(running[i]) for i in idx], "reward_rate": rates,
+            "episodes": [int((ends <= i).sum()) for i in idx]}
+
+
+def score(trace: dict[str, Any], window: int, threshold: float | None, at: tuple[int, ...]) -> dict[str, Any]:
+    """The scores of one fine-tuning run (see the module docstring)."""
+    running = running_return(trace, window)
+    steps = np.asarray(trace["env_steps"])
+    finite = running[np.isfinite(running)]
+    reached = np.flatnonzero(running >= threshold) if threshold is not None and math.isfinite(threshold) else []
+    first_at = [min(int(np.searchsorted(steps, b)), len(steps) - 1) for b in at]
+    return {
+        "auc_return": float(finite.mean()) if finite.size else math.nan,
+        "auc_reward_rate": float(np.sum(trace["reward_sum"]) / steps[-1]),
+        "final_return": float(running[-1]),
+        "return_at": {str(b): float(running[i]) for b, i in zip(at, first_at)},
+        "threshold": threshold,
+        "steps_to_threshold": int(steps[reached[0]]) if len(reached) else None,
+        "frames_to_threshold": int(trace["frames"][reached[0]]) if len(reached) else None,
+        "episodes": len(trace["episodes"]),
+    }
+
+
+def nan_stats(values: Any, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, sample std, count) over the finite entries; NaN mean where there are none."""
+    x = np.asarray(values, dtype=float)
+    ok = np.isfinite(x)
+    n = ok.sum(axis)
+    mean = np.where(ok, x, 0.0).sum(axis) / np.maximum(n, 1)
+    dev = np.where(ok, x - np.expand_dims(mean, axis), 0.0)
+    std = np.sqrt((dev ** 2).sum(axis) / np.maximum(n - 1, 1))
+    return np.where(n > 0, mean, math.nan), np.where(n > 0, std, math.nan), n
+
+
+def default_thresholds(jobs: list[dict], window: int, init: str = "fresh") -> dict[str, float]:
+    """Per game: the mean final return of `init` (the fresh network) over seeds."""
+    out = {}
+    for game in dict.fromkeys(j["game"] for j in jobs):
+        finals = [running_return(j["trace"], window)[-1] for j in jobs if j["game"] == game and j["init"] == init]
+        out[game] = float(nan_stats(finals)[0]) if finals else math.nan
+    return out
+
+
+def aggregate(scored: list[dict]) -> list[dict]:
+    """Per (game, init): mean and std over seeds of every score; steps to threshold over the seeds
+    that reached it, and how many did."""
+    rows = []
+    for game, init in dict.fromkeys((j["game"], j["init"]) for j in scored):
+        mine = [j["score"] for j in scored if j["game"] == game and j["init"] == init]
+        row: dict[str, Any] = {"game": game, "init": init, "seeds": len(mine), "threshold": mine[0]["threshold"]}
+        for key in SCORES:
+            mean, std, _ = nan_stats([s[key] for s in mine])
+            row[f"{key}_mean"], row[f"{key}_std"] = float(mean), float(std)
+        for b in mine[0]["return_at"]:
+            row[f"return_at_{b}_mean"] = float(nan_stats([s["return_at"][b] for s in mine])[0])
+        hits = [s["steps_to_threshold"] for s in mine if s["steps_to_threshold"] is not None]
+        mean, std, _ = nan_stats(hits if hits else [math.nan])
+        row.update(steps_to_threshold_mean=float(mean), steps_to_threshold_std=float(std), reached=len(hits))
+        rows.append(row)
+    return rows
+
+
+def assemble(jobs: list[dict], spec: EvalSpec, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Curves, scores and the per-(game, init) summary of finished jobs (traces stay included)."""
+    if thresholds is None:
+        thresholds = ({g: spec.threshold for g in spec.games} if spec.threshold is not None
+                      else default_thresholds(jobs, spec.window))
+    scored = [{**j, "curve": curve(j["trace"], spec.points, spec.window),
+               "score": score(j["trace"], spec.window, thresholds.get(j["game"]), spec.at)} for j in jobs]
+    return {"spec": asdict(spec), "jobs": scored, "summary": aggregate(scored)}
+
+
+def mean_curves(scored: list[dict]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (game, init): the seeds' curves averaged point by point (all share one grid)."""
+    out = {}
+    for game, init in dict.fromkeys((j["game"], j["init"]) for j in scored):
+        curves = [j["curve"] for j in scored if j["game"] == game and j["init"] == init]
+        row: dict[str, Any] = {"env_steps": curves[0]["env_steps"], "frames": curves[0]["frames"]}
+        for key in ("return", "reward_rate"):
+            mean, std, _ = nan_stats([c[key] for c in curves])
+            row[key], row[f"{key}_std"] = mean.tolist(), std.tolist()
+        out[(game, init)] = row
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# outputs: JSON, CSV, PNG, W&B
+
+
+def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
+    """eval_curves.csv (per seed), eval_summary.csv, curves_<game>.png and summary.png."""
+    scored, means = result["jobs"], mean_curves(result["jobs"])
+    write_csv(out / "eval_curves.csv", [
+        {"game": j["game"], "init": j["init"], "seed": j["seed"], "point": p,
+         **{k: j["curve"][k][p] for k in ("env_steps", "frames", "return", "reward_rate", "episodes")}}
+        for j in scored for p in range(len(j["curve"]["env_steps"]))])
+    write_csv(out / "eval_summary.csv", result["summary"])
+    pngs = {}
+    for game in dict.fromkeys(j["game"] for j in scored):
+        mine = {init: c for (g, init), c in means.items() if g == game}
+        panels = [Panel(f"{game}: {label}", "fine-tuning frames", label,
+                        [Series(init, c["frames"], c[key], c[f"{key}_std"]) for init, c in mine.items()],
+                        empty_note=NO_EPISODE)
+                  for key, label in (("return", f"return (last {result['spec']['window']} episodes)"),
+                                     ("reward_rate", "raw score per agent step"))]
+        pngs[f"curves/{game}"] = save_grid(out / f"curves_{game}.png", panels, 2)
+    by_init: dict[str, list[dict]] = {}
+    for r in result["summary"]:
+        by_init.setdefault(r["init"], []).append(r)
+    panels = [Panel(key, "held-out game", key, [
+        Series(init, [r["game"] for r in rows], [r[f"{key}_mean"] for r in rows], [r[f"{key}_std"] for r in rows])
+        for init, rows in by_init.items()], kind="bars", empty_note=NO_EPISODE) for key in SCORES]
+    pngs["summary"] = save_grid(out / "summary.png", panels, 3, "held-out learning speed (mean, std over seeds)")
+    return pngs
+
+
+def log_to_tracker(tracker: Tracker, result: dict[str, Any], pngs: dict[str, Path]) -> None:
+    """One record per curve point (x: fine-tuning frames), the images, and the summary scores."""
+    means = mean_curves(result["jobs"])
+    first = next(iter(means.values()))
+    for p, (steps, frames) in enumerate(zip(first["env_steps"], first["frames"])):
+        rec: dict[str, Any] = {"frames": frames, "env_steps": steps, "point": p + 1}
+        for (game, init), c in means.items():
+            rec[f"eval/{game}/{init}/return"] = c["return"][p]
+            rec[f"eval/{game}/{init}/reward_rate"] = c["reward_rate"][p]
+        tracker.log(rec)
+    for key, path in pngs.items():
+        tracker.log_image(key, path)
+    tracker.summary({f"{r['game']}/{r['init']}/{k}": v for r in result["summary"] for k, v in r.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+def evaluate(cfg: Config, thetas: dict[str, np.ndarray], spec: EvalSpec, out: Path, *, name: str,
+             local: bool, workers: int = 0, info: dict[str, Any] | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune each theta on every held-out game and seed; write files and W&B (job type eval,
+    the training run's group). eval.json is written last: its presence marks a finished eval."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    family = make_family(cfg)
+    jobs = run_jobs(family, cfg.meta.inner_lr, thetas, spec, local, cfg.ray.address, workers, log)
+    result = {**(info or {}), "inner_lr": cfg.meta.inner_lr, **assemble(jobs, spec)}
+    pngs = write_outputs(out, result)
+    tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment, name=name,
+                      config={**config_mod.to_dict(cfg), **(info or {}), "eval": asdict(spec)},
+                      mode=cfg.log.wandb_mode, job_type="eval", metrics_file="eval_metrics.jsonl",
+                      step_key="frames")
+    try:
+        log_to_tracker(tracker, result, pngs)
+    finally:
+        tracker.finish()
+    write_json(out / "eval.json", result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# the command
+
+
+def add_eval_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Flags that make an EvalSpec; `prefix` keeps them apart from the sweep's own --budget."""
+    p.add_argument("--games", help="held-out games, comma separated (default: tasks.heldout of the config)")
+    p.add_argument(f"--{prefix}budget", dest="eval_budget", type=int, metavar="STEPS",
+                   help="env steps of fine-tuning per game, init and seed, rounded up to whole rollouts of T x B "
+                   "(default: 50 rollouts)")
+    p.add_argument(f"--{prefix}seeds", dest="eval_seeds", type=int, metavar="N",
+                   help="evaluation seeds 0..N-1 (default 3)")
+    p.add_argument("--points", type=int, help="points per learning curve (default 10)")
+    p.add_argument("--window", type=int, help="finished episodes in the running-mean return (default 10)")
+    p.add_argument("--threshold", type=float, help="return for steps-to-threshold (default: fresh final return)")
+    p.add_argument("--at", help="env-step budgets to read the return at, comma separated (default: 1/4, 1/2, all)")
+
+
+def require_atari(family: str) -> None:
+    if family != "atari":
+        raise ConfigError(f"tasks.family is '{family}': `metarl eval` and `metarl sweep` fine-tune Atari games; "
+                          f"use `metarl fewshot` for {family} tasks")
+
+
+def spec_from_args(args: argparse.Namespace, cfg: Config, prefix: str = "") -> EvalSpec:
+    require_atari(cfg.tasks.family)
+    games = tuple(cfg.tasks.heldout)
+    if args.games:
+        games = config_mod.validate(config_mod.override(cfg, "tasks.heldout", args.games)).tasks.heldout
+    if not games:
+        raise ConfigError("no held-out games: set tasks.heldout in the config or pass --games a,b")
+    given = lambda value, default: default if value is None else value  # noqa: E731
+    budget = given(args.eval_budget, 50 * cfg.env.num_envs * cfg.env.rollout_len)
+    seeds, points, window = given(args.eval_seeds, 3), given(args.points, 10), given(args.window, 10)
+    for flag, v in ((f"{prefix}budget", budget), (f"{prefix}seeds", seeds), ("points", points), ("window", window)):
+        if v < 1:
+            raise ConfigError(f"--{flag} = {v} must be at least 1")
+    try:
+        at = (tuple(int(x) for x in args.at.split(",")) if args.at
+              else tuple(sorted({max(1, budget // 4), max(1, budget // 2), budget})))
+    except ValueError:
+        raise ConfigError(f"--at {args.at!r} must be env-step counts separated by commas") from None
+    if any(not 0 < b <= budget for b in at):
+        raise ConfigError(f"--at {args.at} must lie in 1..{budget} (the budget)")
+    return EvalSpec(games, budget, tuple(range(seeds)), points, window, args.threshold, at)
+
+
+def load_checkpoint(path: Path) -> tuple[Path, dict[str, Any], Config]:
+    """A checkpoint file, or a run directory (its latest checkpoint), with its validated config."""
+    path = Path(path)
+    if path.is_dir():
+        latest = checkpoint.latest(path)
+        if latest is None:
+            raise checkpoint.CheckpointError(f"'{path}' holds no checkpoint; pass <run>/checkpoints/ckpt_*.pt")
+        path = latest
+    state = checkpoint.load(path)
+    if "config" not in state:
+        raise checkpoint.CheckpointError(f"checkpoint '{path}' carries no config; it predates metarl eval")
+    require_atari(state["config"].get("tasks", {}).get("family", "atari"))
+    return path, state, config_mod.validate(config_mod.from_dict(state["config"]))
+
+
+def checkpoint_theta(state: dict[str, Any], family: TaskFamily, path: Path) -> np.ndarray:
+    theta = state["theta"].detach().to(torch.float32).numpy()
+    numel = ParamSpec.of(family.make_model()).numel
+    if theta.shape != (numel,):
+        raise checkpoint.CheckpointError(f"checkpoint '{path}' has {theta.size} parameters, the network {numel}")
+    return theta
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    path, state, cfg = load_checkpoint(Path(args.checkpoint))
+    if args.wandb:
+        cfg = config_mod.override(cfg, "log.wandb_mode", args.wandb)
+    if args.address:
+        cfg = config_mod.override(cfg, "ray.address", args.address)
+    spec = spec_from_args(args, cfg)
+    iteration = int(state["iteration"])
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    out = Path(args.out) if args.out else run_dir / f"eval-{iteration:06d}"
+    if (out / "eval.json").exists():
+        raise ConfigError(f"'{out}' already holds an evaluation (eval.json); pass --out for a new directory")
+    family = make_family(cfg)
+    thetas = {"meta": checkpoint_theta(state, family, path), "fresh": initial_theta(family, cfg.meta.seed)}
+    info = {"checkpoint": str(path), "iteration": iteration, "skip": cfg.meta.skip, "algo": cfg.meta.algo}
+    result = evaluate(cfg, thetas, spec, out, name=f"{cfg.run_name}-eval", local=args.local,
+                      workers=args.workers, info=info)
+    for r in result["summary"]:
+        print(f"{r['game']:>16} {r['init']:>5}: AUC return {r['auc_return_mean']:.2f} ± {r['auc_return_std']:.2f}, "
+              f"score/step {r['auc_reward_rate_mean']:.4f}, reached threshold {r['reached']}/{r['seeds']}")
+    print(f"eval written to {out}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("eval", help="held-out learning speed of a checkpoint vs an un-pretrained network")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run directory (latest checkpoint)")
+    add_eval_args(p)
+    p.add_argument("--out", help="output directory (default <run>/eval-<iteration>)")
+    p.add_argument("--local", action="store_true", help="fine-tune in this process, one job after another")
+    p.add_argument("--workers", type=int, default=0, help="fine-tuning actors (default: one per cluster CPU)")
+    p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--wandb", choices=config_mod.WANDB_MODES, help="log.wandb_mode")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,376 @@
+"""`metarl fewshot`: the MAML paper's few-shot numbers (sinusoids, 2D navigation) and their cost.
+
+  metarl fewshot pretrain --config configs/sinusoid.yaml --out DIR    joint training on all tasks
+  metarl fewshot eval --checkpoint maml=RUN --checkpoint fomaml=RUN ... --pretrained DIR --out DIR
+  metarl fewshot cost --config configs/sinusoid.yaml                  seconds and memory per iteration
+
+`eval` adapts every initialisation with plain SGD on held-out tasks no run trained on (sine-100000...,
+goal-100000...): sinusoids with one K-shot support set reused for every step, the MSE measured on
+`--query` fresh points; navigation with a fresh rollout per step, the return being that rollout's mean
+episode return (as in the paper's Figure 4). Meta-trained checkpoints adapt with the inner_lr they
+were trained with; the pre-trained and random baselines get a step size tuned on separate validation
+tasks (the paper's "automatically tuned step size"). Every initialisation sees the same support and
+query sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metarl import checkpoint, config as config_mod, meta
+from metarl.config import Config, ConfigError
+from metarl.policy import ParamSpec, init_params
+from metarl.tasks import make_family
+
+PAPER = {  # Finn et al. 2017: Table 2 (sinusoid, K = 5, after 1/5/10 steps) and Figure 4 (2D navigation)
+    "sinusoid": {"MAML (paper)": {1: 0.67, 5: 0.38, 10: 0.35}, "pre-trained (paper)": {1: 2.41, 5: 2.23, 10: 2.19}},
+    "nav2d": {"MAML (paper)": {0: -40.41, 1: -11.68, 2: -3.33, 3: -3.23}},
+}
+HELDOUT_FIRST, VALIDATION_FIRST = 100_000, 200_000
+LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+
+
+@dataclass(frozen=True)
+class Init:
+    """One initialisation to adapt from: its label, flat theta, config and inner step size."""
+
+    label: str
+    theta: np.ndarray
+    cfg: Config
+    inner_lr: float | None
+    """None: tune it on validation tasks."""
+
+
+def load_init(label: str, path: str) -> Init:
+    """A run directory (its latest checkpoint) or a checkpoint file -> Init."""
+    p = Path(path)
+    ckpt = checkpoint.latest(p) if p.is_dir() else p
+    if ckpt is None:
+        raise ConfigError(f"--checkpoint {label}={path}: no checkpoint in that directory")
+    state = checkpoint.load(ckpt)
+    if "config" not in state:
+        raise ConfigError(f"checkpoint '{ckpt}' carries no config; it was not written by metarl run or pretrain")
+    cfg = config_mod.from_dict(state["config"])
+    tuned = state.get("kind") == "pretrained"
+    return Init(label, state["theta"].numpy().astype(np.float32), cfg, None if tuned else cfg.meta.inner_lr)
+
+
+def random_init(cfg: Config) -> Init:
+    """theta as the Learner initialises it at iteration 0 (seeded by meta.seed)."""
+    torch.manual_seed(cfg.meta.seed)
+    model = make_family(cfg).make_model()
+    return Init("random init", ParamSpec.of(model).flatten(init_params(model)), cfg, None)
+
+
+def heldout_names(cfg: Config, first: int, count: int) -> tuple[str, ...]:
+    prefix = {"sinusoid": "sine", "nav2d": "goal"}.get(cfg.tasks.family)
+    if prefix is None:
+        raise ConfigError(f"fewshot covers the sinusoid and nav2d families, not '{cfg.tasks.family}'")
+    names = tuple(f"{prefix}-{i}" for i in range(first, first + count))
+    clash = set(names) & set(cfg.tasks.train)
+    if clash:
+        raise ConfigError(f"held-out task {sorted(clash)[0]} is also a training task; train on indices below {first}")
+    return names
+
+
+# ---- adaptation curves ---------------------------------------------------------------------------
+
+
+def sine_curves(init: Init, names: tuple[str, ...], shots: int, steps: int, inner_lr: float, query: int,
+                seed: int) -> np.ndarray:
+    """tasks x (steps + 1) query MSE while taking SGD steps on one K-shot support set per task."""
+    family = make_family(init.cfg)
+    model = family.make_model()
+    theta = ParamSpec.of(model).unflatten(init.theta)
+    out = np.zeros((len(names), steps + 1))
+    for n, name in enumerate(names):
+        task = family.make_task(name, seed + n)
+        support, query_set = task.draw(shots), task.draw(query)
+        params = theta
+        for s in range(steps + 1):
+            with torch.no_grad():
+                out[n, s] = float(task.loss(model, params, query_set)[0])
+            if s < steps:
+                grads, _, _ = meta.loss_grad(task, model, params, support)
+                params = meta.detached(meta.sgd_step(params, grads, inner_lr))
+    return out
+
+
+def nav_curves(init: Init, names: tuple[str, ...], steps: int, inner_lr: float, seed: int) -> np.ndarray:
+    """tasks x (steps + 1) mean episode return of a fresh rollout before each SGD step."""
+    family = make_family(init.cfg)
+    model = family.make_model()
+    theta = ParamSpec.of(model).unflatten(init.theta)
+    out = np.zeros((len(names), steps + 1))
+    for n, name in enumerate(names):
+        task = family.make_task(name, seed + n)
+        params = theta
+        for s in range(steps + 1):
+            batch = task.sample(model, params)
+            out[n, s] = batch.mean_return
+            if s < steps:
+                grads, _, _ = meta.loss_grad(task, model, params, batch)
+                params = meta.detached(meta.sgd_step(params, grads, inner_lr))
+    return out
+
+
+def curves(init: Init, names, shots: int, steps: int, inner_lr: float, query: int, seed: int) -> np.ndarray:
+    if init.cfg.tasks.family == "sinusoid":
+        return sine_curves(init, names, shots, steps, inner_lr, query, seed)
+    return nav_curves(init, names, steps, inner_lr, seed)
+
+
+def tune_inner_lr(init: Init, shots: int, steps: int, query: int, n_tasks: int) -> float:
+    """The grid step size with the best mean score after `steps` steps on validation tasks."""
+    names = heldout_names(init.cfg, VALIDATION_FIRST, n_tasks)
+    sign = 1.0 if init.cfg.tasks.family == "sinusoid" else -1.0  # minimise MSE, maximise return
+    scores = {lr: sign * float(np.mean(curves(init, names, shots, steps, lr, query, seed=7)[:, -1]))
+              for lr in LR_GRID}
+    scores = {lr: v for lr, v in scores.items() if np.isfinite(v)}
+    return min(scores, key=scores.get)
+
+
+def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tuple[int, ...], query: int,
+             log=print) -> dict[str, Any]:
+    """Mean and 95% interval of the score after each of `steps` for every init and K."""
+    family = inits[0].cfg.tasks.family
+    if any(i.cfg.tasks.family != family for i in inits):
+        raise ConfigError("every --checkpoint must come from the same task family")
+    names = heldout_names(inits[0].cfg, HELDOUT_FIRST, n_tasks)
+    shots = shots if family == "sinusoid" else (0,)
+    rows = []
+    for init in inits:
+        for k in shots:
+            t0 = time.perf_counter()
+            lr = init.inner_lr if init.inner_lr is not None else tune_inner_lr(init, k, max(steps), query, 25)
+            c = curves(init, names, k, max(steps), lr, query, seed=1)
+            row = {"init": init.label, "K": k if family == "sinusoid" else None, "inner_lr": lr, "tasks": len(names),
+                   "mean": {s: float(c[:, s].mean()) for s in steps},
+                   "ci95": {s: float(1.96 * c[:, s].std(ddof=1) / np.sqrt(len(names))) for s in steps}}
+            rows.append(row)
+            log(f"{init.label:>16} K={k}: " + " ".join(f"{s}:{row['mean'][s]:.3f}" for s in steps)
+                + f"  (alpha {lr:g}, {time.perf_counter() - t0:.0f}s)")
+    return {"family": family, "steps": list(steps), "shots": list(shots), "tasks": list(names[:3]) + ["..."],
+            "query_points": query if family == "sinusoid" else None, "rows": rows, "paper": PAPER[family]}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    steps, fam = result["steps"], result["family"]
+    metric = "query MSE (lower is better)" if fam == "sinusoid" else "mean return (higher is better)"
+    head = "| init | K | alpha | " + " | ".join(f"{s} steps" for s in steps) + " |"
+    lines = [f"{fam}: {metric} on {result['rows'][0]['tasks']} held-out tasks, mean ± 95% CI", "", head,
+             "|" + " --- |" * (len(steps) + 3)]
+    for r in result["rows"]:
+        cells = " | ".join(f"{r['mean'][s]:.3f} ± {r['ci95'][s]:.3f}" for s in steps)
+        lines.append(f"| {r['init']} | {r['K'] if r['K'] is not None else '-'} | {r['inner_lr']:g} | {cells} |")
+    for label, vals in result["paper"].items():
+        k = "5" if fam == "sinusoid" else "-"
+        lines.append(f"| {label} | {k} | | " + " | ".join(f"{vals[s]:.2f}" if s in vals else "" for s in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = sorted({r["K"] for r in result["rows"]}, key=lambda k: -1 if k is None else k)
+    fig = Figure(figsize=(5.5 * len(groups), 4))
+    FigureCanvasAgg(fig)
+    for n, k in enumerate(groups):
+        ax = fig.add_subplot(1, len(groups), n + 1)
+        for r in (r for r in result["rows"] if r["K"] == k):
+            xs = result["steps"]
+            ax.errorbar(xs, [r["mean"][s] for s in xs], yerr=[r["ci95"][s] for s in xs], marker="o",
+                        capsize=3, label=f"{r['init']} (α={r['inner_lr']:g})")
+        for label, vals in result["paper"].items():
+            if k in (5, None):
+                ax.plot(list(vals), list(vals.values()), ls="--", marker="x", label=label)
+        ax.set_xticks(result["steps"])
+        ax.set_xlabel("gradient steps on the held-out task")
+        ax.set_ylabel("query MSE" if result["family"] == "sinusoid" else "mean return")
+        ax.set_title(f"{result['family']}" + (f", K = {k}" if k is not None else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_report(result: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "fewshot.md", out / "fewshot.json", out / "fewshot.png"]
+    paths[0].write_text(markdown(result))
+    paths[1].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    plot(result, paths[2])
+    return paths
+
+
+# ---- joint pre-training baseline -------------------------------------------------------------------
+
+
+def pretrain(cfg: Config, out: Path, iterations: int, lr: float, log=print) -> Path:
+    """One network trained on every training task at once (no adaptation): Adam on the mean loss of
+    a fresh batch from each task per iteration. Writes a checkpoint `fewshot eval` reads."""
+    from metarl.run import prepare_run_dir, task_seed
+
+    prepare_run_dir(out, resume=False)
+    family = make_family(cfg)
+    torch.manual_seed(cfg.meta.seed)
+    model = family.make_model()
+    theta = {k: v.requires_grad_(True) for k, v in init_params(model).items()}
+    opt = torch.optim.Adam(list(theta.values()), lr=lr)
+    tasks = [family.make_task(n, task_seed(cfg.meta.seed, i)) for i, n in enumerate(cfg.tasks.train)]
+    t0 = time.perf_counter()
+    for it in range(iterations):
+        losses = [t.loss(model, theta, t.sample(model, theta))[0] for t in tasks]
+        loss = torch.stack(losses).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (it + 1) % max(iterations // 10, 1) == 0:
+            log(f"pretrain {it + 1}/{iterations}: mean loss {float(loss):.4f} ({time.perf_counter() - t0:.0f}s)")
+    flat = torch.from_numpy(ParamSpec.of(model).flatten(theta))
+    return checkpoint.save(out, {"theta": flat, "optimizer": opt.state_dict(), "iteration": iterations,
+                                 "config": config_mod.to_dict(cfg), "kind": "pretrained"})
+
+
+# ---- cost per meta-iteration ---------------------------------------------------------------------------
+
+
+def peak_tensor_bytes(fn) -> int:
+    """Peak tensor memory the CPU allocator holds during fn() above its level at the start (torch
+    profiler allocation events, replayed in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    level = peak = 0
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def cost(cfg: Config, iterations: int, log=print) -> list[dict[str, Any]]:
+    """Seconds (median over `iterations`) and peak tensor memory of one meta-iteration of each
+    algorithm, same family, tasks, skip and batch, all actors in this process (--local)."""
+    from metarl.run import meta_iteration, start_fleet
+
+    rows = []
+    for algo in ("maml", "fomaml", "reptile"):
+        c = config_mod.override(cfg, "meta.algo", algo)
+        fleet = start_fleet(c, local=True)
+        rng = np.random.default_rng(c.meta.seed)
+        step = lambda: meta_iteration(fleet, c.tasks.train, meta.make_groups(c.num_tasks, c.meta.skip, rng),  # noqa: E731
+                                      algo, c.ray.call_timeout_s)
+        step()  # warm-up
+        secs = []
+        for _ in range(iterations):
+            t0 = time.perf_counter()
+            step()
+            secs.append(time.perf_counter() - t0)
+        peak = peak_tensor_bytes(step)
+        rows.append({"algo": algo, "seconds": float(np.median(secs)), "peak_mb": peak / 2**20})
+        log(f"{algo:>7}: {rows[-1]['seconds']:.3f} s/iteration (median of {iterations}), "
+            f"peak tensor memory {rows[-1]['peak_mb']:.2f} MiB")
+    maml_s = rows[0]["seconds"]
+    for r in rows:
+        r["vs_maml"] = r["seconds"] / maml_s
+    return rows
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"'{text}' must be comma-separated integers, e.g. 0,1,5,10") from None
+    if not vals or min(vals) < 0:
+        raise ConfigError(f"'{text}' must list non-negative integers")
+    return vals
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    inits = []
+    for item in args.checkpoint:
+        if "=" not in item:
+            raise ConfigError(f"--checkpoint {item!r} must look like LABEL=RUN_DIR_OR_FILE, e.g. maml=runs/sine-maml")
+        label, path = item.split("=", 1)
+        inits.append(load_init(label, path))
+    if args.pretrained:
+        inits.append(load_init("pre-trained", args.pretrained))
+    if not inits:
+        raise ConfigError("fewshot eval needs at least one --checkpoint LABEL=DIR or --pretrained DIR")
+    if not args.no_random:
+        inits.append(random_init(inits[0].cfg))
+    if args.tasks < 2:
+        raise ConfigError(f"--tasks {args.tasks} must be at least 2")
+    result = evaluate(inits, args.tasks, _ints(args.shots), _ints(args.steps), args.query)
+    for p in write_report(result, Path(args.out)):
+        print(f"wrote {p}")
+    print(markdown(result))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from metarl.cli import resolve_config
+
+    cfg = resolve_config(args)
+    if args.iterations < 1 or not args.lr > 0:
+        raise ConfigError("--iterations must be >= 1 and --lr positive")
+    print(f"wrote {pretrain(cfg, Path(args.out), args.iterations, args.lr)}")
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from metarl.cli import resolve_config
+
+    cfg = resolve_config(args)
+    rows = cost(cfg, args.iterations)
+    print(f"\n{cfg.tasks.family}: {cfg.num_tasks} tasks, skip {cfg.meta.skip}, S = {cfg.meta.inner_steps}, --local")
+    print("| algo | s / meta-iteration | vs MAML | peak tensor MiB |\n| --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['algo']} | {r['seconds']:.3f} | {r['vs_maml']:.2f} | {r['peak_mb']:.2f} |")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "cost.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    from metarl.cli import add_config_args
+
+    p = subparsers.add_parser("fewshot", help="MAML-paper few-shot results (sinusoid, nav2d) and per-iteration cost")
+    sub = p.add_subparsers(dest="fewshot_command", required=True)
+    e = sub.add_parser("eval", help="adapt checkpoints on held-out tasks: score after 0..n SGD steps")
+    e.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
+                   help="a run directory or checkpoint file, e.g. maml=runs/sine-maml (repeatable)")
+    e.add_argument("--pretrained", help="directory written by `metarl fewshot pretrain`")
+    e.add_argument("--no-random", action="store_true", help="leave out the randomly initialised network")
+    e.add_argument("--tasks", type=int, default=100, help="held-out tasks (sine-100000..., goal-100000...)")
+    e.add_argument("--shots", default="5,10", help="sinusoid K values, comma-separated")
+    e.add_argument("--steps", default="0,1,5,10", help="report after these SGD steps (nav2d: e.g. 0,1,2,3)")
+    e.add_argument("--query", type=int, default=100, help="sinusoid query points per task for the MSE")
+    e.add_argument("--out", required=True, help="directory for fewshot.md, fewshot.json and fewshot.png")
+    e.set_defaults(func=cmd_eval)
+    t = sub.add_parser("pretrain", help="train one network on all training tasks jointly (the baseline)")
+    add_config_args(t)
+    t.add_argument("--iterations", type=int, default=2000, help="Adam steps, each on a fresh batch of every task")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam step size")
+    t.add_argument("--out", required=True, help="output directory (a checkpoint as `metarl run` writes)")
+    t.set_defaults(func=cmd_pretrain)
+    c = sub.add_parser("cost", help="seconds and peak memory per meta-iteration: MAML vs FOMAML vs Reptile")
+    add_config_args(c)
+    c.add_argument("--iterations", type=int, default=5, help="timed iterations per algorithm (median reported)")
+    c.add_argument("--out", help="also write cost.json here")
+    c.set_defaults(func=cmd_cost)

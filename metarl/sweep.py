@@ -1,0 +1,431 @@
+"""`metarl sweep`: the seed's experiment. Meta-train at every skip count, then compare how fast each
+theta, and a network never meta-trained, learns the held-out games.
+
+A sweep directory holds:
+  sweep.json                      the settings (config, skips, budget matching, eval), fixed at start
+  skip<k>/                        one `metarl run` directory per skip count, with skip<k>/eval/
+  baseline/eval/                  the un-pretrained network (theta at iteration 0), evaluated once
+  summary.md, summary.csv, comparison.png
+
+Budgets (--match): `iterations` gives every skip count the same number of meta-iterations;
+`env_steps` gives each as many iterations as fit the env-step budget (exact: an iteration at skip k
+costs ceil(N/k) S + N rollouts of T x B steps); `seconds` trains in chunks, and after each chunk the
+measured seconds per iteration set the next target, until one more iteration would not fit.
+
+Resuming (--resume): a configuration is finished when its eval/eval.json exists and was made from
+its final checkpoint; finished ones are skipped, a partly trained one resumes from its latest
+checkpoint. On a Ray cluster that fits all configurations at once they run side by side, each
+configuration's driver a Ray task on the head node (so every file lands in one directory); on one
+machine they run one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from metarl import checkpoint, config as config_mod
+from metarl.backend import RayBackend
+from metarl.cli import add_config_args, resolve_config
+from metarl.config import Config, ConfigError
+from metarl.evaluate import (EvalSpec, add_eval_args, assemble, checkpoint_theta, default_thresholds, evaluate,
+                             initial_theta, mean_curves, spec_from_args)
+from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv, write_json
+from metarl.run import RunDirError, run
+from metarl.tasks import make_family
+from metarl.tracking import Tracker, read_metrics
+
+MATCHES = ("iterations", "env_steps", "seconds")
+DEFAULT_SKIPS = (1, 2, 3, 4, 6)
+PROBE_ITERATIONS = 2
+"""Seconds matching: iterations of the first chunk, which measures the seconds per iteration."""
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    skips: tuple[int, ...]
+    baseline: bool
+    match: str
+    budget: float
+    """Per configuration, in units of `match`."""
+    eval: EvalSpec
+
+
+def spec_from_json(d: dict[str, Any]) -> SweepSpec:
+    e = d["eval"]
+    tuples = {f.name: tuple(e[f.name]) for f in fields(EvalSpec) if isinstance(e[f.name], list)}
+    return SweepSpec(tuple(d["skips"]), d["baseline"], d["match"], d["budget"], EvalSpec(**{**e, **tuples}))
+
+
+# ------------------------------------------------------------------------------------------
+# budgets
+
+
+def iteration_env_steps(cfg: Config, skip: int) -> int:
+    """Env steps of one meta-iteration at skip k: ceil(N/k) leaders adapt with S rollouts each and
+    all N tasks evaluate with one (Reptile evaluates none); a rollout is T x B steps."""
+    n = cfg.num_tasks
+    rollouts = math.ceil(n / skip) * cfg.meta.inner_steps + (0 if cfg.meta.algo == "reptile" else n)
+    return rollouts * cfg.env.num_envs * cfg.env.rollout_len
+
+
+def target_iterations(cfg: Config, skip: int, match: str, budget: float) -> int | None:
+    """Meta-iterations skip k gets under the budget; None for seconds (decided while training)."""
+    if match == "iterations":
+        return int(budget)
+    if match == "env_steps":
+        return int(budget // iteration_env_steps(cfg, skip))
+    return None
+
+
+def skip_config(cfg: Config, skip: int, iterations: int) -> Config:
+    cfg = config_mod.override(cfg, "meta.skip", skip)
+    return config_mod.validate(config_mod.override(cfg, "meta.iterations", iterations))
+
+
+# ------------------------------------------------------------------------------------------
+# one configuration: train (start, resume or nothing), then evaluate
+
+
+def trained_iteration(run_dir: Path) -> int:
+    latest = checkpoint.latest(run_dir)
+    return int(checkpoint.CKPT_RE.match(latest.name).group(1)) if latest else 0
+
+
+def move_aside(path: Path, why: str, log: Callable[[str], None]) -> None:
+    """Keep an unusable partial directory for inspection instead of deleting it."""
+    n = 1
+    while path.with_name(f"{path.name}.incomplete-{n}").exists():
+        n += 1
+    aside = path.with_name(f"{path.name}.incomplete-{n}")
+    path.rename(aside)
+    log(f"note: {path} {why}; moved to {aside}")
+
+
+def train_to(cfg: Config, run_dir: Path, local: bool, log: Callable[[str], None]) -> None:
+    """Bring run_dir to cfg.meta.iterations: a new run, a resumed one, or nothing."""
+    done = trained_iteration(run_dir)
+    if done >= cfg.meta.iterations:
+        return
+    if done == 0 and run_dir.exists():
+        move_aside(run_dir, "stopped before its first checkpoint", log)
+    run(cfg, run_dir, resume=done > 0, local=local, log=log)
+
+
+def train_for_seconds(cfg: Config, run_dir: Path, seconds: float, local: bool, log: Callable[[str], None],
+                      max_chunks: int = 10) -> None:
+    """Train in chunks until one more iteration, at the measured seconds per iteration, would not
+    fit `seconds` of meta-iteration time (the counters' wall_s: actor start-up is not counted)."""
+    target = PROBE_ITERATIONS
+    for _ in range(max_chunks):
+        train_to(config_mod.override(cfg, "meta.iterations", target), run_dir, local, log)
+        state = checkpoint.load(checkpoint.latest(run_dir))
+        done, wall = int(state["iteration"]), float(state["counters"]["wall_s"])
+        extra = math.floor((seconds - wall) / (wall / done))
+        if extra < 1:
+            return
+        target = done + extra
+
+
+def finished(run_dir: Path, target: int | None) -> bool:
+    """eval/eval.json exists, was made from the latest checkpoint, and that one is the final one."""
+    result = run_dir / "eval" / "eval.json"
+    if not result.exists():
+        return False
+    done = trained_iteration(run_dir)
+    evaluated = json.loads(result.read_text()).get("iteration")
+    return evaluated == done and (target is None or done >= target)
+
+
+def run_config(cfg: Config, spec: SweepSpec, skip: int, sweep_dir: Path, local: bool,
+               eval_workers: int = 0, log: Callable[[str], None] = print) -> None:
+    """Meta-train skip k under the budget, then evaluate its final theta on the held-out games."""
+    run_dir = sweep_dir / f"skip{skip}"
+    target = target_iterations(cfg, skip, spec.match, spec.budget)
+    if finished(run_dir, target):
+        log(f"sweep: skip{skip} is finished; not re-run")
+        return
+    cfg_k = skip_config(cfg, skip, target or PROBE_ITERATIONS)
+    if spec.match == "seconds":
+        train_for_seconds(cfg_k, run_dir, spec.budget, local, log)
+    else:
+        train_to(cfg_k, run_dir, local, log)
+    path = checkpoint.latest(run_dir)
+    state = checkpoint.load(path)
+    iteration = int(state["iteration"])
+    cfg_k = config_mod.override(cfg_k, "meta.iterations", iteration)
+    theta = checkpoint_theta(state, make_family(cfg_k), path)
+    if (run_dir / "eval").exists():
+        move_aside(run_dir / "eval", "is an unfinished or stale evaluation", log)
+    evaluate(cfg_k, {"meta": theta}, spec.eval, run_dir / "eval", name=f"{cfg_k.run_name}-eval", local=local,
+             workers=eval_workers, info={"config": f"skip{skip}", "skip": skip, "iteration": iteration,
+                                         "checkpoint": str(path)}, log=log)
+
+
+def run_baseline(cfg: Config, spec: SweepSpec, sweep_dir: Path, local: bool, eval_workers: int = 0,
+                 log: Callable[[str], None] = print) -> None:
+    """The un-pretrained network: theta at meta-iteration 0 (the Learner's seeded init), once."""
+    out = sweep_dir / "baseline" / "eval"
+    if (out / "eval.json").exists():
+        log("sweep: baseline is finished; not re-run")
+        return
+    if out.exists():
+        move_aside(out, "is an unfinished evaluation", log)
+    theta = initial_theta(make_family(cfg), cfg.meta.seed)
+    evaluate(cfg, {"fresh": theta}, spec.eval, out, name=f"{cfg.log.experiment}-baseline-seed{cfg.meta.seed}-eval",
+             local=local, workers=eval_workers, info={"config": "baseline", "skip": 0, "iteration": 0}, log=log)
+
+
+# ------------------------------------------------------------------------------------------
+# all configurations: one after another, or side by side on a cluster
+
+
+def side_by_side(cfg: Config, n_configs: int, local: bool) -> tuple[bool, str]:
+    """Run configurations concurrently only on a cluster that fits all of them at once (so no
+    configuration waits on actors another one holds)."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if local or not address or n_configs < 2:
+        return False, "configurations run one after another (one machine)"
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    res = ray.cluster_resources()
+    cpus = n_configs * (cfg.num_workers * cfg.ray.cpus_per_worker + 1.0)
+    learner_gpu = cfg.ray.learner_gpus == "1" or (cfg.ray.learner_gpus == "auto" and res.get("GPU", 0) > 0)
+    gpus = n_configs * (cfg.num_workers * cfg.ray.gpus_per_worker + (1.0 if learner_gpu else 0.0))
+    if res.get("CPU", 0) < cpus or res.get("GPU", 0) < gpus:
+        return False, (f"{n_configs} configurations at once need {cpus:g} CPUs and {gpus:g} GPUs, the cluster has "
+                       f"{res.get('CPU', 0):g} and {res.get('GPU', 0):g}: one after another")
+    return True, f"{n_configs} configurations side by side on the cluster ({cpus:g} of {res['CPU']:g} CPUs)"
+
+
+def run_all(cfg: Config, spec: SweepSpec, sweep_dir: Path, local: bool, log: Callable[[str], None]) -> None:
+    n = len(spec.skips) + int(spec.baseline)
+    parallel, why = side_by_side(cfg, n, local)
+    log(f"sweep: {why}")
+    if not parallel:
+        backend = None if local else RayBackend(cfg.ray.address, cfg.ray.num_cpus)  # one Ray for all runs
+        try:
+            for k in spec.skips:
+                run_config(cfg, spec, k, sweep_dir, local, log=log)
+            if spec.baseline:
+                run_baseline(cfg, spec, sweep_dir, local, log=log)
+        finally:
+            if backend is not None:
+                backend.shutdown()
+        return
+    import ray
+
+    # each driver's evaluation uses no more actors than its training reserved, so all fit at once
+    share = max(1, int(cfg.num_workers * cfg.ray.cpus_per_worker + 1.0))
+    head = {"node:__internal_head__": 0.001}
+    config_task = ray.remote(run_config).options(num_cpus=0, max_retries=0, resources=head)
+    refs = [config_task.remote(cfg, spec, k, sweep_dir, False, share, print) for k in spec.skips]
+    if spec.baseline:
+        refs.append(ray.remote(run_baseline).options(num_cpus=0, max_retries=0, resources=head)
+                    .remote(cfg, spec, sweep_dir, False, share, print))
+    ray.get(refs)
+
+
+# ------------------------------------------------------------------------------------------
+# the summary: one table, one comparison plot
+
+
+def compute_columns(run_dir: Path) -> dict[str, Any]:
+    """What meta-training cost: from the final checkpoint's counters and the metrics rows it covers."""
+    state = checkpoint.load(checkpoint.latest(run_dir))
+    it, c = int(state["iteration"]), state["counters"]
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("iteration", 0) <= it]
+    return {"iterations": it, "env_steps": int(c["env_steps"]), "frames": int(c["frames"]),
+            "adaptations": sum(r["adaptations"] for r in rows), "evaluations": sum(r["evaluations"] for r in rows),
+            "wall_s": round(float(c["wall_s"]), 1)}
+
+
+def collect(sweep_dir: Path, spec: SweepSpec) -> tuple[list[dict[str, Any]], dict[str, dict]]:
+    """Table rows (one per configuration and game) and mean curves per configuration. Scores are
+    recomputed from the stored traces, with every game's threshold taken from the baseline."""
+    configs = [(f"skip{k}", k, sweep_dir / f"skip{k}") for k in spec.skips]
+    configs += [("baseline", 0, sweep_dir / "baseline")] if spec.baseline else []
+    jobs = {label: json.loads((d / "eval" / "eval.json").read_text())["jobs"] for label, _, d in configs}
+    thresholds = ({g: spec.eval.threshold for g in spec.eval.games} if spec.eval.threshold is not None
+                  else default_thresholds(jobs["baseline"], spec.eval.window) if spec.baseline else {})
+    rows, curves = [], {}
+    zero = {"iterations": 0, "env_steps": 0, "frames": 0, "adaptations": 0, "evaluations": 0, "wall_s": 0.0}
+    for label, skip, d in configs:
+        cost = compute_columns(d) if skip else zero
+        result = assemble(jobs[label], spec.eval, thresholds)
+        curves[label] = {game: c for (game, _), c in mean_curves(result["jobs"]).items()}
+        for s in result["summary"]:
+            rows.append({"config": label, "skip": skip, **cost, "game": s["game"], "seeds": s["seeds"],
+                         **{k: v for k, v in s.items() if k.endswith(("_mean", "_std"))},
+                         "threshold": s["threshold"], "reached": s["reached"]})
+    return rows, curves
+
+
+def _pm(mean: float | None, std: float | None, fmt: str = ".2f") -> str:
+    """'mean ± std' (just the mean when std is None); n/a for a missing value."""
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
+
+
+def write_summary(sweep_dir: Path, spec: SweepSpec, rows: list[dict], curves: dict[str, dict]) -> Path:
+    write_csv(sweep_dir / "summary.csv", rows)
+    shown = [{**r, "auc": _pm(r["auc_return_mean"], r["auc_return_std"]),
+              "rate": _pm(r["auc_reward_rate_mean"], r["auc_reward_rate_std"], ".4f"),
+              "final": _pm(r["final_return_mean"], r["final_return_std"]),
+              "steps": f"{_pm(r['steps_to_threshold_mean'], r['steps_to_threshold_std'], '.0f')} "
+                       f"({r['reached']}/{r['seeds']})",
+              "threshold": _pm(r["threshold"], None)} for r in rows]
+    columns = {"config": "config", "skip": "skip", "iterations": "meta-iterations", "env_steps": "meta env steps",
+               "frames": "meta frames", "adaptations": "inner adaptations", "evaluations": "evaluations",
+               "wall_s": "wall s", "game": "held-out game", "auc": "AUC return", "rate": "AUC score/step",
+               "final": "final return", "threshold": "threshold", "steps": "steps to threshold (reached)"}
+    e = spec.eval
+    (sweep_dir / "summary.md").write_text(
+        f"# Sweep: skip counts {', '.join(map(str, spec.skips))}{' + baseline' if spec.baseline else ''}\n\n"
+        f"Meta-training budget matched by {spec.match} ({spec.budget:g}). Held-out fine-tuning: {e.budget:,} env "
+        f"steps per game and seed, {len(e.seeds)} seeds; values are mean ± std over seeds. AUC return: mean "
+        f"running return (last {e.window} episodes) over the budget; AUC score/step: raw score per agent step; "
+        f"threshold: the baseline's final return unless set; n/a: no episode finished.\n\n"
+        + markdown_table(shown, columns))
+    return plot_comparison(sweep_dir / "comparison.png", rows, curves)
+
+
+def plot_comparison(path: Path, rows: list[dict], curves: dict[str, dict]) -> Path:
+    """Per game: fine-tuning curves of every configuration, and each configuration's held-out AUC
+    against the frames its meta-training cost (the efficiency view)."""
+    panels = []
+    for game in dict.fromkeys(r["game"] for r in rows):
+        for key, label in (("return", "return"), ("reward_rate", "raw score per agent step")):
+            panels.append(Panel(f"{game}: fine-tuning {label}", "fine-tuning frames", label,
+                                [Series(cfg, c[game]["frames"], c[game][key], c[game][f"{key}_std"])
+                                 for cfg, c in curves.items()], empty_note="no episode finished"))
+        for key, label in (("auc_return", "AUC return"), ("auc_reward_rate", "AUC score/step")):
+            mine = [r for r in rows if r["game"] == game]
+            panels.append(Panel(f"{game}: {label} vs meta-training cost", "meta-training frames", label,
+                                [Series(r["config"], [r["frames"]], [r[f"{key}_mean"]], [r[f"{key}_std"]])
+                                 for r in mine], kind="points", empty_note="no episode finished"))
+    return save_grid(path, panels, 4, "held-out learning speed by skip count (mean, std over seeds)")
+
+
+# ------------------------------------------------------------------------------------------
+# the sweep and its command
+
+
+def prepare(out: Path, cfg: Config, spec: SweepSpec) -> None:
+    """A new sweep directory: refuse to reuse one (resuming is explicit), record the settings."""
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(f"sweep directory '{out}' already exists; pass --resume to continue it "
+                          f"or --out for a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "sweep.json", {"config": config_mod.to_dict(cfg), "spec": asdict(spec)})
+
+
+def load_sweep(out: Path) -> tuple[Config, SweepSpec]:
+    path = out / "sweep.json"
+    if not path.is_file():
+        raise RunDirError(f"--resume: '{out}' holds no sweep.json; drop --resume to start a sweep there")
+    stored = json.loads(path.read_text())
+    return config_mod.validate(config_mod.from_dict(stored["config"])), spec_from_json(stored["spec"])
+
+
+def sweep(cfg: Config, spec: SweepSpec, out: Path, local: bool = False,
+          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train and evaluate every configuration not finished yet in `out`, then write the summary."""
+    run_all(cfg, spec, out, local, log)
+    rows, curves = collect(out, spec)
+    png = write_summary(out, spec, rows, curves)
+    tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment, name=f"{cfg.log.experiment}-sweep",
+                      config={**config_mod.to_dict(cfg), "sweep": asdict(spec)}, mode=cfg.log.wandb_mode,
+                      job_type="sweep", metrics_file="sweep_metrics.jsonl", step_key="skip")
+    try:
+        tracker.log_image("comparison", png)
+        tracker.summary({f"{r['config']}/{r['game']}/{k}": v for r in rows for k, v in r.items()
+                         if k.endswith(("_mean", "_std")) or k in ("env_steps", "frames", "wall_s", "iterations")})
+    finally:
+        tracker.finish()
+    return rows
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} must be integers separated by commas, e.g. 1,2,3,4,6") from None
+
+
+def spec_from_sweep_args(args: argparse.Namespace, cfg: Config) -> SweepSpec:
+    skips = _ints(args.skips, "--skips") if args.skips else DEFAULT_SKIPS
+    if not skips or len(set(skips)) != len(skips):
+        raise ConfigError(f"--skips {args.skips!r} must list each skip count once")
+    for k in skips:
+        skip_config(cfg, k, 1)  # a skip count that does not fit the tasks fails here, naming meta.skip
+    match = args.match or "iterations"
+    if args.budget is None and match == "seconds":
+        raise ConfigError("--match seconds needs --budget SECONDS of meta-iteration time per configuration")
+    budget = args.budget if args.budget is not None else (
+        cfg.meta.iterations if match == "iterations" else cfg.meta.iterations * iteration_env_steps(cfg, 1))
+    if not budget > 0 or (match == "iterations" and budget != int(budget)):
+        kind = "whole number" if match == "iterations" else "number"
+        raise ConfigError(f"--budget {budget:g} must be a positive {kind}")
+    for k in skips:
+        if match == "env_steps" and target_iterations(cfg, k, match, budget) < 1:
+            raise ConfigError(f"--budget {budget:g} env steps is less than one meta-iteration at skip {k} "
+                              f"({iteration_env_steps(cfg, k):,} env steps)")
+    return SweepSpec(skips, not args.no_baseline, match, float(budget), spec_from_args(args, cfg, prefix="eval-"))
+
+
+SETTINGS = ("config", "set", "seed", "skips", "no_baseline", "match", "budget",
+            "games", "eval_budget", "eval_seeds", "points", "window", "threshold", "at")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out DIR: the sweep directory to continue")
+        given = [s for s in SETTINGS if getattr(args, s) not in (None, [], False)]
+        if given:
+            raise ConfigError(f"--resume continues the sweep as stored in {args.out}/sweep.json; "
+                              f"drop --{given[0].replace('_', '-')}")
+        out = Path(args.out)
+        cfg, spec = load_sweep(out)
+        for flag, key in (("wandb", "log.wandb_mode"), ("address", "ray.address")):
+            if getattr(args, flag):
+                cfg = config_mod.override(cfg, key, getattr(args, flag))
+        if args.no_progress:
+            cfg = config_mod.override(cfg, "log.progress", False)
+    else:
+        cfg = resolve_config(args)
+        spec = spec_from_sweep_args(args, cfg)
+        out = Path(args.out or f"runs/sweep-{cfg.log.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
+        prepare(out, cfg, spec)
+    rows = sweep(cfg, spec, out, local=args.local)
+    print((out / "summary.md").read_text())
+    print(f"sweep written to {out}: summary.md, summary.csv, comparison.png ({len(rows)} rows)")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("sweep", help="the seed's experiment: skip counts + un-pretrained baseline, compared")
+    add_config_args(p)
+    p.add_argument("--skips", help=f"skip counts, comma separated (default {','.join(map(str, DEFAULT_SKIPS))})")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the un-pretrained network")
+    p.add_argument("--match", choices=MATCHES, help="what every configuration gets the same of (default iterations)")
+    p.add_argument("--budget", type=float, help="per configuration, in --match units (default: meta.iterations, "
+                   "or what skip 1 spends in them; seconds needs it)")
+    add_eval_args(p, prefix="eval-")
+    p.add_argument("--out", help="sweep directory (default runs/sweep-<experiment>-<time>); reused only with --resume")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in --out with its stored settings")
+    p.add_argument("--local", action="store_true", help="run every actor in this process, without Ray")
+    p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--wandb", choices=config_mod.WANDB_MODES, help="log.wandb_mode")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-iteration lines")
+    p.set_defaults(func=cmd_sweep)

@@ -1,0 +1,205 @@
+"""The sinusoid and 2D-navigation families: their definitions, a short meta-training run that must
+adapt clearly better than a jointly pre-trained network, real Ray actors with skip 2, and the
+`metarl fewshot` outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS, REPO
+from metarl import config as config_mod, fewshot
+from metarl.config import Config, ConfigError, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
+from metarl.losses import gae
+from metarl.policy import init_params
+from metarl.run import run
+from metarl.tasks.nav2d import Nav2dFamily, advantages, discounted, goal_of
+from metarl.tasks.sinusoid import SinusoidFamily, curve, task_names
+from metarl.tracking import read_metrics
+
+# ---- definitions ---------------------------------------------------------------------------------------
+
+
+def test_a_sine_name_fixes_the_curve_and_the_seed_only_the_points():
+    cfg = SinusoidConfig(k_shot=7)
+    fam = SinusoidFamily(cfg)
+    a, b, other = fam.make_task("sine-0017", 1), fam.make_task("sine-17", 2), fam.make_task("sine-0018", 1)
+    assert (a.amplitude, a.phase) == (b.amplitude, b.phase) == curve(17, cfg)
+    assert (a.amplitude, a.phase) != (other.amplitude, other.phase)
+    ba, bb = a.draw(7), b.draw(7)
+    assert not torch.equal(ba.data["x"], bb.data["x"])  # different seeds, different points
+    assert torch.equal(fam.make_task("sine-0017", 1).draw(7).data["x"], ba.data["x"])
+    torch.testing.assert_close(ba.data["y"], a.amplitude * torch.sin(ba.data["x"] - a.phase))
+    curves = np.array([curve(i, cfg) for i in range(2000)])
+    assert curves[:, 0].min() >= 0.1 and curves[:, 0].max() <= 5.0 and curves[:, 0].std() > 1.2
+    assert curves[:, 1].min() >= 0.0 and curves[:, 1].max() <= np.pi
+    model = fam.make_model()
+    batch = a.sample(model, init_params(model))
+    assert batch.env_steps == 7 and batch.data["x"].shape == (7, 1)
+    assert batch.mean_return == pytest.approx(-float(a.loss(model, init_params(model), batch)[0]), rel=1e-5)
+    with pytest.raises(ConfigError, match="sine-<index>"):
+        fam.make_task("pong", 0)
+
+
+def test_nav2d_moves_are_clipped_rewards_are_minus_distance_and_episodes_end_at_the_goal():
+    cfg = Nav2dConfig(episodes=6, horizon=30, init_log_std=0.5)  # many actions saturate
+    fam = Nav2dFamily(cfg, LossConfig())
+    task = fam.make_task("goal-0003", 0)
+    model = fam.make_model()
+    batch = task.sample(model, init_params(model))
+    obs, actions = batch.data["obs"].reshape(30, 6, 2), batch.data["actions"].reshape(30, 6, 2)
+    moves = obs[1:] - obs[:-1]
+    torch.testing.assert_close(moves, 0.1 * actions[:-1].clamp(-1, 1))
+    assert (actions.abs() > 1).float().mean() > 0.2
+    assert (obs[0] == 0).all() and moves.abs().max() <= 0.1 + 1e-6
+    last = obs[-1] + 0.1 * actions[-1].clamp(-1, 1)
+    expected = -(torch.cat([obs[1:], last[None]]) - task.goal.float()).norm(dim=-1).sum(0)
+    np.testing.assert_allclose(batch.episode_returns, expected.numpy(), rtol=1e-4)
+    gx, gy = goal_of(3, cfg)
+    assert -0.5 <= gx <= 0.5 and -0.5 <= gy <= 0.5 and (gx, gy) != goal_of(4, cfg)
+    # a huge tolerance ends every episode at its first step
+    short = Nav2dFamily(dataclasses.replace(cfg, goal_tolerance=10.0), LossConfig()).make_task("goal-0003", 0)
+    assert short.sample(model, init_params(model)).env_steps == 6
+
+
+def test_nav2d_advantages_are_gae_with_frozen_episodes():
+    rng = np.random.default_rng(0)
+    T, B = 12, 5
+    rewards, values = torch.tensor(rng.normal(size=(T, B))), torch.tensor(rng.normal(size=(T, B)))
+    ends = torch.tensor([3, 12, 7, 1, 12])  # steps each episode lasted
+    alive = (torch.arange(T)[:, None] < ends[None, :]).double()
+    rewards = rewards * alive
+    dones = torch.zeros(T, B, dtype=torch.float64)
+    dones[ends - 1, torch.arange(B)] = 1.0
+    for gamma, lam in ((0.99, 1.0), (0.9, 0.95)):
+        expected, _ = gae(rewards, values * alive, dones, torch.zeros(B, dtype=torch.float64), gamma, lam)
+        torch.testing.assert_close(advantages(rewards, values, alive, gamma, lam), expected * alive)
+    x = torch.tensor(rng.normal(size=(T, B)))
+    slow = torch.stack([sum(0.7 ** (l - t) * x[l] for l in range(t, T)) for t in range(T)])
+    torch.testing.assert_close(discounted(x, 0.7), slow)
+
+
+def test_config_rejects_names_of_another_family():
+    cfg = config_mod.load(CONFIGS / "sinusoid.yaml")
+    with pytest.raises(ConfigError, match="sine-<index>"):
+        config_mod.validate(config_mod.override(cfg, "tasks.train", "[sine-1, goal-2]"))
+    with pytest.raises(ConfigError, match="amp_range"):
+        config_mod.validate(config_mod.override(cfg, "sinusoid.amp_range", "[5, 0.1]"))
+
+
+# ---- meta-training adapts: a reduced version of the paper's sinusoid experiment --------------------------
+
+
+@pytest.fixture(scope="module")
+def sine_runs(tmp_path_factory):
+    """MAML meta-training through the real run loop (local actors) and the joint pre-training baseline."""
+    root = tmp_path_factory.mktemp("sine")
+    cfg = config_mod.validate(Config(
+        tasks=TasksConfig(family="sinusoid", train=task_names(0, 25)),
+        sinusoid=SinusoidConfig(k_shot=10),
+        meta=MetaConfig(algo="maml", inner_lr=0.01, outer_lr=0.01, max_grad_norm=10.0, iterations=250,
+                        checkpoint_every=250, seed=0),
+        ray=dataclasses.replace(Config().ray, workers=1),
+        log=dataclasses.replace(Config().log, wandb_mode="disabled", progress=False),
+    ))
+    run(cfg, root / "maml", local=True, log=lambda *_: None)
+    fewshot.pretrain(cfg, root / "pretrained", iterations=250, lr=0.01, log=lambda *_: None)
+    return root
+
+
+def test_meta_trained_init_adapts_far_better_than_pretrained(sine_runs):
+    maml = fewshot.load_init("maml", str(sine_runs / "maml"))
+    pre = fewshot.load_init("pre-trained", str(sine_runs / "pretrained"))
+    names = fewshot.heldout_names(maml.cfg, fewshot.HELDOUT_FIRST, 40)
+    ours = fewshot.sine_curves(maml, names, shots=10, steps=5, inner_lr=maml.inner_lr, query=100, seed=1).mean(0)
+    base = fewshot.sine_curves(pre, names, shots=10, steps=5, inner_lr=0.01, query=100, seed=1).mean(0)
+    assert ours[1] < 0.6 * ours[0], ours  # one step on 10 points removes most of the error
+    assert ours[5] < 0.5 * ours[0], ours
+    assert ours[5] < 0.6 * base[5], (ours, base)  # and beats joint pre-training by a wide margin
+    assert base[5] > 0.8 * base[0], base  # the pre-trained net barely adapts (as in the paper)
+    rows = read_metrics(sine_runs / "maml" / "metrics.jsonl")
+    assert len(rows) == 250 and all(r["adaptations"] == 25 and r["evaluations"] == 25 for r in rows)
+    assert np.mean([r["loss/outer"] for r in rows[-25:]]) < 0.6 * np.mean([r["loss/outer"] for r in rows[:25]])
+
+
+def test_fewshot_eval_writes_table_json_and_plot(sine_runs, tmp_path):
+    out = tmp_path / "fs"
+    code = fewshot.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=str(sine_runs / "pretrained"),
+                                  no_random=False, tasks=4, shots="5", steps="0,1", query=20, out=str(out)))
+    assert code == 0
+    result = json.loads((out / "fewshot.json").read_text())
+    assert [r["init"] for r in result["rows"]] == ["maml", "pre-trained", "random init"]
+    assert result["rows"][1]["inner_lr"] in fewshot.LR_GRID  # tuned on validation tasks
+    assert "| maml | 5 | 0.01 |" in (out / "fewshot.md").read_text()
+    assert (out / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="LABEL="):
+        fewshot.cmd_eval(_args(checkpoint=["nonsense"], pretrained=None, no_random=True, tasks=4, shots="5",
+                               steps="0", query=20, out=str(out)))
+
+
+def _args(**kw):
+    import argparse
+
+    return argparse.Namespace(**kw)
+
+
+def test_fewshot_cost_reports_every_algorithm():
+    cfg = config_mod.validate(Config(tasks=TasksConfig(family="sinusoid", train=task_names(0, 4)),
+                                     meta=MetaConfig(skip=2, inner_steps=2)))
+    rows = fewshot.cost(cfg, iterations=2, log=lambda *_: None)
+    assert [r["algo"] for r in rows] == ["maml", "fomaml", "reptile"]
+    assert all(r["seconds"] > 0 and r["peak_mb"] > 0 for r in rows)
+    assert rows[0]["vs_maml"] == 1.0
+
+
+def test_fewshot_cli_bad_input_is_one_line_exit_2(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    p = subprocess.run([sys.executable, "-m", "metarl", "fewshot", "eval", "--checkpoint", f"maml={tmp_path}",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().startswith("metarl: error:") and "no checkpoint" in p.stderr
+
+
+# ---- real Ray actors, skip 2 ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_ray():
+    """A fresh local Ray (address='local': never attach to another process's instance on this host)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, logging_level="ERROR")
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("family", ["sinusoid", "nav2d"])
+def test_family_runs_through_ray_actors_with_skip_2(family, own_ray, tmp_path):
+    base = config_mod.load(CONFIGS / f"{family}.yaml")
+    prefix = "sine" if family == "sinusoid" else "goal"
+    cfg = dataclasses.replace(
+        base,
+        tasks=dataclasses.replace(base.tasks, train=tuple(f"{prefix}-{i}" for i in range(4)), heldout=()),
+        meta=dataclasses.replace(base.meta, algo="maml", skip=2, iterations=2, checkpoint_every=2),
+        nav2d=dataclasses.replace(base.nav2d, episodes=4, horizon=20),
+        ray=dataclasses.replace(base.ray, workers=2, num_cpus=2),
+        log=dataclasses.replace(base.log, wandb_mode="disabled", progress=False),
+    )
+    summary = run(config_mod.validate(cfg), tmp_path / "run", local=False, log=lambda *_: None)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 2 and summary["iterations"] == 2
+    for r in rows:
+        assert r["adaptations"] == 2 and r["evaluations"] == 4 and r["evaluations_used"] == 4
+        assert r["tasks_dropped"] == [] and not r["update_skipped"] and r["grad/update_norm"] > 0
+    assert (tmp_path / "run" / "checkpoints" / "ckpt_000002.pt").exists()
