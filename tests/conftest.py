@@ -29,3 +29,24 @@ def ray_session():
         ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PER_ROLLOUT = 4 * 16  # smoke config: num_envs x rollout_len
+
+
+def smoke(**overrides):
+    """configs/smoke.yaml with W&B off, no progress lines, and `section.key=value` overrides."""
+    from metarl import config as config_mod
+
+    cfg = config_mod.load(CONFIGS / "smoke.yaml")
+    for k, v in {"log.wandb_mode": "disabled", "log.progress": False, **overrides}.items():
+        cfg = config_mod.override(cfg, k, v)
+    return config_mod.validate(cfg)
+
+
+def assert_png(path) -> None:
+    """A real PNG with axes, lines and text, not an empty canvas."""
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    assert len(data) > 10_000, (path, len(data))

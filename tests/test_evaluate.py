@@ -19,23 +19,12 @@ from metarl.run import run
 from metarl.tasks import make_family
 from metarl.tracking import read_metrics
 
-from conftest import CONFIGS
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PER_ROLLOUT = 4 * 16  # smoke: num_envs x rollout_len
+from conftest import PER_ROLLOUT, assert_png, smoke
 
 
-def smoke(**overrides) -> config_mod.Config:
-    cfg = config_mod.load(CONFIGS / "smoke.yaml")
-    for k, v in {"log.wandb_mode": "disabled", "log.progress": False, **overrides}.items():
-        cfg = config_mod.override(cfg, k, v)
-    return config_mod.validate(cfg)
 
 
-def assert_png(path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE, path
-    assert len(data) > 10_000, (path, len(data))  # axes, lines and text, not an empty canvas
+
 
 
 # six fine-tuning steps of 10 env steps; episodes end during steps 1, 1, 3 and 5

@@ -11,20 +11,14 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from metarl import checkpoint, config as config_mod
 from metarl.run import run
 from metarl.tracking import read_metrics
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, smoke
 
 
-def smoke(**overrides) -> config_mod.Config:
-    cfg = config_mod.load(CONFIGS / "smoke.yaml")
-    for k, v in {"log.wandb_mode": "disabled", "log.progress": True, **overrides}.items():
-        cfg = config_mod.override(cfg, k, v)
-    return config_mod.validate(cfg)
 
 
 def wait_for(pred, timeout: float, what: str) -> None:

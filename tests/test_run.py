@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,16 +13,10 @@ from metarl.policy import NatureCNN, ParamSpec
 from metarl.run import run
 from metarl.tracking import read_metrics
 
-from conftest import CONFIGS
-
-PER_ROLLOUT = 4 * 16  # smoke: num_envs x rollout_len
+from conftest import PER_ROLLOUT, smoke
 
 
-def smoke(**overrides) -> config_mod.Config:
-    cfg = config_mod.load(CONFIGS / "smoke.yaml")
-    for k, v in {"log.wandb_mode": "disabled", "log.progress": False, **overrides}.items():
-        cfg = config_mod.override(cfg, k, v)
-    return config_mod.validate(cfg)
+
 
 
 def test_smoke_run_on_ray_with_skip_then_resume(ray_session, tmp_path):

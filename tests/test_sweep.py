@@ -11,22 +11,12 @@ from metarl.cli import main
 from metarl.sweep import PROBE_ITERATIONS, iteration_env_steps, side_by_side, target_iterations, train_for_seconds
 from metarl.tracking import read_metrics
 
-from conftest import CONFIGS
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PER_ROLLOUT = 4 * 16  # smoke: num_envs x rollout_len
+from conftest import CONFIGS, smoke, assert_png, PER_ROLLOUT
 
 
-def smoke(**overrides) -> config_mod.Config:
-    cfg = config_mod.load(CONFIGS / "smoke.yaml")
-    for k, v in {"log.wandb_mode": "disabled", "log.progress": False, **overrides}.items():
-        cfg = config_mod.override(cfg, k, v)
-    return config_mod.validate(cfg)
 
 
-def assert_png(path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000, (path, len(data))
+
 
 
 def mtimes(*paths) -> list[int]:
