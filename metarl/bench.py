@@ -11,9 +11,13 @@ Every figure is measured side by side in one run, through the real code paths:
   skip_ratio_k_expected  (ceil(N/k) S + N) / (N S + N): the share of rollouts skip k keeps
   end_to_end_ratio    env steps/s of whole meta-iterations (`run.meta_iteration`) / env steps/s of
                       the same fleet only sampling the same rollouts
+  end_to_end_compute_bound  the best end_to_end_ratio when gradients share the cores with sampling:
+                      G / (S + G), S and G the fleet's sampling and gradient samples/s
   grad_on_worker_s / grad_on_learner_s  one iteration's N gradients, computed where the data is
-                      (flat gradients shipped to the learner) or on the learner (batches shipped)
-  memory_*_mb         peak resident memory (VmHWM) of the workers and the learner
+                      (flat gradients shipped to the learner) or on the learner (batches shipped,
+                      batch_ship_s of it the transfer), each ending in the learner's Adam step
+  memory_*            peak resident memory (VmHWM) of the workers and the learner, their sum (an
+                      upper bound), and the largest total proportional set size seen while they run
 
 Ratios are what regressions are judged by; absolute rates vary from machine to machine.
 """
@@ -26,6 +30,7 @@ import json
 import math
 import os
 import platform
+import threading
 import time
 from dataclasses import replace
 from typing import Any, Callable
@@ -46,13 +51,42 @@ SKIPS = (2, 3, 4, 6)
 MB = 1024 * 1024
 
 
+def _proc_kb(pid: int | str, file: str, key: str) -> int:
+    """One `key: <n> kB` line of /proc/<pid>/<file> (0 when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/{file}") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(key + ":")), 0)
+    except OSError:
+        return 0
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (VmHWM), in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_kb("self", "status", "VmHWM") * 1024
+
+
+class PssSampler:
+    """The largest sum of proportional set sizes (shared pages split between the processes that
+    map them: what the machine really holds) seen over `pids` while the block runs. A measuring
+    thread, bench-only, polling once a second (~30 ms of CPU for 13 processes); actors on other
+    hosts are not visible and count as zero."""
+
+    def __init__(self, pids: list[int], every_s: float = 1.0):
+        self.pids, self.every_s, self.peak_kb = pids, every_s, 0
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak_kb = max(self.peak_kb, sum(_proc_kb(p, "smaps_rollup", "Pss") for p in self.pids))
+
+    def __enter__(self) -> "PssSampler":
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # ------------------------------------------------------------------------------------------
@@ -82,8 +116,8 @@ class BenchWorker(TaskWorker):
         batch = self.held[task_name]
         return {"data": {k: v.numpy() for k, v in batch.data.items()}, "env_steps": batch.env_steps}
 
-    def peak_rss(self) -> int:
-        return peak_rss_bytes()
+    def memory(self) -> dict[str, int]:
+        return {"pid": os.getpid(), "peak_rss": peak_rss_bytes()}
 
 
 class BenchLearner(Learner):
@@ -96,6 +130,10 @@ class BenchLearner(Learner):
         loss_family, game = loss_task  # a one-emulator task: only its loss is used here
         self.loss_task = loss_family.make_task(game, seed)
 
+    def receive(self, *shipped: dict[str, Any]) -> int:
+        """Only take delivery of shipped batches (their transfer time), returning their bytes."""
+        return sum(v.nbytes for s in shipped for v in s["data"].values())
+
     def step_from_batches(self, n_evaluations: int, *shipped: dict[str, Any]) -> dict[str, Any]:
         params = self.spec.unflatten(self.theta.detach(), device=self.device)
         grads = []
@@ -105,8 +143,8 @@ class BenchLearner(Learner):
             grads.append(self.spec.flatten_grads(g))
         return self.step(n_evaluations, *grads)
 
-    def peak_rss(self) -> int:
-        return peak_rss_bytes()
+    def memory(self) -> dict[str, int]:
+        return {"pid": os.getpid(), "peak_rss": peak_rss_bytes()}
 
 
 def start_bench_fleet(cfg: Config, backend: Any) -> Fleet:
@@ -133,15 +171,21 @@ def start_bench_fleet(cfg: Config, backend: Any) -> Fleet:
 # one worker, in this process: emulator vs sampling, loss path vs bare torch
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads) of one call."""
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w, time.process_time() - c
+def alternate(a: Callable[[], Any], b: Callable[[], Any], rounds: int) -> np.ndarray:
+    """Wall and CPU seconds (this process, all threads) of a and b, called in turn after one
+    warm-up call each, so that load drifting on a shared machine hits both alike: rounds x 2 x 2."""
+    a(), b()
+    out = np.zeros((rounds, 2, 2))
+    for r in range(rounds):
+        for i, fn in enumerate((a, b)):
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            out[r, i] = time.perf_counter() - w, time.process_time() - c
+    return out
 
 
 def measure_sampling(cfg: Config, rollouts: int, rounds: int) -> dict[str, float]:
-    """A TaskWorker's AtariTask.sample vs the bare emulator, alternating blocks of `rollouts`."""
+    """A TaskWorker's AtariTask.sample vs the bare emulator, in turns of `rollouts` rollouts."""
     from metarl.tasks.atari import make_vector_env
 
     game, seed = cfg.tasks.train[0], task_seed(cfg.meta.seed, 0)
@@ -159,15 +203,12 @@ def measure_sampling(cfg: Config, rollouts: int, rounds: int) -> dict[str, float
         for _ in range(rollouts):
             task.sample(worker.model, theta)
 
-    raw(), sample()  # warm-up
-    t = np.zeros((2, 2))
-    for _ in range(rounds):
-        t += np.array([_timed(raw), _timed(sample)])
+    t = alternate(raw, sample, rounds)
     venv.close()
-    steps = rounds * rollouts * T * B
-    (raw_w, raw_c), (smp_w, smp_c) = t
-    fs = cfg.env.frameskip
-    out = {"sampling_ratio": raw_w / smp_w, "sampling_cpu_ratio": raw_c / smp_c,
+    steps, fs = rounds * rollouts * T * B, cfg.env.frameskip
+    (raw_w, raw_c), (smp_w, smp_c) = t.sum(0)
+    out = {"sampling_ratio": float(np.median(t[:, 0, 0] / t[:, 1, 0])),
+           "sampling_cpu_ratio": float(np.median(t[:, 0, 1] / t[:, 1, 1])),
            "raw_env_steps_per_s": steps / raw_w, "raw_frames_per_s": steps * fs / raw_w,
            "sampling_env_steps_per_s": steps / smp_w, "sampling_frames_per_s": steps * fs / smp_w}
     return {**out, **measure_gradient(worker, game, theta, max(rounds, 2))}
@@ -187,20 +228,12 @@ def measure_gradient(worker: TaskWorker, game: str, theta: dict, reps: int) -> d
     batch = task.sample(worker.model, theta)
     bare_model = copy.deepcopy(worker.model)
     obs, actions = batch.data["obs"].flatten(0, 1), batch.data["actions"].flatten()
-
-    def metarl():
-        meta.loss_grad(task, worker.model, theta, batch)
-
-    def bare():
-        bare_forward_backward(bare_model, obs, actions)
-
-    metarl(), bare()  # warm-up
-    t = np.zeros((2, 2))
-    for _ in range(reps):
-        t += np.array([_timed(metarl), _timed(bare)])
+    t = alternate(lambda: meta.loss_grad(task, worker.model, theta, batch),
+                  lambda: bare_forward_backward(bare_model, obs, actions), reps)
     n = reps * batch.env_steps
-    return {"gradient_ratio": t[1, 0] / t[0, 0], "grad_samples_per_s": n / t[0, 0],
-            "bare_grad_samples_per_s": n / t[1, 0]}
+    (metarl_w, _), (bare_w, _) = t.sum(0)
+    return {"gradient_ratio": float(np.median(t[:, 1, 0] / t[:, 0, 0])), "grad_samples_per_s": n / metarl_w,
+            "bare_grad_samples_per_s": n / bare_w}
 
 
 # ------------------------------------------------------------------------------------------
@@ -247,18 +280,24 @@ def _sampling_only(fleet: Fleet, cfg: Config, theta: Any) -> tuple[int, float]:
 
 
 def measure_end_to_end(fleet: Fleet, cfg: Config, reps: int) -> dict[str, float]:
+    """Skip-1 meta-iterations vs sampling only, alternating; and the fleet's memory meanwhile."""
     b, rng = fleet.backend, np.random.default_rng(cfg.meta.seed)
     _iteration(fleet, cfg, 1, rng)  # warm-up
+    actors = [fleet.learner, *fleet.workers]
     tot = np.zeros(4)  # sampling-only steps, seconds; iteration steps, seconds
-    for _ in range(reps):
-        theta = b.put(b.get(b.call(fleet.learner, "get_theta")))
-        rec = _iteration(fleet, cfg, 1, rng)
-        tot += [*_sampling_only(fleet, cfg, theta), rec["env_steps/adapt"] + rec["env_steps/eval"],
-                rec["time/iteration_s"]]
+    with PssSampler([b.get(b.call(a, "memory"))["pid"] for a in actors]) as pss:
+        for _ in range(reps):
+            theta = b.put(b.get(b.call(fleet.learner, "get_theta")))
+            rec = _iteration(fleet, cfg, 1, rng)
+            tot += [*_sampling_only(fleet, cfg, theta), rec["env_steps/adapt"] + rec["env_steps/eval"],
+                    rec["time/iteration_s"]]
+    peaks = [b.get(b.call(a, "memory"))["peak_rss"] / MB for a in actors]
     fs = cfg.env.frameskip
     return {"end_to_end_ratio": (tot[2] / tot[3]) / (tot[0] / tot[1]),
             "end_to_end_env_steps_per_s": tot[2] / tot[3], "end_to_end_frames_per_s": tot[2] * fs / tot[3],
-            "fleet_sampling_env_steps_per_s": tot[0] / tot[1]}
+            "fleet_sampling_env_steps_per_s": tot[0] / tot[1],
+            "memory_worker_peak_mb": max(peaks[1:]), "memory_learner_peak_mb": peaks[0],
+            "memory_total_peak_rss_mb": sum(peaks), "memory_total_pss_mb": pss.peak_kb / 1024}
 
 
 def measure_placement(fleet: Fleet, cfg: Config) -> dict[str, float]:
@@ -273,18 +312,14 @@ def measure_placement(fleet: Fleet, cfg: Config) -> dict[str, float]:
     b.get(b.call(fleet.learner, "step", len(tasks), *grads))
     t1 = time.perf_counter()
     batches = [b.call(worker(n), "held_arrays", n) for n in tasks]
+    b.get(b.call(fleet.learner, "receive", *batches))
+    t_ship = time.perf_counter()
     b.get(b.call(fleet.learner, "step_from_batches", len(tasks), *batches))
     t2 = time.perf_counter()
-    return {"grad_on_worker_s": t1 - t0, "grad_on_learner_s": t2 - t1,
-            "grad_on_learner_vs_worker": (t1 - t0) / (t2 - t1), "batch_mb": float(np.mean(sizes)) / MB}
-
-
-def measure_memory(fleet: Fleet) -> dict[str, float]:
-    b = fleet.backend
-    workers = [b.get(b.call(w, "peak_rss")) / MB for w in fleet.workers]
-    learner = b.get(b.call(fleet.learner, "peak_rss")) / MB
-    return {"memory_worker_peak_mb": max(workers), "memory_learner_peak_mb": learner,
-            "memory_total_peak_mb": sum(workers) + learner}
+    samples = len(tasks) * cfg.env.num_envs * cfg.env.rollout_len
+    return {"grad_on_worker_s": t1 - t0, "grad_on_learner_s": t2 - t1, "batch_ship_s": t_ship - t1,
+            "grad_on_learner_speedup": (t1 - t0) / (t2 - t1), "batch_mb": float(np.mean(sizes)) / MB,
+            "fleet_grad_samples_per_s": samples / (t1 - t0)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -318,15 +353,18 @@ def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print) -> t
         log(f"# skip ratios: {small.num_tasks} tasks x {small.env.num_envs} envs x {small.env.rollout_len} steps, "
             f"{small.num_workers} workers")
         fleet = start_bench_fleet(small, backend)
-        figures.update(measure_skip(fleet, small, reps=1 if quick else 3))
+        figures.update(measure_skip(fleet, small, reps=1 if quick else 5))
         if not quick:
             del fleet
             log(f"# end to end, gradient placement, memory: {full.num_tasks} tasks x {full.env.num_envs} envs x "
                 f"{full.env.rollout_len} steps, {full.num_workers} workers")
             fleet = start_bench_fleet(full, backend)
-        figures.update(measure_end_to_end(fleet, full, reps=1 if quick else 2))
+        figures.update(measure_end_to_end(fleet, full, reps=1))
         figures.update(measure_placement(fleet, full))
-        figures.update(measure_memory(fleet))
+        # when gradients share the cores with sampling, each env step costs the fleet its sampling
+        # time plus one gradient sample's: the best end_to_end_ratio such a fleet can reach
+        s, g = figures["fleet_sampling_env_steps_per_s"], figures["fleet_grad_samples_per_s"]
+        figures["end_to_end_compute_bound"] = g / (s + g)
         learner_device = fleet.learner_info["device"]
     finally:
         backend.shutdown()

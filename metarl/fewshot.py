@@ -235,7 +235,7 @@ def pretrain(cfg: Config, out: Path, iterations: int, lr: float, log=print) -> P
         loss.backward()
         opt.step()
         if (it + 1) % max(iterations // 10, 1) == 0:
-            log(f"pretrain {it + 1}/{iterations}: mean loss {float(loss):.4f} ({time.perf_counter() - t0:.0f}s)")
+            log(f"pretrain {it + 1}/{iterations}: mean loss {float(loss.detach()):.4f} ({time.perf_counter() - t0:.0f}s)")
     flat = torch.from_numpy(ParamSpec.of(model).flatten(theta))
     return checkpoint.save(out, {"theta": flat, "optimizer": opt.state_dict(), "iteration": iterations,
                                  "config": config_mod.to_dict(cfg), "kind": "pretrained"})

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, assert_png
 from metarl import config as config_mod, fewshot
 from metarl.config import Config, ConfigError, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
 from metarl.losses import gae
@@ -110,7 +110,7 @@ def sine_runs(tmp_path_factory):
         log=dataclasses.replace(Config().log, wandb_mode="disabled", progress=False),
     ))
     run(cfg, root / "maml", local=True, log=lambda *_: None)
-    fewshot.pretrain(cfg, root / "pretrained", iterations=250, lr=0.01, log=lambda *_: None)
+    fewshot.pretrain(cfg, root / "pretrained", iterations=150, lr=0.01, log=lambda *_: None)
     return root
 
 
@@ -123,7 +123,9 @@ def test_meta_trained_init_adapts_far_better_than_pretrained(sine_runs):
     assert ours[1] < 0.6 * ours[0], ours  # one step on 10 points removes most of the error
     assert ours[5] < 0.5 * ours[0], ours
     assert ours[5] < 0.6 * base[5], (ours, base)  # and beats joint pre-training by a wide margin
-    assert base[5] > 0.8 * base[0], base  # the pre-trained net barely adapts (as in the paper)
+    rand = fewshot.sine_curves(fewshot.random_init(maml.cfg), names, shots=10, steps=0, inner_lr=0.01, query=100,
+                               seed=1).mean(0)
+    assert base[0] < rand[0], (base, rand)  # the baseline did learn: the mean curve beats a random net
     rows = read_metrics(sine_runs / "maml" / "metrics.jsonl")
     assert len(rows) == 250 and all(r["adaptations"] == 25 and r["evaluations"] == 25 for r in rows)
     assert np.mean([r["loss/outer"] for r in rows[-25:]]) < 0.6 * np.mean([r["loss/outer"] for r in rows[:25]])
@@ -138,7 +140,7 @@ def test_fewshot_eval_writes_table_json_and_plot(sine_runs, tmp_path):
     assert [r["init"] for r in result["rows"]] == ["maml", "pre-trained", "random init"]
     assert result["rows"][1]["inner_lr"] in fewshot.LR_GRID  # tuned on validation tasks
     assert "| maml | 5 | 0.01 |" in (out / "fewshot.md").read_text()
-    assert (out / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
+    assert_png(out / "fewshot.png")
     with pytest.raises(ConfigError, match="LABEL="):
         fewshot.cmd_eval(_args(checkpoint=["nonsense"], pretrained=None, no_random=True, tasks=4, shots="5",
                                steps="0", query=20, out=str(out)))
@@ -170,22 +172,8 @@ def test_fewshot_cli_bad_input_is_one_line_exit_2(tmp_path):
 # ---- real Ray actors, skip 2 ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def own_ray():
-    """A fresh local Ray (address='local': never attach to another process's instance on this host)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, logging_level="ERROR")
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.parametrize("family", ["sinusoid", "nav2d"])
-def test_family_runs_through_ray_actors_with_skip_2(family, own_ray, tmp_path):
+def test_family_runs_through_ray_actors_with_skip_2(family, ray_session, tmp_path):
     base = config_mod.load(CONFIGS / f"{family}.yaml")
     prefix = "sine" if family == "sinusoid" else "goal"
     cfg = dataclasses.replace(

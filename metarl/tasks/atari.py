@@ -42,10 +42,11 @@ def make_vector_env(game: str, env: EnvConfig, seed: int, num_envs: int | None =
     return venv, obs
 
 
-def split_envs(num_envs: int) -> list[slice]:
-    """The emulators in two halves (one part when there is a single one): while one half steps in
-    its C++ thread, the policy acts for the other (double-buffered sampling)."""
-    if num_envs < 2:
+def split_envs(num_envs: int, min_part: int = 4) -> list[slice]:
+    """The emulators in two halves, so that while one half steps in its C++ thread the policy acts
+    for the other (double-buffered sampling); one part when the halves would be smaller than
+    `min_part`, where the policy's per-call cost outweighs the overlap."""
+    if num_envs < 2 * min_part:
         return [slice(0, num_envs)]
     return [slice(0, num_envs // 2), slice(num_envs // 2, num_envs)]
 
