@@ -152,7 +152,8 @@ def start_bench_fleet(cfg: Config, backend: Any) -> Fleet:
     bench classes above."""
     family, m = make_family(cfg), cfg.meta
     res = backend.resources()
-    cpw, lcpu, lgpu, notes = plan_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0) > 0)
+    cpw, lcpu, lgpu, notes = plan_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0) > 0,
+                                            node_cpus=backend.node_cpus())
     loss_task = (make_family(replace(cfg, env=replace(cfg.env, num_envs=1))), cfg.tasks.train[0])
     learner = backend.actor(BenchLearner, family, m.seed, m.outer_lr, m.max_grad_norm, "cuda" if lgpu else "cpu",
                             loss_task, num_cpus=lcpu, num_gpus=lgpu)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import subprocess
 import sys
 import time
@@ -30,7 +31,9 @@ FIGURES = (
 
 def test_quick_bench_prints_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "WANDB_MODE": "disabled", "RAY_TMPDIR": str(tmp_path / "ray")}
+    # Ray's socket paths must stay under 107 bytes: a short directory, not pytest's tmp_path
+    ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+    env = {**os.environ, "WANDB_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "metarl", "bench", "--quick", "--config", str(CONFIGS / "atari12.yaml"),
                         "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
