@@ -372,7 +372,7 @@ def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print) -> t
     context = {"quick": quick, "game": full.tasks.train[0], "num_envs": full.env.num_envs,
                "rollout_len": full.env.rollout_len, "env_threads": full.env.env_threads,
                "tasks": full.num_tasks, "workers": full.num_workers, "learner_device": learner_device,
-               "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
                "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0],
                "seconds": time.perf_counter() - t_start}
     return figures, context

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from conftest import CONFIGS, REPO
@@ -35,8 +36,12 @@ def test_quick_bench_prints_every_figure(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     env = {**os.environ, "WANDB_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "metarl", "bench", "--quick", "--config", str(CONFIGS / "atari12.yaml"),
-                        "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        p = subprocess.run([sys.executable, "-m", "metarl", "bench", "--quick", "--config",
+                            str(CONFIGS / "atari12.yaml"), "--out", str(out)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     seconds = time.time() - t0
     assert p.returncode == 0, p.stdout + p.stderr
     printed = {}
