@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from metarl import meta
 from metarl.config import Config, ConfigError
 from metarl.learner import Learner
-from metarl.run import Fleet, meta_iteration, plan_resources, task_seed
+from metarl.run import Fleet, meta_iteration, start_fleet, task_seed
 from metarl.tasks import make_family
 from metarl.tasks.base import Batch
 from metarl.worker import TaskWorker
@@ -149,23 +149,9 @@ class BenchLearner(Learner):
 
 def start_bench_fleet(cfg: Config, backend: Any) -> Fleet:
     """The actors `run.start_fleet` starts (same resources, seeds and task assignment), as the
-    bench classes above."""
-    family, m = make_family(cfg), cfg.meta
-    res = backend.resources()
-    cpw, lcpu, lgpu, notes = plan_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0) > 0,
-                                            node_cpus=backend.node_cpus())
+    bench classes above, on the running backend."""
     loss_task = (make_family(replace(cfg, env=replace(cfg.env, num_envs=1))), cfg.tasks.train[0])
-    learner = backend.actor(BenchLearner, family, m.seed, m.outer_lr, m.max_grad_norm, "cuda" if lgpu else "cpu",
-                            loss_task, num_cpus=lcpu, num_gpus=lgpu)
-    W = cfg.num_workers
-    seeds: list[dict[str, int]] = [{} for _ in range(W)]
-    owner = {}
-    for i, name in enumerate(cfg.tasks.train):
-        seeds[i % W][name] = task_seed(m.seed, i)
-        owner[name] = i % W
-    workers = [backend.actor(BenchWorker, family, s, m.inner_lr, m.inner_steps, False, 1, "cpu", num_cpus=cpw)
-               for s in seeds]
-    return Fleet(backend, learner, workers, owner, backend.get(backend.call(learner, "info")), notes)
+    return start_fleet(cfg, False, backend, BenchWorker, BenchLearner, (loss_task,))
 
 
 # ------------------------------------------------------------------------------------------

@@ -85,10 +85,14 @@ def plan_resources(cfg: Config, available_cpus: float, has_gpu: bool,
     return cpw, learner_cpus, learner_gpus, notes
 
 
-def start_fleet(cfg: Config, local: bool) -> Fleet:
+def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type = TaskWorker,
+                learner_cls: type = Learner, learner_extra: tuple = ()) -> Fleet:
+    """The learner and the task workers of a run. `backend` reuses a running one; worker_cls and
+    learner_cls are subclasses with extra calls (metarl bench), learner_extra their extra args."""
     family = make_family(cfg)
     m = cfg.meta
-    backend = LocalBackend() if local else RayBackend(cfg.ray.address, cfg.ray.num_cpus)
+    if backend is None:
+        backend = LocalBackend() if local else RayBackend(cfg.ray.address, cfg.ray.num_cpus)
     if local:
         cpw, lcpu, lgpu, notes = 0.0, 0.0, 0.0, []
     else:
@@ -98,8 +102,8 @@ def start_fleet(cfg: Config, local: bool) -> Fleet:
         if lgpu and res.get("GPU", 0.0) < 1:
             raise config_mod.ConfigError("ray.learner_gpus = 1 but the Ray cluster has no GPU; use auto or 0")
     learner_device = "cuda" if lgpu else "cpu"
-    learner = backend.actor(Learner, family, m.seed, m.outer_lr, m.max_grad_norm, learner_device,
-                            num_cpus=lcpu, num_gpus=lgpu, restarts=0)
+    learner = backend.actor(learner_cls, family, m.seed, m.outer_lr, m.max_grad_norm, learner_device,
+                            *learner_extra, num_cpus=lcpu, num_gpus=lgpu, restarts=0)
     W = cfg.num_workers
     assignment: list[dict[str, int]] = [{} for _ in range(W)]
     owner = {}
@@ -108,7 +112,7 @@ def start_fleet(cfg: Config, local: bool) -> Fleet:
         owner[name] = i % W
     worker_device = "cuda" if cfg.ray.gpus_per_worker > 0 and not local else "cpu"
     workers = [
-        backend.actor(TaskWorker, family, seeds, m.inner_lr, m.inner_steps, m.algo == "maml", 1, worker_device,
+        backend.actor(worker_cls, family, seeds, m.inner_lr, m.inner_steps, m.algo == "maml", 1, worker_device,
                       num_cpus=cpw, num_gpus=0.0 if local else cfg.ray.gpus_per_worker,
                       restarts=cfg.ray.max_worker_restarts)
         for seeds in assignment
