@@ -7,7 +7,8 @@ entrypoint, and the run directory and job logs checked afterwards.
 How the cluster is kept to this test and to loopback:
 - Ray rewrites 127.0.0.1 (and localhost) to the machine's routable address for multi-node use, so
   the nodes use 127.0.0.2 and 127.0.0.3: other loopback addresses, which Ray keeps as given.
-- `--temp-dir` is a fresh directory, so no other `ray.init()` on this machine attaches to it.
+- `--temp-dir` is a fresh directory per node, so no other `ray.init()` on this machine attaches to
+  the cluster, and the two nodes keep separate runtime-env caches as two machines would.
 - Token authentication is on (as it is by default from Ray 2.59 for local clusters): a token made
   here, passed with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the nodes and to every `ray job`
   command. Without RAY_AUTH_MODE=token the CLI sends no token and the dashboard answers 401.
@@ -193,7 +194,11 @@ def cluster():
                                           start_new_session=True, cwd=root))
         _wait_for("the head's dashboard", lambda: c.get_json("/api/version") is not None, 90, procs, logs[:1])
         common[-1] = f"--dashboard-agent-listen-port={free_port()}"
-        worker_cmd = [str(BIN / "ray"), "start", f"--address={c.gcs}", f"--node-ip-address={WORKER_IP}", *common]
+        # The worker node gets its own temp dir, as a real second machine has its own disk. Sharing
+        # the head's would let its runtime-env agent re-unpack the job's working_dir (rmtree, unzip)
+        # in the very directory the head's job driver runs in, deleting the driver's cwd under it.
+        worker_cmd = [str(BIN / "ray"), "start", f"--address={c.gcs}", f"--node-ip-address={WORKER_IP}",
+                      f"--temp-dir={root / 'ray-w'}", *common]
         with open(logs[1], "w") as log:
             procs.append(subprocess.Popen(worker_cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True, cwd=root))
