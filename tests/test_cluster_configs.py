@@ -18,7 +18,10 @@ import importlib.util
 import json
 import re
 import shlex
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 from pathlib import Path
 
 import jsonschema
