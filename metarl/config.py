@@ -69,6 +69,10 @@ class LossConfig:
     """Weight of the entropy bonus."""
     norm_adv: bool = True
     """Normalise advantages per batch before the policy-gradient term."""
+    grad_chunk: int = 256
+    """Samples per forward+backward when a task computes a gradient (Atari): the batch's
+    gradient is accumulated over chunks of about this many samples, so a worker's peak memory
+    no longer grows with rollout_len x num_envs. 0 = the whole batch at once. Same gradient."""
 
 
 @dataclass(frozen=True)
@@ -378,6 +382,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"env.sticky_actions = {e.sticky_actions} must be a probability in [0, 1]")
     if e.noop_max < 0:
         raise ConfigError(f"env.noop_max = {e.noop_max} must be >= 0")
+    if cfg.loss.grad_chunk < 0:
+        raise ConfigError(f"loss.grad_chunk = {cfg.loss.grad_chunk} must be >= 0 (0: the whole batch at once)")
     if not 0.0 < cfg.loss.gamma <= 1.0 or not 0.0 <= cfg.loss.gae_lambda <= 1.0:
         raise ConfigError("loss.gamma must be in (0, 1] and loss.gae_lambda in [0, 1]")
     if r.workers < 0 or r.cpus_per_worker < 0 or r.gpus_per_worker < 0:

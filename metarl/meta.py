@@ -86,24 +86,20 @@ def adapt(task: Task, model: nn.Module, theta: Params, inner_lr: float, inner_st
         t0 = time.perf_counter()
         batch = task.sample(model, params)
         t1 = time.perf_counter()
-        p = detached(params, requires_grad=True)
-        loss, _ = task.loss(model, p, batch)
-        grads = torch.autograd.grad(loss, tuple(p.values()))
+        grads, loss, _ = task.grad(model, detached(params, requires_grad=True), batch)
         t_grad += time.perf_counter() - t1
         t_sample += t1 - t0
         thetas.append(params)
         batches.append(batch)
-        losses.append(float(loss.detach()))
+        losses.append(loss)
         params = detached(sgd_step(params, grads, inner_lr))
     return Adaptation(params, thetas, batches, losses, t_sample, t_grad)
 
 
 def loss_grad(task: Task, model: nn.Module, params: Params, batch: Batch) -> tuple[tuple[torch.Tensor, ...], float, dict]:
-    """grad_params L(params; batch): the first-order meta-gradient when params = theta'."""
-    p = detached(params, requires_grad=True)
-    loss, stats = task.loss(model, p, batch)
-    grads = torch.autograd.grad(loss, tuple(p.values()))
-    return grads, float(loss.detach()), stats
+    """grad_params L(params; batch) at the parameters that collected `batch`: the first-order
+    meta-gradient when params = theta'."""
+    return task.grad(model, detached(params, requires_grad=True), batch)
 
 
 def maml_backward(task: Task, model: nn.Module, adaptation: Adaptation, inner_lr: float,

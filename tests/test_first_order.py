@@ -48,11 +48,40 @@ def test_first_order_gradient_equals_detached_copy_gradient(pong):
     own = dict(copy.named_parameters())
     loss_copy, _ = task.loss(copy, own, batch)
     loss_copy.backward()
-    assert abs(float(loss_copy) - loss) < 1e-5
+    assert abs(float(loss_copy.detach()) - loss) < 1e-5
     for (name, p), g in zip(own.items(), g_fo):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7, msg=name)
     # and no gradient reaches theta through theta' (first order)
     assert all(not v.requires_grad for v in a.theta_prime.values())
+
+
+def test_chunked_gradient_equals_whole_batch_gradient():
+    """AtariTask.grad in chunks of whole time steps, with the advantages from the values recorded
+    while sampling, equals the gradient of the whole-batch loss (which recomputes the values)."""
+    env = EnvConfig(num_envs=4, rollout_len=10)
+    family = AtariFamily(env, LossConfig(grad_chunk=12))  # 3 steps x 4 envs: chunks of 3, 3, 3, 1 steps
+    torch.manual_seed(0)
+    task, model = family.make_task("breakout", seed=2), family.make_model()
+    theta = init_params(model)
+    try:
+        batch = task.sample(model, theta)
+        p = meta.detached(theta, requires_grad=True)
+        recorded = batch.data["values"]
+        with torch.no_grad():
+            _, recomputed = model(batch.data["obs"].flatten(0, 1))
+        torch.testing.assert_close(recorded, recomputed.reshape(recorded.shape), rtol=1e-4, atol=1e-5)
+        chunked, loss_c, stats_c = task.grad(model, p, batch)
+        whole_loss, stats_w = task.loss(model, p, batch)
+        whole = torch.autograd.grad(whole_loss, tuple(p.values()))
+        assert abs(loss_c - float(whole_loss)) < 1e-4 * max(1.0, abs(float(whole_loss)))
+        for k in stats_w:
+            assert abs(stats_c[k] - stats_w[k]) < 1e-4 * max(1.0, abs(stats_w[k])), k
+        for name, gc, gw in zip(p, chunked, whole):
+            torch.testing.assert_close(gc, gw, rtol=1e-3, atol=1e-6, msg=name)
+        # and the inner step and the meta-gradient go through it
+        assert meta.loss_grad(task, model, theta, batch)[1] == loss_c
+    finally:
+        task.close()
 
 
 def test_inner_step_is_plain_sgd(pong):

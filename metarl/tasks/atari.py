@@ -71,7 +71,7 @@ class AtariTask(Task):
         T, B = self.T, self.B
         buf = {"obs": np.empty((T + 1, B, *self.obs.shape[1:]), dtype=np.uint8),
                "actions": np.empty((T, B), dtype=np.int64), "rewards": np.empty((T, B), dtype=np.float32),
-               "dones": np.empty((T, B), dtype=np.float32)}
+               "dones": np.empty((T, B), dtype=np.float32), "values": np.empty((T + 1, B), dtype=np.float32)}
         buf["obs"][0] = self.obs
         finished: list[float] = []
         order = [(t, part) for t in range(T) for part in range(len(self.parts))]
@@ -88,6 +88,7 @@ class AtariTask(Task):
                     self._act(model, params, buf, *nxt)
                 self._send(buf, *nxt)
         self.obs = buf["obs"][T].copy()
+        buf["values"][T] = forward(model, params, torch.from_numpy(self.obs))[1].numpy()  # bootstrap
         raw_sum = float(buf["rewards"].sum())
         if self.env_cfg.reward_clip:
             np.sign(buf["rewards"], out=buf["rewards"])
@@ -98,7 +99,8 @@ class AtariTask(Task):
     def _act(self, model: nn.Module, params: Params, buf: dict[str, np.ndarray], t: int, part: int) -> None:
         """Draw step t's actions for one part from the policy."""
         s = self.parts[part]
-        logits, _ = forward(model, params, torch.from_numpy(buf["obs"][t, s]))
+        logits, values = forward(model, params, torch.from_numpy(buf["obs"][t, s]))
+        buf["values"][t, s] = values.numpy()
         buf["actions"][t, s] = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.gen).squeeze(-1).numpy()
 
     def _send(self, buf: dict[str, np.ndarray], t: int, part: int) -> None:
@@ -127,6 +129,40 @@ class AtariTask(Task):
             adv.reshape(-1), ret.reshape(-1), c.vf_coef, c.ent_coef, c.norm_adv,
         )
         return loss, {k: float(v) for k, v in parts.items()}
+
+    def grad(self, model: nn.Module, params: Params, batch: Batch) -> tuple[tuple[torch.Tensor, ...], float, dict[str, float]]:
+        """The gradient of `loss`, accumulated over chunks of about loss.grad_chunk samples (whole
+        time steps), so peak memory is set by the chunk, not by rollout_len x num_envs.
+
+        The advantages and returns are constants of the loss (GAE takes detached values), so they
+        are computed once from the values the policy recorded while sampling; the gradient is taken
+        at those same parameters, so they equal what `loss` recomputes (as CleanRL's PPO does).
+        Each chunk's mean terms are weighted by its share of the batch: the sum of the chunks'
+        gradients is the whole batch's."""
+        c, d = self.loss_cfg, batch.data
+        T, B = d["actions"].shape
+        steps = T if c.grad_chunk == 0 else max(1, c.grad_chunk // B)
+        if steps >= T or "values" not in d:
+            return super().grad(model, params, batch)
+        values = d["values"]
+        adv, ret = gae(d["rewards"], values[:-1], d["dones"], values[-1], c.gamma, c.gae_lambda)
+        if c.norm_adv and adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        keys = tuple(params)
+        grads = [torch.zeros_like(params[k]) for k in keys]
+        total, stats = 0.0, {}
+        for t0 in range(0, T, steps):
+            t1 = min(T, t0 + steps)
+            share = (t1 - t0) / T
+            logits, v = forward(model, params, d["obs"][t0:t1].flatten(0, 1))
+            loss, parts = actor_critic_loss(logits, v, d["actions"][t0:t1].flatten(), adv[t0:t1].flatten(),
+                                            ret[t0:t1].flatten(), c.vf_coef, c.ent_coef, norm_adv=False)
+            for g, gc in zip(grads, torch.autograd.grad(loss * share, tuple(params[k] for k in keys))):
+                g += gc
+            total += share * float(loss.detach())
+            for k, x in parts.items():
+                stats[k] = stats.get(k, 0.0) + share * float(x)
+        return tuple(grads), total, stats
 
     def close(self) -> None:
         for venv in self.venvs:

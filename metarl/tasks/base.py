@@ -53,6 +53,14 @@ class Task(abc.ABC):
     def loss(self, model: nn.Module, params: Params, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar loss of `params` on `batch`, differentiable w.r.t. params, and scalar stats."""
 
+    def grad(self, model: nn.Module, params: Params, batch: Batch) -> tuple[tuple[torch.Tensor, ...], float, dict[str, float]]:
+        """grad_params of `loss` on `batch` (params: leaf tensors that require grad), the loss and
+        its stats. Always taken at the parameters that collected `batch`; a task may use what it
+        recorded while sampling and split the work to bound memory, as long as the gradient is
+        the same."""
+        loss, stats = self.loss(model, params, batch)
+        return torch.autograd.grad(loss, tuple(params.values())), float(loss.detach()), stats
+
     def close(self) -> None:
         """Release emulators or other resources."""
 
