@@ -29,8 +29,8 @@ class LocalBackend:
     name = "local"
 
     def actor(self, cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0, restarts: int = 0,
-              name: str | None = None) -> Any:
-        return cls(*args)
+              name: str | None = None, kwargs: dict[str, Any] | None = None) -> Any:
+        return cls(*args, **(kwargs or {}))
 
     @staticmethod
     def _resolve(x: Any) -> Any:
@@ -99,12 +99,12 @@ class RayBackend:
         return [n["Resources"].get("CPU", 0.0) for n in self.ray.nodes() if n["Alive"]]
 
     def actor(self, cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0, restarts: int = 0,
-              name: str | None = None) -> Any:
+              name: str | None = None, kwargs: dict[str, Any] | None = None) -> Any:
         remote_cls = self.ray.remote(cls)
         opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=restarts, max_task_retries=0)
         if name:
             opts["name"] = name
-        return remote_cls.options(**opts).remote(*args)
+        return remote_cls.options(**opts).remote(*args, **(kwargs or {}))
 
     def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
         return getattr(actor, method).options(num_returns=num_returns).remote(*args)

@@ -124,8 +124,8 @@ class BenchLearner(Learner):
     """A Learner that can also compute gradients itself from shipped batches."""
 
     def __init__(self, family, seed: int, outer_lr: float, max_grad_norm: float, device: str,
-                 loss_task: tuple[Any, str]):
-        super().__init__(family, seed, outer_lr, max_grad_norm, device)
+                 loss_task: tuple[Any, str], **kwargs: Any):
+        super().__init__(family, seed, outer_lr, max_grad_norm, device, **kwargs)
         self.model = family.make_model().to(self.device)
         loss_family, game = loss_task  # a one-emulator task: only its loss is used here
         self.loss_task = loss_family.make_task(game, seed)

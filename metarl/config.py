@@ -70,9 +70,10 @@ class LossConfig:
     norm_adv: bool = True
     """Normalise advantages per batch before the policy-gradient term."""
     grad_chunk: int = 256
-    """Samples per forward+backward when a task computes a gradient (Atari): the batch's
-    gradient is accumulated over chunks of about this many samples, so a worker's peak memory
-    no longer grows with rollout_len x num_envs. 0 = the whole batch at once. Same gradient."""
+    """Samples per forward+backward of an Atari gradient (summed over chunks, same result): bounds a worker's memory; 0 = whole batch."""
+
+
+LR_DECAYS = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class MetaConfig:
     """S: inner SGD steps per adaptation, each on a fresh rollout."""
     outer_lr: float = 1e-4
     """beta: Adam step size of the meta-update."""
+    outer_lr_decay: str = "constant"
+    """beta's schedule over meta.iterations: constant, linear or cosine (to 0 at the last)."""
     max_grad_norm: float = 1.0
     """Clip the averaged meta-gradient to this global norm."""
     iterations: int = 100
@@ -368,6 +371,8 @@ def validate(cfg: Config) -> Config:
     for key, v in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr), ("meta.max_grad_norm", m.max_grad_norm)):
         if not v > 0:
             raise ConfigError(f"{key} = {v} must be positive")
+    if m.outer_lr_decay not in LR_DECAYS:
+        raise ConfigError(f"meta.outer_lr_decay '{m.outer_lr_decay}' is unknown; allowed: {', '.join(LR_DECAYS)}")
     positive_ints = (
         ("meta.inner_steps", m.inner_steps), ("meta.iterations", m.iterations),
         ("meta.checkpoint_every", m.checkpoint_every), ("env.num_envs", e.num_envs),

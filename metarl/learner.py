@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from metarl.config import LR_DECAYS
 from metarl.policy import ParamSpec, init_params
 from metarl.tasks.base import TaskFamily
 
@@ -26,9 +27,23 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+def lr_factor(decay: str, iteration: int, total: int) -> float:
+    """The outer step size's multiplier at `iteration` of `total`: 1 throughout (constant), or
+    falling from 1 to 0 at the last iteration along a line or a half cosine."""
+    if decay == "constant" or total <= 0:
+        return 1.0
+    frac = min(max(iteration / total, 0.0), 1.0)
+    if decay == "linear":
+        return 1.0 - frac
+    if decay == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"unknown outer-lr decay {decay!r}; allowed: {', '.join(LR_DECAYS)}")
+
+
 class Learner:
     def __init__(self, family: TaskFamily, seed: int, outer_lr: float, max_grad_norm: float,
-                 device: str = "auto", torch_threads: int = 1):
+                 device: str = "auto", torch_threads: int = 1, lr_decay: str = "constant",
+                 total_iterations: int = 0):
         torch.set_num_threads(torch_threads)
         self.device = pick_device(device)
         torch.manual_seed(seed)
@@ -38,7 +53,13 @@ class Learner:
         self.theta = torch.nn.Parameter(flat.to(self.device))
         self.opt = torch.optim.Adam([self.theta], lr=outer_lr)
         self.max_grad_norm = max_grad_norm
+        self.outer_lr, self.lr_decay, self.total_iterations = outer_lr, lr_decay, total_iterations
+        lr_factor(lr_decay, 0, total_iterations)  # an unknown decay fails here, not mid-run
         self.iteration = 0
+
+    def current_lr(self) -> float:
+        """beta at this iteration (the schedule follows the restored iteration after a resume)."""
+        return self.outer_lr * lr_factor(self.lr_decay, self.iteration, self.total_iterations)
 
     def info(self) -> dict[str, Any]:
         return {"device": self.device, "num_params": self.spec.numel, "iteration": self.iteration,
@@ -56,22 +77,24 @@ class Learner:
         g /= max(n_evaluations, 1)
         norm = float(g.norm())
         skipped = not math.isfinite(norm)
-        update_norm = 0.0
+        update_norm, lr = 0.0, self.current_lr()
         if not skipped:
             scale = min(1.0, self.max_grad_norm / (norm + 1e-6))
             before = self.theta.detach().clone()
             self.theta.grad = g * scale
+            for group in self.opt.param_groups:
+                group["lr"] = lr
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             update_norm = float((self.theta.detach() - before).norm())
         self.iteration += 1
-        return {"grad_norm": norm, "update_skipped": skipped, "update_norm": update_norm,
+        return {"grad_norm": norm, "update_skipped": skipped, "update_norm": update_norm, "outer_lr": lr,
                 "theta_norm": float(self.theta.detach().norm()), "seconds": time.perf_counter() - t0}
 
     def skip_step(self) -> dict[str, Any]:
         """Count an iteration whose gradient set was incomplete or non-finite, without updating."""
-        self.iteration += 1
-        return {"grad_norm": float("nan"), "update_skipped": True, "update_norm": 0.0,
+        self.iteration += 1  # the schedule moves on: a skipped update does not stretch the run
+        return {"grad_norm": float("nan"), "update_skipped": True, "update_norm": 0.0, "outer_lr": 0.0,
                 "theta_norm": float(self.theta.detach().norm()), "seconds": 0.0}
 
     def state(self) -> dict[str, Any]:

@@ -103,7 +103,8 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
             raise config_mod.ConfigError("ray.learner_gpus = 1 but the Ray cluster has no GPU; use auto or 0")
     learner_device = "cuda" if lgpu else "cpu"
     learner = backend.actor(learner_cls, family, m.seed, m.outer_lr, m.max_grad_norm, learner_device,
-                            *learner_extra, num_cpus=lcpu, num_gpus=lgpu, restarts=0)
+                            *learner_extra, num_cpus=lcpu, num_gpus=lgpu, restarts=0,
+                            kwargs={"lr_decay": m.outer_lr_decay, "total_iterations": m.iterations})
     W = cfg.num_workers
     assignment: list[dict[str, int]] = [{} for _ in range(W)]
     owner = {}
@@ -230,7 +231,8 @@ def summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n
                                  if algo != "reptile" else float("nan")),
         "loss/inner": _mean([s["inner_losses"][0] for s in adapt_stats.values()]),
         "loss/outer": _mean([s.get("loss", float("nan")) for s in eval_stats.values()]) if algo != "reptile" else float("nan"),
-        "grad/norm": lstats["grad_norm"], "grad/update_norm": lstats["update_norm"], "theta_norm": lstats["theta_norm"],
+        "grad/norm": lstats["grad_norm"], "grad/update_norm": lstats["update_norm"],
+        "outer_lr": lstats.get("outer_lr", float("nan")), "theta_norm": lstats["theta_norm"],
         "update_skipped": bool(lstats["update_skipped"]),
         "tasks_dropped": sorted(tasks[i] for i in failed), "drop_reasons": {tasks[i]: r for i, r in failed.items()},
         "nonfinite_tasks": nonfinite,

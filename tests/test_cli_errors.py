@@ -72,6 +72,12 @@ def test_non_positive_step_size(key):
     assert_usage_error(metarl("run", "--config", str(CONFIGS / "smoke.yaml"), "--set", key), key.split("=")[0], "positive")
 
 
+@pytest.mark.parametrize("key, words", [("meta.outer_lr_decay=step", ("outer_lr_decay", "cosine")),
+                                        ("loss.grad_chunk=-1", ("loss.grad_chunk", ">= 0"))])
+def test_unknown_schedule_or_negative_chunk(key, words):
+    assert_usage_error(metarl("run", "--config", str(CONFIGS / "smoke.yaml"), "--set", key), *words)
+
+
 def test_wrong_type(smoke_variant):
     cfg = smoke_variant(("skip: 1 ", "skip: two "))
     assert_usage_error(metarl("run", "--config", str(cfg)), "meta.skip", "integer")

@@ -141,3 +141,23 @@ def test_learner_adam_step_descends_and_guards_nonfinite():
     clipped = Learner(FAMILY, 0, outer_lr=1e-3, max_grad_norm=0.5, device="cpu")
     st = clipped.step(1, g)
     assert st["grad_norm"] == pytest.approx(float(np.linalg.norm(g)), rel=1e-4)
+
+
+def test_outer_lr_schedule_follows_the_iteration_and_survives_a_resume():
+    """Cosine decay: the step size the learner uses is beta * (1 + cos(pi t / T)) / 2, logged per
+    step, and a learner restored from a mid-run state continues the schedule where it was."""
+    from metarl.learner import lr_factor
+
+    total, g = 4, np.ones(ParamSpec.of(NatureCNN()).numel, dtype=np.float32)
+    learner = Learner(FAMILY, 0, outer_lr=1e-3, max_grad_norm=1e9, device="cpu", lr_decay="cosine",
+                      total_iterations=total)
+    lrs = [learner.step(1, g)["outer_lr"] for _ in range(2)]
+    np.testing.assert_allclose(lrs, [1e-3, 1e-3 * (1 + np.cos(np.pi / 4)) / 2], rtol=1e-6)
+    resumed = Learner(FAMILY, 1, outer_lr=1e-3, max_grad_norm=1e9, device="cpu", lr_decay="cosine",
+                      total_iterations=total)
+    resumed.load_state(learner.state())
+    assert resumed.step(1, g)["outer_lr"] == pytest.approx(1e-3 * lr_factor("cosine", 2, total)) == learner.step(1, g)["outer_lr"]
+    assert lr_factor("cosine", total, total) == 0.0 and lr_factor("linear", 1, 4) == 0.75
+    assert lr_factor("constant", 3, 4) == 1.0
+    with pytest.raises(ValueError, match="unknown outer-lr decay"):
+        Learner(FAMILY, 0, 1e-3, 1.0, "cpu", lr_decay="step", total_iterations=4)
