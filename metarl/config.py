@@ -74,6 +74,7 @@ class LossConfig:
 
 
 LR_DECAYS = ("constant", "linear", "cosine")
+GRAD_ON = ("auto", "worker", "learner")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class MetaConfig:
     """beta's schedule over meta.iterations: constant, linear or cosine (to 0 at the last)."""
     max_grad_norm: float = 1.0
     """Clip the averaged meta-gradient to this global norm."""
+    grad_on: str = "auto"
+    """Where evaluation gradients are computed: worker, learner (batches shipped; Atari fomaml), auto = learner iff it has a GPU the workers lack."""
     iterations: int = 100
     """Meta-iterations to run (a resumed run stops at the same total)."""
     checkpoint_every: int = 10
@@ -371,6 +374,11 @@ def validate(cfg: Config) -> Config:
     for key, v in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr), ("meta.max_grad_norm", m.max_grad_norm)):
         if not v > 0:
             raise ConfigError(f"{key} = {v} must be positive")
+    if m.grad_on not in GRAD_ON:
+        raise ConfigError(f"meta.grad_on '{m.grad_on}' is unknown; allowed: {', '.join(GRAD_ON)}")
+    if m.grad_on == "learner" and (m.algo != "fomaml" or cfg.tasks.family != "atari"):
+        raise ConfigError(f"meta.grad_on = learner ships Atari batches for first-order gradients; it does not apply to "
+                          f"algo {m.algo} on {cfg.tasks.family} (use worker or auto)")
     if m.outer_lr_decay not in LR_DECAYS:
         raise ConfigError(f"meta.outer_lr_decay '{m.outer_lr_decay}' is unknown; allowed: {', '.join(LR_DECAYS)}")
     positive_ints = (

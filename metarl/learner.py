@@ -18,7 +18,8 @@ import torch
 
 from metarl.config import LR_DECAYS
 from metarl.policy import ParamSpec, init_params
-from metarl.tasks.base import TaskFamily
+from metarl import meta
+from metarl.tasks.base import TaskFamily, batch_from_wire
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -54,6 +55,7 @@ class Learner:
         self.opt = torch.optim.Adam([self.theta], lr=outer_lr)
         self.max_grad_norm = max_grad_norm
         self.outer_lr, self.lr_decay, self.total_iterations = outer_lr, lr_decay, total_iterations
+        self.family, self.model, self.scorer = family, None, None  # built on the first shipped batch
         lr_factor(lr_decay, 0, total_iterations)  # an unknown decay fails here, not mid-run
         self.iteration = 0
 
@@ -74,7 +76,11 @@ class Learner:
         g = torch.zeros_like(self.theta)
         for x in grads:
             g += torch.from_numpy(np.array(x, dtype=np.float32, copy=True)).to(self.device)
-        g /= max(n_evaluations, 1)
+        return {**self._apply(g, n_evaluations), "seconds": time.perf_counter() - t0}
+
+    def _apply(self, g: torch.Tensor, n_evaluations: int) -> dict[str, Any]:
+        """Average the summed gradient g, skip if not finite, clip, take the Adam step."""
+        g = g / max(n_evaluations, 1)
         norm = float(g.norm())
         skipped = not math.isfinite(norm)
         update_norm, lr = 0.0, self.current_lr()
@@ -89,7 +95,33 @@ class Learner:
             update_norm = float((self.theta.detach() - before).norm())
         self.iteration += 1
         return {"grad_norm": norm, "update_skipped": skipped, "update_norm": update_norm, "outer_lr": lr,
-                "theta_norm": float(self.theta.detach().norm()), "seconds": time.perf_counter() - t0}
+                "theta_norm": float(self.theta.detach().norm())}
+
+    def step_on_batches(self, n_evaluations: int, *pairs: Any) -> dict[str, Any]:
+        """meta.grad_on = learner. `pairs` alternates theta' (flat, as the leader sent it) and the
+        batch a member collected with it; the learner computes each first-order gradient on its
+        own device, then guards, clips and steps as `step` does. A non-finite gradient skips the
+        update; its position is reported so the run can name the task."""
+        if self.scorer is None:
+            self.model, self.scorer = self.family.make_model().to(self.device), self.family.make_scorer()
+        t0 = time.perf_counter()
+        g_sum = torch.zeros_like(self.theta)
+        losses, norms, nonfinite = [], [], []
+        for i in range(0, len(pairs), 2):
+            params = self.spec.unflatten(pairs[i], device=self.device)
+            grads, loss, _ = meta.loss_grad(self.scorer, self.model, params, batch_from_wire(pairs[i + 1], self.device))
+            g = torch.cat([x.reshape(-1) for x in grads])
+            norm = float(g.norm())
+            losses.append(loss)
+            norms.append(norm)
+            if math.isfinite(norm):
+                g_sum += g
+            else:
+                nonfinite.append(i // 2)
+        grad_s = time.perf_counter() - t0
+        out = self.skip_step() if nonfinite else self._apply(g_sum, n_evaluations)
+        return {**out, "losses": losses, "grad_norms": norms, "nonfinite": nonfinite, "grad_s": grad_s,
+                "seconds": time.perf_counter() - t0}
 
     def skip_step(self) -> dict[str, Any]:
         """Count an iteration whose gradient set was incomplete or non-finite, without updating."""

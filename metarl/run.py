@@ -49,6 +49,18 @@ class Fleet:
     """task name -> index of the worker that owns it"""
     learner_info: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    grad_on: str = "worker"
+    """where evaluation gradients are computed: worker, or learner from shipped batches"""
+
+
+def resolve_grad_on(cfg: Config, learner_gpus: float) -> str:
+    """meta.grad_on auto: on the learner when it has a GPU and the workers have none (a GPU
+    backward outruns a CPU core by far more than shipping a batch costs), else where the data is
+    (on CPU, `metarl bench` measured workers 1.76x faster than one learner core)."""
+    if cfg.meta.grad_on != "auto":
+        return cfg.meta.grad_on
+    shippable = cfg.meta.algo == "fomaml" and cfg.tasks.family == "atari"
+    return "learner" if shippable and learner_gpus > 0 and cfg.ray.gpus_per_worker == 0 else "worker"
 
 
 def _packs(node_cpus: list[float], learner_cpus: float, cpw: float, n_workers: int) -> bool:
@@ -119,7 +131,9 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
         for seeds in assignment
     ]
     info = backend.get(backend.call(learner, "info"))
-    return Fleet(backend, learner, workers, owner, info, notes)
+    grad_on = resolve_grad_on(cfg, lgpu)
+    notes.append(f"evaluation gradients on the {grad_on}" + (" (batches shipped to it)" if grad_on == "learner" else "s"))
+    return Fleet(backend, learner, workers, owner, info, notes, grad_on)
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,14 +174,17 @@ def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], al
         tp_refs[g.leader], adapt_stat_refs[g.leader] = b.call(worker(g.leader), method, tasks[g.leader], theta_ref,
                                                               num_returns=2)
     # 2. every member evaluates its leader's theta' (Ray passes theta' by reference)
-    grad_refs, eval_stat_refs = {}, {}
+    #    (grad_on learner: the members ship their batches and the learner computes the gradients)
+    on_learner = fleet.grad_on == "learner" and algo == "fomaml"
+    grad_refs, eval_stat_refs, leader_of = {}, {}, {}
     if algo == "reptile":
         grad_refs = dict(tp_refs)
     else:
         for g in groups:
             for j in g.members:
-                grad_refs[j], eval_stat_refs[j] = b.call(worker(j), "evaluate", tasks[j], tp_refs[g.leader],
-                                                         num_returns=2)
+                leader_of[j] = g.leader
+                grad_refs[j], eval_stat_refs[j] = b.call(worker(j), "rollout" if on_learner else "evaluate", tasks[j],
+                                                         tp_refs[g.leader], num_returns=2)
     # 3. gather statistics (small); gradients stay in the object store
     adapt_stats, adapt_failed = _gather(b, adapt_stat_refs, timeout)
     eval_stats, eval_failed = _gather(b, eval_stat_refs, max(timeout - (time.perf_counter() - t_start), 1.0))
@@ -195,6 +212,13 @@ def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], al
     t_learn = time.perf_counter()
     if n_ok == 0 or nonfinite:
         lstats = b.get(b.call(fleet.learner, "skip_step"))
+    elif on_learner:
+        used = [j for members in ok.values() for j in members]
+        pairs = [ref for j in used for ref in (tp_refs[leader_of[j]], grad_refs[j])]
+        lstats = b.get(b.call(fleet.learner, "step_on_batches", n_ok, *pairs), timeout=timeout)
+        for j, loss, norm in zip(used, lstats["losses"], lstats["grad_norms"]):
+            eval_stats[j].update(loss=loss, grad_norm=norm, finite=math.isfinite(norm))
+        nonfinite = sorted(tasks[used[p]] for p in lstats["nonfinite"])
     else:
         lstats = b.get(b.call(fleet.learner, "step", n_ok, *step_refs), timeout=timeout)
     learner_s = time.perf_counter() - t_learn

@@ -17,7 +17,7 @@ import torch
 
 from metarl import meta
 from metarl.policy import ParamSpec
-from metarl.tasks.base import Batch, TaskFamily
+from metarl.tasks.base import Batch, TaskFamily, batch_to_wire
 
 
 def batch_stats(batch: Batch) -> dict[str, Any]:
@@ -90,6 +90,15 @@ class TaskWorker:
         stats.update(task=task_name, loss=loss, grad_norm=float(np.linalg.norm(flat)) if finite else float("nan"),
                      finite=finite, seconds=time.perf_counter() - t0, seconds_sample=t1 - t0, **parts)
         return flat, stats
+
+    def rollout(self, task_name: str, theta_prime: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Member step when gradients are computed on the learner (meta.grad_on = learner): roll
+        out theta' on this task and ship the batch itself; the learner scores it."""
+        t0 = time.perf_counter()
+        batch = self._task(task_name).sample(self.model, self._params(theta_prime))
+        stats = batch_stats(batch)
+        stats.update(task=task_name, seconds=time.perf_counter() - t0, seconds_sample=time.perf_counter() - t0)
+        return batch_to_wire(batch), stats
 
     def maml_correct(self, task_name: str, *member_grads: np.ndarray) -> np.ndarray:
         """Leader step for MAML: pull the group's summed first-order gradient back through this

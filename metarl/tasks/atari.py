@@ -52,10 +52,13 @@ def split_envs(num_envs: int, min_part: int = 4) -> list[slice]:
 
 
 class AtariTask(Task):
-    def __init__(self, game: str, seed: int, env: EnvConfig, loss: LossConfig):
+    def __init__(self, game: str, seed: int, env: EnvConfig, loss: LossConfig, emulators: bool = True):
         self.name = game
         self.env_cfg, self.loss_cfg = env, loss
         self.B, self.T = env.num_envs, env.rollout_len
+        self.venvs = []
+        if not emulators:  # a scorer: loss and grad of shipped batches only (the learner's)
+            return
         self.parts = split_envs(self.B)
         # emulator i is seeded seed + i whichever part it sits in
         made = [make_vector_env(game, env, seed + p.start, p.stop - p.start) for p in self.parts]
@@ -179,3 +182,6 @@ class AtariFamily(TaskFamily):
 
     def make_task(self, name: str, seed: int) -> Task:
         return AtariTask(name, seed, self.env, self.loss)
+
+    def make_scorer(self) -> Task:
+        return AtariTask("scorer", 0, self.env, self.loss, emulators=False)

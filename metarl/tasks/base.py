@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import abc
 import math
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +40,21 @@ class Batch:
     @property
     def reward_per_step(self) -> float:
         return self.reward_sum / max(self.env_steps, 1)
+
+
+def batch_to_wire(batch: Batch) -> dict[str, Any]:
+    """A batch as numpy arrays (zero-copy through Ray's object store) and plain numbers."""
+    return {"data": {k: v.numpy() for k, v in batch.data.items()}, "env_steps": batch.env_steps,
+            "frames": batch.frames}
+
+
+def batch_from_wire(wire: dict[str, Any], device: str = "cpu") -> Batch:
+    """The inverse of batch_to_wire, on `device`. Arrays out of the object store are read-only;
+    the tensors viewing them are only read (a GPU gets its own copy)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        data = {k: torch.from_numpy(v).to(device) for k, v in wire["data"].items()}
+    return Batch(data, wire["env_steps"], frames=wire.get("frames", 0))
 
 
 class Task(abc.ABC):
@@ -75,3 +92,8 @@ class TaskFamily(abc.ABC):
     @abc.abstractmethod
     def make_task(self, name: str, seed: int) -> Task:
         """The task called `name`, with its own RNG seeded by `seed`."""
+
+    def make_scorer(self) -> Task:
+        """A task that only scores shipped batches (loss, grad): what a learner computing
+        gradients itself needs. Families whose batches are not shipped do not provide one."""
+        raise NotImplementedError(f"{type(self).__name__} does not score shipped batches")
