@@ -44,7 +44,7 @@ from metarl.config import Config, ConfigError
 from metarl.learner import Learner
 from metarl.run import Fleet, meta_iteration, start_fleet, task_seed
 from metarl.tasks import make_family
-from metarl.tasks.base import Batch
+from metarl.tasks.base import batch_to_wire
 from metarl.worker import TaskWorker
 
 SKIPS = (2, 3, 4, 6)
@@ -112,36 +112,19 @@ class BenchWorker(TaskWorker):
         return self.spec.flatten_grads(grads)
 
     def held_arrays(self, task_name: str) -> dict[str, Any]:
-        """grad_on learner: the held batch as numpy arrays, shipped through the object store."""
-        batch = self.held[task_name]
-        return {"data": {k: v.numpy() for k, v in batch.data.items()}, "env_steps": batch.env_steps}
+        """grad_on learner: the held batch in the wire format `TaskWorker.rollout` ships."""
+        return batch_to_wire(self.held[task_name])
 
     def memory(self) -> dict[str, int]:
         return {"pid": os.getpid(), "peak_rss": peak_rss_bytes()}
 
 
 class BenchLearner(Learner):
-    """A Learner that can also compute gradients itself from shipped batches."""
-
-    def __init__(self, family, seed: int, outer_lr: float, max_grad_norm: float, device: str,
-                 loss_task: tuple[Any, str], **kwargs: Any):
-        super().__init__(family, seed, outer_lr, max_grad_norm, device, **kwargs)
-        self.model = family.make_model().to(self.device)
-        loss_family, game = loss_task  # a one-emulator task: only its loss is used here
-        self.loss_task = loss_family.make_task(game, seed)
+    """A Learner that can also report its memory and take delivery of batches without using them."""
 
     def receive(self, *shipped: dict[str, Any]) -> int:
         """Only take delivery of shipped batches (their transfer time), returning their bytes."""
         return sum(v.nbytes for s in shipped for v in s["data"].values())
-
-    def step_from_batches(self, n_evaluations: int, *shipped: dict[str, Any]) -> dict[str, Any]:
-        params = self.spec.unflatten(self.theta.detach(), device=self.device)
-        grads = []
-        for s in shipped:
-            data = {k: torch.from_numpy(np.array(v)).to(self.device) for k, v in s["data"].items()}
-            g, _, _ = meta.loss_grad(self.loss_task, self.model, params, Batch(data, s["env_steps"]))
-            grads.append(self.spec.flatten_grads(g))
-        return self.step(n_evaluations, *grads)
 
     def memory(self) -> dict[str, int]:
         return {"pid": os.getpid(), "peak_rss": peak_rss_bytes()}
@@ -150,8 +133,7 @@ class BenchLearner(Learner):
 def start_bench_fleet(cfg: Config, backend: Any) -> Fleet:
     """The actors `run.start_fleet` starts (same resources, seeds and task assignment), as the
     bench classes above, on the running backend."""
-    loss_task = (make_family(replace(cfg, env=replace(cfg.env, num_envs=1))), cfg.tasks.train[0])
-    return start_fleet(cfg, False, backend, BenchWorker, BenchLearner, (loss_task,))
+    return start_fleet(cfg, False, backend, BenchWorker, BenchLearner)
 
 
 # ------------------------------------------------------------------------------------------
@@ -301,7 +283,7 @@ def measure_placement(fleet: Fleet, cfg: Config) -> dict[str, float]:
     batches = [b.call(worker(n), "held_arrays", n) for n in tasks]
     b.get(b.call(fleet.learner, "receive", *batches))
     t_ship = time.perf_counter()
-    b.get(b.call(fleet.learner, "step_from_batches", len(tasks), *batches))
+    b.get(b.call(fleet.learner, "step_on_batches", len(tasks), *[x for ref in batches for x in (theta, ref)]))
     t2 = time.perf_counter()
     samples = len(tasks) * cfg.env.num_envs * cfg.env.rollout_len
     return {"grad_on_worker_s": t1 - t0, "grad_on_learner_s": t2 - t1, "batch_ship_s": t_ship - t1,
