@@ -35,6 +35,8 @@ class TasksConfig:
     """Training task names: ALE game ids for atari, or 'task-<i>' style names for the cheap families."""
     heldout: tuple[str, ...] = ()
     """Held-out task names used by `metarl eval` and `metarl sweep`."""
+    resample: bool = False
+    """sinusoid/nav2d: every training task draws a new curve/goal each iteration (the MAML paper's p(T)); names then label meta-batch slots. Needs stacked tasks."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class LossConfig:
 
 LR_DECAYS = ("constant", "linear", "cosine")
 GRAD_ON = ("auto", "worker", "learner")
+STACK_MODES = ("auto", "on", "off")
+STACKED_FAMILIES = ("sinusoid", "nav2d")
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class MetaConfig:
     """Clip the averaged meta-gradient to this global norm."""
     grad_on: str = "auto"
     """Where evaluation gradients are computed: worker, learner (batches shipped; Atari fomaml), auto = learner iff it has a GPU the workers lack."""
+    stack_tasks: str = "auto"
+    """on: each worker computes whole groups, all its tasks in one batched pass (sinusoid, nav2d); off: one call per task; auto: on where the family can."""
     iterations: int = 100
     """Meta-iterations to run (a resumed run stops at the same total)."""
     checkpoint_every: int = 10
@@ -135,6 +141,8 @@ class LogConfig:
     """auto (online with WANDB_API_KEY, else offline), online, offline or disabled."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    every: int = 1
+    """Log one row per E iterations (metrics.jsonl, W&B): numbers averaged over the E, drops and skips summed."""
 
 
 @dataclass(frozen=True)
@@ -379,6 +387,14 @@ def validate(cfg: Config) -> Config:
     if m.grad_on == "learner" and (m.algo != "fomaml" or cfg.tasks.family != "atari"):
         raise ConfigError(f"meta.grad_on = learner ships Atari batches for first-order gradients; it does not apply to "
                           f"algo {m.algo} on {cfg.tasks.family} (use worker or auto)")
+    if m.stack_tasks not in STACK_MODES:
+        raise ConfigError(f"meta.stack_tasks '{m.stack_tasks}' is unknown; allowed: {', '.join(STACK_MODES)}")
+    if m.stack_tasks == "on" and cfg.tasks.family not in STACKED_FAMILIES:
+        raise ConfigError(f"meta.stack_tasks = on needs a family computed in stacks ({', '.join(STACKED_FAMILIES)}); "
+                          f"{cfg.tasks.family} runs task by task: use auto or off")
+    if t.resample and (t.family not in STACKED_FAMILIES or m.stack_tasks == "off"):
+        raise ConfigError(f"tasks.resample draws new {', '.join(STACKED_FAMILIES)} tasks each iteration in stacked mode; "
+                          f"it does not apply to {t.family} with meta.stack_tasks = {m.stack_tasks}")
     if m.outer_lr_decay not in LR_DECAYS:
         raise ConfigError(f"meta.outer_lr_decay '{m.outer_lr_decay}' is unknown; allowed: {', '.join(LR_DECAYS)}")
     positive_ints = (
@@ -405,6 +421,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"ray.learner_gpus '{r.learner_gpus}' is unknown; allowed: auto, 0, 1")
     if r.call_timeout_s <= 0 or r.task_downtime_s <= 0:
         raise ConfigError("ray.call_timeout_s and ray.task_downtime_s must be positive")
+    if cfg.log.every < 1:
+        raise ConfigError(f"log.every must be a whole number >= 1 (iterations per logged row), got {cfg.log.every}")
     if cfg.log.wandb_mode not in WANDB_MODES:
         raise ConfigError(f"log.wandb_mode '{cfg.log.wandb_mode}' is unknown; allowed: {', '.join(WANDB_MODES)}")
     return cfg

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from metarl.policy import Params
-from metarl.tasks.base import Batch, Task
+from metarl.tasks.base import Batch, StackedBatch, Task, TaskStack
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,109 @@ def maml_backward(task: Task, model: nn.Module, adaptation: Adaptation, inner_lr
 def reptile_direction(theta: Params, theta_prime: Params) -> tuple[torch.Tensor, ...]:
     """theta - theta': fed to the outer optimiser like a gradient (Nichol et al. 2018)."""
     return tuple((theta[k] - theta_prime[k]).detach() for k in theta)
+
+
+# ------------------------------------------------------------------------------------------
+# the same math for many groups at once, on a TaskStack (families whose tasks are cheap enough
+# that one call per task would cost more than the task itself: sinusoids, 2D navigation)
+
+
+def stack_params(theta: Params, n: int) -> Params:
+    """n detached copies of theta along a new first dimension (one row per task)."""
+    return {k: v.detach().unsqueeze(0).expand(n, *v.shape).clone() for k, v in theta.items()}
+
+
+def take_rows(params: Params, rows: list[int]) -> Params:
+    index = torch.tensor(rows, dtype=torch.long)
+    return {k: v.detach().index_select(0, index) for k, v in params.items()}
+
+
+def stacked_grads(stack: TaskStack, model: nn.Module, params: Params,
+                  batch: StackedBatch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Every row's gradient of its own loss at its own parameters (rows x parameter shape), and
+    the rows' losses: one backward pass of the summed losses."""
+    p = detached(params, requires_grad=True)
+    losses = stack.losses(model, p, batch)
+    return torch.autograd.grad(losses.sum(), tuple(p.values())), losses.detach()
+
+
+@dataclass
+class StackedAdaptation:
+    """`Adaptation` for a stack of leaders: row r of every tensor is leader r."""
+
+    theta_prime: Params
+    thetas: list[Params]
+    batches: list[StackedBatch]
+    losses: list[list[float]]
+    """losses[s][r]: leader r's inner loss at step s"""
+
+
+def adapt_stacked(stack: TaskStack, model: nn.Module, theta: Params, rows: list[int], inner_lr: float,
+                  inner_steps: int) -> StackedAdaptation:
+    """`adapt` for tasks stack.tasks[rows], all from the same theta, each step on fresh data."""
+    params = stack_params(theta, len(rows))
+    thetas, batches, losses = [], [], []
+    for _ in range(inner_steps):
+        batch = stack.sample(model, params, rows)
+        grads, loss = stacked_grads(stack, model, params, batch)
+        thetas.append(params)
+        batches.append(batch)
+        losses.append(loss.tolist())
+        params = detached(sgd_step(params, grads, inner_lr))
+    return StackedAdaptation(params, thetas, batches, losses)
+
+
+def maml_backward_stacked(stack: TaskStack, model: nn.Module, adaptation: StackedAdaptation, inner_lr: float,
+                          v: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`maml_backward` for every leader at once: v holds one row per leader (its group's summed
+    gradient); each chained Hessian-vector product is one double backward for all groups."""
+    v = tuple(x.detach() for x in v)
+    for theta_s, batch_s in zip(reversed(adaptation.thetas), reversed(adaptation.batches)):
+        p = detached(theta_s, requires_grad=True)
+        g = torch.autograd.grad(stack.losses(model, p, batch_s).sum(), tuple(p.values()), create_graph=True)
+        dot = sum((gi * vi).sum() for gi, vi in zip(g, v))
+        hv = torch.autograd.grad(dot, tuple(p.values()), allow_unused=True)
+        v = tuple(vi - inner_lr * (h.detach() if h is not None else torch.zeros_like(vi)) for vi, h in zip(v, hv))
+    return v
+
+
+def _row_norms(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.sqrt(sum(g.detach().double().pow(2).flatten(1).sum(1) for g in grads))
+
+
+def groups_step(stack: TaskStack, model: nn.Module, theta: Params, groups: list[Group], algo: str,
+                inner_lr: float, inner_steps: int) -> tuple[tuple[torch.Tensor, ...], dict[int, dict], dict[int, dict]]:
+    """One meta-iteration's work for `groups` (indices into stack.tasks), all in one pass:
+    leaders adapt, members evaluate their leader's theta', and the meta-gradients are summed
+    (MAML: each group's sum pulled back through its leader's inner steps; Reptile: theta - theta').
+    Returns the summed meta-gradient (theta's shapes) and per-task statistics for the leaders
+    (adapt) and members (eval), as the task-by-task worker calls report them."""
+    t0 = time.perf_counter()
+    leaders = [g.leader for g in groups]
+    a = adapt_stacked(stack, model, theta, leaders, inner_lr, inner_steps)
+    t_adapt = time.perf_counter() - t0
+    adapt_stats = {}
+    for r, i in enumerate(leaders):
+        rows = [b.row_stats(r) for b in a.batches]
+        adapt_stats[i] = {"env_steps": sum(x["env_steps"] for x in rows), "frames": sum(x["frames"] for x in rows),
+                          "returns": [v for x in rows for v in x["returns"]], "reward_sum": sum(x["reward_sum"] for x in rows),
+                          "inner_losses": [step[r] for step in a.losses], "seconds": t_adapt / len(leaders)}
+    if algo == "reptile":
+        direction = tuple(theta[k].detach().unsqueeze(0) - a.theta_prime[k] for k in theta)
+        norms = _row_norms(direction).tolist()
+        for r, i in enumerate(leaders):
+            adapt_stats[i].update(finite=bool(np.isfinite(norms[r])), grad_norm=norms[r])
+        return tuple(d.sum(0) for d in direction), adapt_stats, {}
+    t1 = time.perf_counter()
+    members = [j for g in groups for j in g.members]
+    lead_row = [r for r, g in enumerate(groups) for _ in g.members]
+    batch = stack.sample(model, take_rows(a.theta_prime, lead_row), members)
+    grads, losses = stacked_grads(stack, model, take_rows(a.theta_prime, lead_row), batch)
+    norms, losses = _row_norms(grads).tolist(), losses.tolist()
+    eval_stats = {j: {**batch.row_stats(m), "loss": losses[m], "grad_norm": norms[m], "finite": bool(np.isfinite(norms[m])),
+                      "seconds": (time.perf_counter() - t1) / len(members)} for m, j in enumerate(members)}
+    if algo == "maml":
+        index = torch.tensor(lead_row, dtype=torch.long)
+        v = tuple(torch.zeros_like(a.theta_prime[k]).index_add_(0, index, g) for k, g in zip(theta, grads))
+        grads = maml_backward_stacked(stack, model, a, inner_lr, v)
+    return tuple(g.sum(0) for g in grads), adapt_stats, eval_stats

@@ -72,6 +72,26 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x W^T + b for one parameter set (W: out x in) or for a stack of them, one per task
+    (W: n x out x in, b: n x out, x: n x rows x in): the stacked form is one batched matmul."""
+    if weight.dim() == 2:
+        return torch.nn.functional.linear(x, weight, bias)
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+
+def mlp_forward(params: Params, x: torch.Tensor, prefix: str = "net") -> torch.Tensor:
+    """The `MLP` above as a pure function of its parameters (ReLU between the Linear layers
+    `<prefix>.0`, `<prefix>.2`, ...), for one parameter set or a per-task stack (see `linear`)."""
+    idx = sorted(int(k.split(".")[1]) for k in params if k.startswith(prefix + ".") and k.endswith(".weight"))
+    h = x
+    for n, i in enumerate(idx):
+        h = linear(h, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"])
+        if n < len(idx) - 1:
+            h = torch.relu(h)
+    return h
+
+
 def forward(model: nn.Module, params: Params, *args: torch.Tensor):
     """Run `model` with `params` instead of its own tensors (differentiable w.r.t. params)."""
     return functional_call(model, params, args)

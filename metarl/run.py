@@ -51,6 +51,8 @@ class Fleet:
     notes: list[str] = field(default_factory=list)
     grad_on: str = "worker"
     """where evaluation gradients are computed: worker, or learner from shipped batches"""
+    stacked: bool = False
+    """every worker holds every task and computes whole groups in one batched call"""
 
 
 def resolve_grad_on(cfg: Config, learner_gpus: float) -> str:
@@ -61,6 +63,14 @@ def resolve_grad_on(cfg: Config, learner_gpus: float) -> str:
         return cfg.meta.grad_on
     shippable = cfg.meta.algo == "fomaml" and cfg.tasks.family == "atari"
     return "learner" if shippable and learner_gpus > 0 and cfg.ray.gpus_per_worker == 0 else "worker"
+
+
+def resolve_stacked(cfg: Config) -> bool:
+    """meta.stack_tasks auto: stacked wherever the family has a stacked form (cheap tasks, where
+    one call per task costs more than the task itself)."""
+    if cfg.meta.stack_tasks == "auto":
+        return cfg.tasks.family in config_mod.STACKED_FAMILIES
+    return cfg.meta.stack_tasks == "on"
 
 
 def _packs(node_cpus: list[float], learner_cpus: float, cpw: float, n_workers: int) -> bool:
@@ -118,22 +128,26 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
                             *learner_extra, num_cpus=lcpu, num_gpus=lgpu, restarts=0,
                             kwargs={"lr_decay": m.outer_lr_decay, "total_iterations": m.iterations})
     W = cfg.num_workers
+    stacked = resolve_stacked(cfg)
     assignment: list[dict[str, int]] = [{} for _ in range(W)]
     owner = {}
     for i, name in enumerate(cfg.tasks.train):
-        assignment[i % W][name] = task_seed(m.seed, i)
+        for w in (range(W) if stacked else [i % W]):  # stacked: tasks are cheap, every worker holds all
+            assignment[w][name] = task_seed(m.seed, i)
         owner[name] = i % W
     worker_device = "cuda" if cfg.ray.gpus_per_worker > 0 and not local else "cpu"
     workers = [
         backend.actor(worker_cls, family, seeds, m.inner_lr, m.inner_steps, m.algo == "maml", 1, worker_device,
                       num_cpus=cpw, num_gpus=0.0 if local else cfg.ray.gpus_per_worker,
-                      restarts=cfg.ray.max_worker_restarts)
+                      restarts=cfg.ray.max_worker_restarts, kwargs={"resample": cfg.tasks.resample})
         for seeds in assignment
     ]
     info = backend.get(backend.call(learner, "info"))
     grad_on = resolve_grad_on(cfg, lgpu)
     notes.append(f"evaluation gradients on the {grad_on}" + (" (batches shipped to it)" if grad_on == "learner" else "s"))
-    return Fleet(backend, learner, workers, owner, info, notes, grad_on)
+    if stacked:
+        notes.append(f"stacked tasks: each of the {W} workers computes whole groups in one batched call per iteration")
+    return Fleet(backend, learner, workers, owner, info, notes, grad_on, stacked)
 
 
 # ------------------------------------------------------------------------------------------
@@ -229,13 +243,64 @@ def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], al
                      time.perf_counter() - t_start, learner_s)
 
 
+def deal_groups(groups: list[Group], n_workers: int) -> list[list[Group]]:
+    """Whole groups to workers, the largest first to the least loaded (load: members + 1 for the
+    leader's adaptation), so every worker gets about the same work."""
+    shares: list[list[Group]] = [[] for _ in range(n_workers)]
+    load = [0] * n_workers
+    for g in sorted(groups, key=lambda g: -len(g.members)):
+        w = load.index(min(load))
+        shares[w].append(g)
+        load[w] += len(g.members) + 1
+    return shares
+
+
+def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], algo: str,
+                           timeout: float, iteration: int) -> dict[str, Any]:
+    """meta_iteration when tasks are stacked: one call per worker, each computing whole groups
+    (leaders adapt, members evaluate, MAML corrections) and returning their summed meta-gradient.
+    Same fault rule at worker granularity: a worker call that dies, raises or hangs drops every task
+    of its groups; theta is updated from the other workers' sums, averaged over the evaluations
+    they completed."""
+    b, t_start = fleet.backend, time.perf_counter()
+    theta_ref = b.call(fleet.learner, "get_theta")
+    shares = [s for s in deal_groups(groups, len(fleet.workers))]
+    calls = {w: b.call(fleet.workers[w], "groups_step", theta_ref, iteration, share, algo, num_returns=2)
+             for w, share in enumerate(shares) if share}
+    stats, failed_w = _gather(b, {w: c[1] for w, c in calls.items()}, timeout)
+    adapt_stats, eval_stats, failed = {}, {}, {}
+    for w, st in stats.items():
+        adapt_stats.update(st["adapt"])
+        eval_stats.update(st["eval"] if algo != "reptile" else st["adapt"])
+    for w, why in failed_w.items():
+        for g in shares[w]:
+            for i in g.members if algo != "reptile" else (g.leader,):
+                failed[i] = f"groups_step: {why}"
+    usable = eval_stats if algo != "reptile" else adapt_stats
+    nonfinite = sorted(tasks[j] for j, s in usable.items() if not s_ok(s))
+    if not nonfinite:  # every task finite, yet a worker's sum overflowed
+        nonfinite = [f"sum of worker {w}" for w, st in stats.items() if not st["finite"]]
+    n_ok = len(usable)
+    t_learn = time.perf_counter()
+    if n_ok == 0 or nonfinite:
+        lstats = b.get(b.call(fleet.learner, "skip_step"))
+    else:
+        lstats = b.get(b.call(fleet.learner, "step", n_ok, *[calls[w][0] for w in stats]), timeout=timeout)
+    learner_s = time.perf_counter() - t_learn
+    for w, why in failed_w.items():
+        if "no answer" in why:
+            b.kill(fleet.workers[w])
+    return summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats,
+                     time.perf_counter() - t_start, learner_s)
+
+
 def s_ok(stats: dict[str, Any]) -> bool:
     return bool(stats.get("finite", True))
 
 
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return float(np.mean(xs)) if xs else float("nan")
+    return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
 def summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats, wall, learner_s):
@@ -335,11 +400,15 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
                       step_key="frames/total")
     progress = Progress(cfg.meta.iterations, start_iter, cfg.log.progress)
     rec: dict[str, Any] = {}
+    window: list[dict[str, Any]] = []  # iterations since the last logged row (log.every)
     failing_since: dict[str, float] = {}  # task -> time of the first drop in its current streak
     try:
         for it in range(start_iter, cfg.meta.iterations):
             groups = make_groups(N, k, rng)
-            rec = meta_iteration(fleet, cfg.tasks.train, groups, cfg.meta.algo, cfg.ray.call_timeout_s)
+            if fleet.stacked:
+                rec = meta_iteration_stacked(fleet, cfg.tasks.train, groups, cfg.meta.algo, cfg.ray.call_timeout_s, it)
+            else:
+                rec = meta_iteration(fleet, cfg.tasks.train, groups, cfg.meta.algo, cfg.ray.call_timeout_s)
             now = time.time()
             for name in cfg.tasks.train:
                 if name in rec["tasks_dropped"]:
@@ -354,8 +423,12 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
             rec = {"iteration": it + 1, "skip": k, **rec, "env_steps/total": counters["env_steps"],
                    "frames/total": counters["frames"], "time/wall_s": counters["wall_s"],
                    "speed/env_steps_per_s": (rec["env_steps/adapt"] + rec["env_steps/eval"]) / rec["time/iteration_s"]}
-            tracker.log(rec)
-            progress.update(rec)
+            window.append(rec)
+            if len(window) == cfg.log.every or it + 1 == cfg.meta.iterations:
+                row = merge_window(window)
+                tracker.log(row)
+                progress.update(row)
+                window = []
             lost = [name for name, t0 in failing_since.items() if now - t0 > cfg.ray.task_downtime_s]
             if lost:
                 raise RuntimeError(f"task(s) {', '.join(lost)} failed every iteration for over "
@@ -379,6 +452,32 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
     summary = {"iterations": cfg.meta.iterations, "env_steps": counters["env_steps"], "frames": counters["frames"],
                "wall_s": counters["wall_s"], "last": rec, "run_dir": str(out)}
     return summary
+
+
+_SUMMED = ("tasks_dropped", "nonfinite_tasks")
+
+
+def merge_window(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One logged row for the iterations in `rows` (log.every): the last row's counters and
+    identity, every other number averaged, drops and non-finite tasks listed over the window,
+    `updates_skipped` counted. A window of one is the row itself."""
+    if len(rows) == 1:
+        return rows[0]
+    last = rows[-1]
+    out = dict(last)
+    for key, v in last.items():
+        if key in ("iteration", "skip") or key.endswith("/total") or key == "time/wall_s":
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            out[key] = v if all(x == v for x in values) else _mean(values)
+    for key in _SUMMED:
+        out[key] = sorted({t for r in rows for t in r.get(key, [])})
+    out["drop_reasons"] = {t: why for r in rows for t, why in r.get("drop_reasons", {}).items()}
+    out["update_skipped"] = any(r["update_skipped"] for r in rows)
+    out["updates_skipped"] = sum(bool(r["update_skipped"]) for r in rows)
+    out["iterations_in_row"] = len(rows)
+    return out
 
 
 def write_actors_file(out: Path, fleet: Fleet) -> None:

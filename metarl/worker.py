@@ -35,17 +35,24 @@ def merge_batch_stats(batches: list[Batch]) -> dict[str, Any]:
     return out
 
 
+def iteration_seed(task_seed: int, iteration: int) -> int:
+    """The data seed of one task at one meta-iteration (distinct for every pair a run meets)."""
+    return (int(task_seed) * 1_000_003 + 7919 * int(iteration)) % (2**63)
+
+
 class TaskWorker:
     def __init__(self, family: TaskFamily, task_seeds: dict[str, int], inner_lr: float, inner_steps: int,
-                 keep_adaptation: bool = False, torch_threads: int = 1, device: str = "cpu"):
+                 keep_adaptation: bool = False, torch_threads: int = 1, device: str = "cpu", resample: bool = False):
         torch.set_num_threads(torch_threads)
         self.device = device
         self.model = family.make_model().to(device)
         self.spec = ParamSpec.of(self.model)
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
         self.keep_adaptation = keep_adaptation
+        self.family, self.seeds, self.resample = family, dict(task_seeds), resample
         self.tasks = {name: family.make_task(name, seed) for name, seed in task_seeds.items()}
         self._adaptations: dict[str, meta.Adaptation] = {}
+        self._stack = None
 
     # -- helpers ---------------------------------------------------------------------------
     def _params(self, flat: np.ndarray):
@@ -117,6 +124,27 @@ class TaskWorker:
         direction = theta - theta_prime
         stats.update(finite=bool(np.isfinite(direction).all()), grad_norm=float(np.linalg.norm(direction)))
         return direction, stats
+
+    def groups_step(self, theta: np.ndarray, iteration: int, groups: list[meta.Group],
+                    algo: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """Stacked mode (meta.stack_tasks): the whole of `groups` in one call, every group's
+        leader and members computed together on the family's TaskStack. Task indices are places
+        in this worker's task list (in stacked mode every worker holds every task); each task's
+        data RNG restarts from (its seed, iteration), so the data do not depend on which worker
+        computes the group. Returns the summed meta-gradient (flat) and per-task statistics."""
+        t0 = time.perf_counter()
+        if self._stack is None:
+            self._stack = self.family.make_stack(list(self.tasks.values()))
+            if self._stack is None:
+                raise RuntimeError(f"{type(self.family).__name__} has no stacked form; set meta.stack_tasks = off")
+        names = list(self.tasks)
+        for i in {i for g in groups for i in g.members}:
+            self.tasks[names[i]].reseed(iteration_seed(self.seeds[names[i]], iteration), redraw=self.resample)
+        grads, adapt_stats, eval_stats = meta.groups_step(self._stack, self.model, self._params(theta), groups, algo,
+                                                         self.inner_lr, self.inner_steps)
+        flat = self.spec.flatten_grads(grads)
+        return flat, {"adapt": adapt_stats, "eval": eval_stats, "finite": bool(np.isfinite(flat).all()),
+                      "seconds": time.perf_counter() - t0}
 
     def close(self) -> None:
         for t in self.tasks.values():

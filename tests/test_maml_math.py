@@ -22,10 +22,10 @@ from metarl import meta
 from metarl.config import Config, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
 from metarl.meta import Group
 from metarl.policy import ParamSpec, init_params
-from metarl.run import meta_iteration, start_fleet, task_seed
+from metarl.run import meta_iteration, meta_iteration_stacked, start_fleet, task_seed
 from metarl.tasks.nav2d import Nav2dFamily
 from metarl.tasks.sinusoid import SinusoidFamily, task_names
-from metarl.worker import TaskWorker
+from metarl.worker import TaskWorker, iteration_seed
 
 SINE = SinusoidFamily(SinusoidConfig(k_shot=6, hidden=(6, 5)))
 NAV = Nav2dFamily(Nav2dConfig(episodes=3, horizon=8, hidden=(6,), init_log_std=-1.0), LossConfig(ent_coef=0.01))
@@ -223,20 +223,24 @@ def test_reptile_direction_is_theta_minus_theta_prime_exactly():
 # ---- the whole meta-iteration (run.meta_iteration, local actors) against the float64 references ----------
 
 
-def small_config(algo: str, skip: int, inner_steps: int) -> Config:
+def small_config(algo: str, skip: int, inner_steps: int, stack: str = "off") -> Config:
     return Config(
         tasks=TasksConfig(family="sinusoid", train=task_names(40, 4)),
         meta=MetaConfig(algo=algo, skip=skip, inner_lr=ALPHA, inner_steps=inner_steps, outer_lr=1e-3,
-                        max_grad_norm=1e6, seed=4),
+                        max_grad_norm=1e6, seed=4, stack_tasks=stack),
         sinusoid=SINE.cfg,
         ray=dataclasses.replace(Config().ray, workers=2),  # each worker owns two tasks
     )
 
 
-def reference_direction(cfg: Config, groups: list[Group], theta: np.ndarray) -> np.ndarray:
-    """What the learner should receive, averaged: per group, MAML / FOMAML / Reptile in float64."""
+def reference_direction(cfg: Config, groups: list[Group], theta: np.ndarray, iteration: int | None = None) -> np.ndarray:
+    """What the learner should receive, averaged: per group, MAML / FOMAML / Reptile in float64.
+    iteration: the tasks' RNGs restart from (task seed, iteration), as in stacked mode."""
     names, m = cfg.tasks.train, cfg.meta
-    twin = twins(SINE, names, [task_seed(m.seed, i) for i in range(len(names))])
+    seeds = [task_seed(m.seed, i) for i in range(len(names))]
+    if iteration is not None:
+        seeds = [iteration_seed(s, iteration) for s in seeds]
+    twin = twins(SINE, names, seeds)
     model = SINE.make_model().double()
     spec = ParamSpec.of(model)
     theta64 = spec.unflatten(torch.from_numpy(theta), dtype=torch.float64)
@@ -283,3 +287,67 @@ def test_meta_iteration_feeds_the_learner_the_right_direction(algo, skip, inner_
     big = np.abs(expected) > 1e-3 * np.abs(expected).max()
     assert big.sum() > 10
     np.testing.assert_array_equal(np.sign(theta1 - theta0)[big], -np.sign(expected[big]))
+
+
+@pytest.mark.parametrize("algo,skip,inner_steps", [("maml", 2, 2), ("maml", 3, 1), ("fomaml", 2, 1), ("reptile", 2, 3)])
+def test_stacked_meta_iteration_feeds_the_learner_the_same_direction(algo, skip, inner_steps):
+    """Stacked mode (one batched call per worker computing whole groups) against the same float64
+    task-by-task references: the groups are split over two workers, the data come from
+    (task seed, iteration)."""
+    cfg = small_config(algo, skip, inner_steps, stack="on")
+    fleet = start_fleet(cfg, local=True)
+    assert fleet.stacked and all(len(w.tasks) == cfg.num_tasks for w in fleet.workers)
+    b = fleet.backend
+    theta0 = b.get(b.call(fleet.learner, "get_theta"))
+    groups = meta.make_groups(cfg.num_tasks, skip, np.random.default_rng(11))
+    rec = meta_iteration_stacked(fleet, cfg.tasks.train, groups, algo, timeout=60, iteration=7)
+    theta1 = b.get(b.call(fleet.learner, "get_theta"))
+    expected = reference_direction(cfg, groups, theta0, iteration=7)
+    assert rec["tasks_dropped"] == [] and not rec["update_skipped"]
+    assert rec["adaptations"] == len(groups)
+    assert rec["evaluations_used"] == (len(groups) if algo == "reptile" else cfg.num_tasks)
+    assert rec["env_steps/adapt"] == len(groups) * inner_steps * SINE.cfg.k_shot
+    assert rec["grad/norm"] == pytest.approx(float(np.linalg.norm(expected)), rel=2e-4)
+    big = np.abs(expected) > 1e-3 * np.abs(expected).max()
+    assert big.sum() > 10
+    np.testing.assert_array_equal(np.sign(theta1 - theta0)[big], -np.sign(expected[big]))
+
+
+@pytest.mark.parametrize("family,names", [
+    (SINE, ["sine-0001", "sine-0002", "sine-0003", "sine-0004", "sine-0005"]),
+    (NAV, ["goal-0001", "goal-0002", "goal-0003", "goal-0004", "goal-0005"]),
+], ids=["sinusoid", "nav2d"])
+@pytest.mark.parametrize("algo,skip,inner_steps", [("maml", 2, 2), ("fomaml", 3, 1), ("reptile", 2, 2)])
+def test_groups_step_equals_the_task_by_task_math(family, names, algo, skip, inner_steps):
+    """meta.groups_step on a TaskStack (all groups in one batched pass) against meta.adapt /
+    loss_grad / maml_backward task by task, in float64, on identical data: same per-task
+    statistics, same summed meta-gradient."""
+    model, theta, _ = float64_setup(family, names)
+    seeds = [500 + i for i in range(len(names))]
+    groups = meta.make_groups(len(names), skip, np.random.default_rng(3))
+    stacked_tasks = [family.make_task(n, s) for n, s in zip(names, seeds)]
+    got, adapt_stats, eval_stats = meta.groups_step(family.make_stack(stacked_tasks), model, theta, groups, algo,
+                                                    ALPHA, inner_steps)
+    tasks = [family.make_task(n, s) for n, s in zip(names, seeds)]
+    want = [torch.zeros_like(v) for v in theta.values()]
+    for g in groups:
+        a = meta.adapt(tasks[g.leader], model, theta, ALPHA, inner_steps)
+        assert adapt_stats[g.leader]["inner_losses"] == pytest.approx(a.losses, rel=1e-9)
+        if algo == "reptile":
+            parts = [meta.reptile_direction(theta, a.theta_prime)]
+        else:
+            parts = []
+            for j in g.members:
+                batch = tasks[j].sample(model, a.theta_prime)
+                grads, loss, _ = meta.loss_grad(tasks[j], model, a.theta_prime, batch)
+                assert eval_stats[j]["loss"] == pytest.approx(loss, rel=1e-9)
+                assert eval_stats[j]["env_steps"] == batch.env_steps
+                assert eval_stats[j]["returns"] == pytest.approx(batch.episode_returns, rel=1e-9)
+                parts.append(grads)
+            if algo == "maml":
+                v = tuple(sum(x) for x in zip(*parts))
+                parts = [meta.maml_backward(tasks[g.leader], model, a, ALPHA, v)]
+        for p in parts:
+            want = [w + x for w, x in zip(want, p)]
+    assert flat(want).norm() > 0
+    torch.testing.assert_close(flat(got), flat(want), rtol=1e-9, atol=1e-11)

@@ -78,8 +78,49 @@ class Task(abc.ABC):
         loss, stats = self.loss(model, params, batch)
         return torch.autograd.grad(loss, tuple(params.values())), float(loss.detach()), stats
 
+    def reseed(self, seed: int, redraw: bool = False) -> None:
+        """Restart this task's data RNG from `seed` (stacked runs draw each iteration's data from
+        (run seed, iteration, task), whichever worker computes it); `redraw` also draws the task
+        itself anew from the family's distribution (tasks.resample). Emulator tasks do not."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be reseeded")
+
     def close(self) -> None:
         """Release emulators or other resources."""
+
+
+@dataclass
+class StackedBatch:
+    """One batch per row of a task stack: every tensor in `data` has the rows as its first
+    dimension; row r was collected by task rows[r] with parameter set r."""
+
+    data: dict[str, torch.Tensor]
+    env_steps: list[int]
+    episode_returns: list[list[float]]
+    reward_sum: list[float]
+
+    def row_stats(self, r: int) -> dict[str, Any]:
+        """The numbers a worker reports for one row, as for an unstacked Batch."""
+        return {"env_steps": self.env_steps[r], "frames": self.env_steps[r],
+                "returns": list(self.episode_returns[r]), "reward_sum": self.reward_sum[r]}
+
+
+class TaskStack(abc.ABC):
+    """Many tasks of one family computed together: sampling and losses for n (task, parameter
+    set) rows at once, parameters stacked along a first dimension of size n (see
+    metarl.policy.linear). Row r's loss depends on row r's parameters and data alone, so the
+    gradient of the summed losses is every row's own gradient, and a Hessian-vector product of it
+    is every row's own HVP: the meta-math of metarl.meta, done for all groups in one pass."""
+
+    def __init__(self, tasks: list[Task]):
+        self.tasks = tasks
+
+    @abc.abstractmethod
+    def sample(self, model: nn.Module, params: Params, rows: list[int]) -> StackedBatch:
+        """Fresh data for tasks[rows[r]] acting with parameter set r (no gradient recorded)."""
+
+    @abc.abstractmethod
+    def losses(self, model: nn.Module, params: Params, batch: StackedBatch) -> torch.Tensor:
+        """The n per-row losses (each the unstacked Task.loss of that row), differentiable."""
 
 
 class TaskFamily(abc.ABC):
@@ -92,6 +133,11 @@ class TaskFamily(abc.ABC):
     @abc.abstractmethod
     def make_task(self, name: str, seed: int) -> Task:
         """The task called `name`, with its own RNG seeded by `seed`."""
+
+    def make_stack(self, tasks: list[Task]) -> TaskStack | None:
+        """A TaskStack over `tasks`, or None when the family only computes task by task (Atari:
+        each game's emulators are its own)."""
+        return None
 
     def make_scorer(self) -> Task:
         """A task that only scores shipped batches (loss, grad): what a learner computing

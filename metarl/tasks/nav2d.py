@@ -21,13 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from metarl.config import ConfigError, LossConfig, Nav2dConfig
 from metarl.losses import gaussian_pg_loss
-from metarl.policy import Params
-from metarl.tasks.base import Batch, Task, TaskFamily
+from metarl.policy import Params, linear
+from metarl.tasks.base import Batch, StackedBatch, Task, TaskFamily, TaskStack
 
 NAME_RE = re.compile(r"^goal-(\d+)$")
 _SALT = 0x2D_9A7
@@ -54,14 +53,16 @@ def goal_of(index: int, cfg: Nav2dConfig) -> tuple[float, float]:
 
 def gaussian_policy(params: Params, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The policy as a pure function of its parameters: obs N x 2 -> (mean action N x 2, log-std 2).
-    ReLU layers `layers.<i>` with the last one linear; the log-std does not depend on the state."""
+    ReLU layers `layers.<i>` with the last one linear; the log-std does not depend on the state.
+    With per-task stacked parameters (metarl.policy.linear): obs n x N x 2 -> (n x N x 2, n x 1 x 2)."""
     n = sum(1 for k in params if k.endswith(".weight"))
     h = obs
     for i in range(n):
-        h = F.linear(h, params[f"layers.{i}.weight"], params[f"layers.{i}.bias"])
+        h = linear(h, params[f"layers.{i}.weight"], params[f"layers.{i}.bias"])
         if i < n - 1:
             h = torch.relu(h)
-    return h, params["log_std"]
+    log_std = params["log_std"]
+    return h, log_std if log_std.dim() == 1 else log_std.unsqueeze(1)
 
 
 class GaussianPolicy(nn.Module):
@@ -90,13 +91,13 @@ def linear_baseline(obs: torch.Tensor, t: torch.Tensor, returns: torch.Tensor, m
 
 
 def discounted(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """y_t = sum_{l >= t} factor^(l - t) x_l over T x B, as one triangular matrix product. Steps
+    """y_t = sum_{l >= t} factor^(l - t) x_l over T x ..., as one triangular matrix product. Steps
     after an episode ends carry x = 0 here (frozen episodes), so no episode boundary is needed."""
     T = x.shape[0]
     powers = torch.arange(T, dtype=x.dtype)
     exponent = powers[None, :] - powers[:, None]
     weights = torch.where(exponent >= 0, factor ** exponent.clamp(min=0), torch.zeros((), dtype=x.dtype))
-    return weights @ x
+    return (weights @ x.reshape(T, -1)).reshape(x.shape)
 
 
 def advantages(rewards: torch.Tensor, values: torch.Tensor, alive: torch.Tensor, gamma: float,
@@ -150,6 +151,12 @@ class Nav2dTask(Task):
     def sample(self, model: nn.Module, params: Params) -> Batch:
         return self.rollout(params, self.cfg.episodes)
 
+    def reseed(self, seed: int, redraw: bool = False) -> None:
+        self.gen.manual_seed(int(seed))
+        if redraw:  # a fresh goal from the same stream, before any action noise is drawn
+            lo, hi = self.cfg.goal_range
+            self.goal = lo + (hi - lo) * torch.rand(2, generator=self.gen, dtype=torch.float64)
+
     def loss(self, model: nn.Module, params: Params, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         dtype = next(iter(params.values())).dtype
         mean, log_std = gaussian_policy(params, batch.data["obs"].to(dtype))
@@ -158,6 +165,71 @@ class Nav2dTask(Task):
         entropy = log_std.sum()  # + a constant: the Gaussian's entropy per step
         loss = pg - self.loss_cfg.ent_coef * entropy
         return loss, {"pg_loss": float(pg.detach()), "std": float(log_std.detach().exp().mean())}
+
+
+class Nav2dStack(TaskStack):
+    """n tasks x B episodes stepped together (the policy runs once per step over all of them).
+    Row r's action noise comes from its own task's RNG, so a row is the rollout its task's
+    sample() gives; rows keep every step (T x B per row) with a mask of the live ones, and the
+    baseline, advantage normalisation and loss are taken over each row's live steps alone."""
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, params: Params, rows: list[int]) -> StackedBatch:
+        tasks = [self.tasks[r] for r in rows]
+        c, lc = tasks[0].cfg, tasks[0].loss_cfg
+        T, B, n = c.horizon, c.episodes, len(rows)
+        dtype = next(iter(params.values())).dtype
+        goal = torch.stack([t.goal for t in tasks]).to(dtype)[:, None, :]
+        noise = torch.stack([torch.randn(T, B, 2, generator=t.gen, dtype=torch.float64) for t in tasks], 1).to(dtype)
+        pos = torch.zeros(n, B, 2, dtype=dtype)
+        live = torch.ones(n, B, dtype=dtype)
+        obs, actions = torch.zeros(T, n, B, 2, dtype=dtype), torch.zeros(T, n, B, 2, dtype=dtype)
+        rewards, alive = torch.zeros(T, n, B, dtype=dtype), torch.zeros(T, n, B, dtype=dtype)
+        for t in range(T):
+            mean, log_std = gaussian_policy(params, pos)
+            a = mean + log_std.exp() * noise[t]
+            obs[t], actions[t], alive[t] = pos, a, live
+            pos = pos + c.max_action * a.clamp(-1.0, 1.0) * live[..., None]
+            offset = pos - goal
+            rewards[t] = -offset.norm(dim=-1) * live
+            live = live * (offset.abs().max(-1).values >= c.goal_tolerance)
+            if not live.any():
+                break
+        steps = (torch.arange(T, dtype=dtype) / T)[:, None, None].expand(T, n, B)
+        returns = discounted(rewards, lc.gamma)
+        t_ = steps[..., None]
+        feats = torch.cat([obs, obs.pow(2), t_, t_.pow(2), t_.pow(3), torch.ones_like(t_)], -1)  # T x n x B x F
+        f = feats.transpose(0, 1).reshape(n, T * B, -1)
+        m = alive.transpose(0, 1).reshape(n, T * B)
+        r = returns.transpose(0, 1).reshape(n, T * B)
+        gram = f.transpose(1, 2) @ (f * m[..., None]) + 1e-5 * torch.eye(f.shape[-1], dtype=dtype)
+        coef = torch.linalg.solve(gram, (f.transpose(1, 2) @ (r * m)[..., None]))
+        values = (f @ coef).squeeze(-1).reshape(n, T, B).transpose(0, 1)
+        adv = advantages(rewards, values, alive, lc.gamma, lc.gae_lambda)
+        flat = lambda x: x.transpose(0, 1).reshape(n, T * B, *x.shape[3:])  # noqa: E731
+        ep_returns = rewards.sum(0)  # n x B
+        counts = m.sum(1).to(torch.long).tolist()
+        return StackedBatch({"obs": flat(obs), "actions": flat(actions), "advantages": flat(adv), "mask": m},
+                            env_steps=counts, episode_returns=ep_returns.tolist(),
+                            reward_sum=ep_returns.sum(1).tolist())
+
+    def losses(self, model: nn.Module, params: Params, batch: StackedBatch) -> torch.Tensor:
+        lc = self.tasks[0].loss_cfg
+        dtype = next(iter(params.values())).dtype
+        d = {k: v.to(dtype) for k, v in batch.data.items()}
+        m, adv = d["mask"], d["advantages"]
+        count = m.sum(1)
+        if lc.norm_adv:
+            mu = (adv * m).sum(1, keepdim=True) / count[:, None]
+            var = ((adv - mu).pow(2) * m).sum(1, keepdim=True) / (count[:, None] - 1).clamp(min=1)
+            normed = (adv - mu) / (var.sqrt() + 1e-8)
+            adv = torch.where((count > 1)[:, None], normed, adv)
+        mean, log_std = gaussian_policy(params, d["obs"])
+        var_a = torch.exp(2 * log_std)
+        logp = (-0.5 * (d["actions"] - mean).pow(2) / var_a - log_std
+                - 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=dtype))).sum(-1)
+        pg = -(logp * adv.detach() * m).sum(1) / count
+        return pg - lc.ent_coef * log_std.sum((-1, -2))
 
 
 @dataclass(frozen=True)
@@ -170,4 +242,7 @@ class Nav2dFamily(TaskFamily):
 
     def make_task(self, name: str, seed: int) -> Task:
         return Nav2dTask(name, seed, self.cfg, self.loss_cfg)
+
+    def make_stack(self, tasks: list[Task]) -> TaskStack:
+        return Nav2dStack(tasks)
 

@@ -22,8 +22,8 @@ from torch import nn
 
 from metarl.config import ConfigError, SinusoidConfig
 from metarl.losses import mse
-from metarl.policy import MLP, Params, forward
-from metarl.tasks.base import Batch, Task, TaskFamily
+from metarl.policy import MLP, Params, forward, mlp_forward
+from metarl.tasks.base import Batch, StackedBatch, Task, TaskFamily, TaskStack
 
 NAME_RE = re.compile(r"^sine-(\d+)$")
 _SALT = 0x5EED_5111  # separates these draws from any other RNG seeded by a small integer
@@ -57,6 +57,7 @@ def params_dtype(params: Params) -> torch.dtype:
 class SinusoidTask(Task):
     def __init__(self, name: str, seed: int, cfg: SinusoidConfig):
         self.name = name
+        self.cfg = cfg
         self.amplitude, self.phase = curve(task_index(name), cfg)
         self.k_shot, self.x_range = cfg.k_shot, cfg.x_range
         self.gen = torch.Generator().manual_seed(int(seed))
@@ -64,10 +65,14 @@ class SinusoidTask(Task):
     def target(self, x: torch.Tensor) -> torch.Tensor:
         return self.amplitude * torch.sin(x - self.phase)
 
-    def draw(self, n: int) -> Batch:
-        """n fresh points (x uniform on x_range) of this curve, N x 1 each, float64."""
+    def draw_x(self, n: int) -> torch.Tensor:
+        """n fresh inputs uniform on x_range, N x 1, float64."""
         lo, hi = self.x_range
-        x = lo + (hi - lo) * torch.rand(n, 1, generator=self.gen, dtype=torch.float64)
+        return lo + (hi - lo) * torch.rand(n, 1, generator=self.gen, dtype=torch.float64)
+
+    def draw(self, n: int) -> Batch:
+        """n fresh points of this curve, N x 1 each, float64."""
+        x = self.draw_x(n)
         return Batch({"x": x, "y": self.target(x)}, env_steps=n, frames=n)
 
     @torch.no_grad()
@@ -86,6 +91,36 @@ class SinusoidTask(Task):
         loss = mse(pred, batch.data["y"].to(dtype))
         return loss, {"mse": float(loss.detach())}
 
+    def reseed(self, seed: int, redraw: bool = False) -> None:
+        self.gen.manual_seed(int(seed))
+        if redraw:  # a fresh curve from the same stream, before any point is drawn
+            u_amp, u_phase = torch.rand(2, generator=self.gen, dtype=torch.float64).tolist()
+            (a0, a1), (p0, p1) = self.cfg.amp_range, self.cfg.phase_range
+            self.amplitude, self.phase = a0 + (a1 - a0) * u_amp, p0 + (p1 - p0) * u_phase
+
+
+class SinusoidStack(TaskStack):
+    """Rows of K points each; the regressor runs once over all rows (batched matmuls). Each row's
+    points come from its own task's RNG, so a row is the same data its task's sample() gives."""
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, params: Params, rows: list[int]) -> StackedBatch:
+        tasks = [self.tasks[r] for r in rows]
+        x = torch.stack([t.draw_x(t.k_shot) for t in tasks])
+        amp = torch.tensor([t.amplitude for t in tasks], dtype=torch.float64)[:, None, None]
+        phase = torch.tensor([t.phase for t in tasks], dtype=torch.float64)[:, None, None]
+        y = amp * torch.sin(x - phase)
+        pred = mlp_forward(params, x.to(params_dtype(params)))
+        sq_err = (pred.double() - y).pow(2).sum((1, 2)).tolist()
+        k = [self.tasks[r].k_shot for r in rows]
+        return StackedBatch({"x": x, "y": y}, env_steps=k, episode_returns=[[-e / n] for e, n in zip(sq_err, k)],
+                            reward_sum=[-e for e in sq_err])
+
+    def losses(self, model: nn.Module, params: Params, batch: StackedBatch) -> torch.Tensor:
+        dtype = params_dtype(params)
+        pred = mlp_forward(params, batch.data["x"].to(dtype))
+        return (pred - batch.data["y"].to(dtype)).pow(2).mean((1, 2))
+
 
 @dataclass(frozen=True)
 class SinusoidFamily(TaskFamily):
@@ -96,3 +131,6 @@ class SinusoidFamily(TaskFamily):
 
     def make_task(self, name: str, seed: int) -> Task:
         return SinusoidTask(name, seed, self.cfg)
+
+    def make_stack(self, tasks: list[Task]) -> TaskStack:
+        return SinusoidStack(tasks)
