@@ -77,7 +77,7 @@ class LossConfig:
 
 LR_DECAYS = ("constant", "linear", "cosine")
 GRAD_ON = ("auto", "worker", "learner")
-STACK_MODES = ("auto", "on", "off")
+TASK_BATCHING = ("auto", "stacked", "per_task")
 STACKED_FAMILIES = ("sinusoid", "nav2d")
 
 
@@ -99,8 +99,8 @@ class MetaConfig:
     """Clip the averaged meta-gradient to this global norm."""
     grad_on: str = "auto"
     """Where evaluation gradients are computed: worker, learner (batches shipped; Atari fomaml), auto = learner iff it has a GPU the workers lack."""
-    stack_tasks: str = "auto"
-    """on: each worker computes whole groups, all its tasks in one batched pass (sinusoid, nav2d); off: one call per task; auto: on where the family can."""
+    task_batching: str = "auto"
+    """stacked: each worker computes whole groups, all their tasks in one batched pass (sinusoid, nav2d); per_task: one worker call per task; auto: stacked where the family can."""
     iterations: int = 100
     """Meta-iterations to run (a resumed run stops at the same total)."""
     checkpoint_every: int = 10
@@ -267,7 +267,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+            hint = " (YAML reads on/off/yes/no as true/false: quote the word)" if isinstance(value, bool) else ""
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}{hint}")
         return value
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported union type for {key}")
@@ -387,14 +388,14 @@ def validate(cfg: Config) -> Config:
     if m.grad_on == "learner" and (m.algo != "fomaml" or cfg.tasks.family != "atari"):
         raise ConfigError(f"meta.grad_on = learner ships Atari batches for first-order gradients; it does not apply to "
                           f"algo {m.algo} on {cfg.tasks.family} (use worker or auto)")
-    if m.stack_tasks not in STACK_MODES:
-        raise ConfigError(f"meta.stack_tasks '{m.stack_tasks}' is unknown; allowed: {', '.join(STACK_MODES)}")
-    if m.stack_tasks == "on" and cfg.tasks.family not in STACKED_FAMILIES:
-        raise ConfigError(f"meta.stack_tasks = on needs a family computed in stacks ({', '.join(STACKED_FAMILIES)}); "
-                          f"{cfg.tasks.family} runs task by task: use auto or off")
-    if t.resample and (t.family not in STACKED_FAMILIES or m.stack_tasks == "off"):
+    if m.task_batching not in TASK_BATCHING:
+        raise ConfigError(f"meta.task_batching '{m.task_batching}' is unknown; allowed: {', '.join(TASK_BATCHING)}")
+    if m.task_batching == "stacked" and cfg.tasks.family not in STACKED_FAMILIES:
+        raise ConfigError(f"meta.task_batching = stacked needs a family computed in stacks ({', '.join(STACKED_FAMILIES)}); "
+                          f"{cfg.tasks.family} runs task by task: use auto or per_task")
+    if t.resample and (t.family not in STACKED_FAMILIES or m.task_batching == "per_task"):
         raise ConfigError(f"tasks.resample draws new {', '.join(STACKED_FAMILIES)} tasks each iteration in stacked mode; "
-                          f"it does not apply to {t.family} with meta.stack_tasks = {m.stack_tasks}")
+                          f"it does not apply to {t.family} with meta.task_batching = {m.task_batching}")
     if m.outer_lr_decay not in LR_DECAYS:
         raise ConfigError(f"meta.outer_lr_decay '{m.outer_lr_decay}' is unknown; allowed: {', '.join(LR_DECAYS)}")
     positive_ints = (

@@ -217,8 +217,10 @@ def write_report(result: dict[str, Any], out: Path) -> list[Path]:
 
 def pretrain(cfg: Config, out: Path, iterations: int, lr: float, log=print) -> Path:
     """One network trained on every training task at once (no adaptation): Adam on the mean loss of
-    a fresh batch from each task per iteration. Writes a checkpoint `fewshot eval` reads."""
+    a fresh batch from each task per iteration (with tasks.resample, fresh tasks too, as the
+    meta-learners see them). Writes a checkpoint `fewshot eval` reads."""
     from metarl.run import prepare_run_dir, task_seed
+    from metarl.worker import iteration_seed
 
     prepare_run_dir(out, resume=False)
     family = make_family(cfg)
@@ -229,6 +231,9 @@ def pretrain(cfg: Config, out: Path, iterations: int, lr: float, log=print) -> P
     tasks = [family.make_task(n, task_seed(cfg.meta.seed, i)) for i, n in enumerate(cfg.tasks.train)]
     t0 = time.perf_counter()
     for it in range(iterations):
+        if cfg.tasks.resample:
+            for i, t in enumerate(tasks):
+                t.reseed(iteration_seed(task_seed(cfg.meta.seed, i), it), redraw=True)
         losses = [t.loss(model, theta, t.sample(model, theta))[0] for t in tasks]
         loss = torch.stack(losses).mean()
         opt.zero_grad(set_to_none=True)
@@ -262,15 +267,20 @@ def peak_tensor_bytes(fn) -> int:
 def cost(cfg: Config, iterations: int, log=print) -> list[dict[str, Any]]:
     """Seconds (median over `iterations`) and peak tensor memory of one meta-iteration of each
     algorithm, same family, tasks, skip and batch, all actors in this process (--local)."""
-    from metarl.run import meta_iteration, start_fleet
+    from metarl.run import meta_iteration, meta_iteration_stacked, start_fleet
 
     rows = []
     for algo in ("maml", "fomaml", "reptile"):
         c = config_mod.override(cfg, "meta.algo", algo)
         fleet = start_fleet(c, local=True)
         rng = np.random.default_rng(c.meta.seed)
-        step = lambda: meta_iteration(fleet, c.tasks.train, meta.make_groups(c.num_tasks, c.meta.skip, rng),  # noqa: E731
-                                      algo, c.ray.call_timeout_s)
+        if fleet.stacked:
+            step = lambda: meta_iteration_stacked(fleet, c.tasks.train,  # noqa: E731
+                                                  meta.make_groups(c.num_tasks, c.meta.skip, rng), algo,
+                                                  c.ray.call_timeout_s, int(rng.integers(1 << 30)))
+        else:
+            step = lambda: meta_iteration(fleet, c.tasks.train, meta.make_groups(c.num_tasks, c.meta.skip, rng),  # noqa: E731
+                                          algo, c.ray.call_timeout_s)
         step()  # warm-up
         secs = []
         for _ in range(iterations):

@@ -66,11 +66,11 @@ def resolve_grad_on(cfg: Config, learner_gpus: float) -> str:
 
 
 def resolve_stacked(cfg: Config) -> bool:
-    """meta.stack_tasks auto: stacked wherever the family has a stacked form (cheap tasks, where
+    """meta.task_batching auto: stacked wherever the family has a stacked form (cheap tasks, where
     one call per task costs more than the task itself)."""
-    if cfg.meta.stack_tasks == "auto":
+    if cfg.meta.task_batching == "auto":
         return cfg.tasks.family in config_mod.STACKED_FAMILIES
-    return cfg.meta.stack_tasks == "on"
+    return cfg.meta.task_batching == "stacked"
 
 
 def _packs(node_cpus: list[float], learner_cpus: float, cpw: float, n_workers: int) -> bool:

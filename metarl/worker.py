@@ -127,7 +127,7 @@ class TaskWorker:
 
     def groups_step(self, theta: np.ndarray, iteration: int, groups: list[meta.Group],
                     algo: str) -> tuple[np.ndarray, dict[str, Any]]:
-        """Stacked mode (meta.stack_tasks): the whole of `groups` in one call, every group's
+        """Stacked mode (meta.task_batching): the whole of `groups` in one call, every group's
         leader and members computed together on the family's TaskStack. Task indices are places
         in this worker's task list (in stacked mode every worker holds every task); each task's
         data RNG restarts from (its seed, iteration), so the data do not depend on which worker
@@ -136,7 +136,7 @@ class TaskWorker:
         if self._stack is None:
             self._stack = self.family.make_stack(list(self.tasks.values()))
             if self._stack is None:
-                raise RuntimeError(f"{type(self.family).__name__} has no stacked form; set meta.stack_tasks = off")
+                raise RuntimeError(f"{type(self.family).__name__} has no stacked form; set meta.task_batching = per_task")
         names = list(self.tasks)
         for i in {i for g in groups for i in g.members}:
             self.tasks[names[i]].reseed(iteration_seed(self.seeds[names[i]], iteration), redraw=self.resample)

@@ -78,6 +78,17 @@ def test_unknown_schedule_or_negative_chunk(key, words):
     assert_usage_error(metarl("run", "--config", str(CONFIGS / "smoke.yaml"), "--set", key), *words)
 
 
+@pytest.mark.parametrize("config, key, words", [
+    ("smoke.yaml", "meta.task_batching=stack", ("task_batching", "per_task")),
+    ("smoke.yaml", "meta.task_batching=on", ("task_batching", "quote")),
+    ("smoke.yaml", "meta.task_batching=stacked", ("task_batching = stacked", "atari")),
+    ("smoke.yaml", "tasks.resample=true", ("tasks.resample", "atari")),
+    ("sinusoid.yaml", "log.every=0", ("log.every", ">= 1")),
+])
+def test_batching_resample_and_log_every_errors(config, key, words):
+    assert_usage_error(metarl("run", "--config", str(CONFIGS / config), "--set", key), *words)
+
+
 def test_wrong_type(smoke_variant):
     cfg = smoke_variant(("skip: 1 ", "skip: two "))
     assert_usage_error(metarl("run", "--config", str(cfg)), "meta.skip", "integer")

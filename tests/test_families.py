@@ -18,6 +18,7 @@ from conftest import CONFIGS, REPO, assert_png
 from metarl import config as config_mod, fewshot
 from metarl.config import Config, ConfigError, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
 from metarl.losses import gae
+from metarl.meta import make_groups
 from metarl.policy import init_params
 from metarl.run import run
 from metarl.tasks.nav2d import Nav2dFamily, advantages, discounted, goal_of
@@ -172,17 +173,18 @@ def test_fewshot_cli_bad_input_is_one_line_exit_2(tmp_path):
 # ---- real Ray actors, skip 2 ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["sinusoid", "nav2d"])
-def test_family_runs_through_ray_actors_with_skip_2(family, ray_session, tmp_path):
+@pytest.mark.parametrize("family,batching", [("sinusoid", "stacked"), ("nav2d", "stacked"), ("nav2d", "per_task")])
+def test_family_runs_through_ray_actors_with_skip_2(family, batching, ray_session, tmp_path):
     base = config_mod.load(CONFIGS / f"{family}.yaml")
     prefix = "sine" if family == "sinusoid" else "goal"
     cfg = dataclasses.replace(
         base,
-        tasks=dataclasses.replace(base.tasks, train=tuple(f"{prefix}-{i}" for i in range(4)), heldout=()),
-        meta=dataclasses.replace(base.meta, algo="maml", skip=2, iterations=2, checkpoint_every=2),
+        tasks=dataclasses.replace(base.tasks, train=tuple(f"{prefix}-{i}" for i in range(4)), heldout=(),
+                                  resample=batching == "stacked"),
+        meta=dataclasses.replace(base.meta, algo="maml", skip=2, iterations=2, checkpoint_every=2, task_batching=batching),
         nav2d=dataclasses.replace(base.nav2d, episodes=4, horizon=20),
         ray=dataclasses.replace(base.ray, workers=2, num_cpus=2),
-        log=dataclasses.replace(base.log, wandb_mode="disabled", progress=False),
+        log=dataclasses.replace(base.log, wandb_mode="disabled", progress=False, every=1),
     )
     summary = run(config_mod.validate(cfg), tmp_path / "run", local=False, log=lambda *_: None)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -191,3 +193,58 @@ def test_family_runs_through_ray_actors_with_skip_2(family, ray_session, tmp_pat
         assert r["adaptations"] == 2 and r["evaluations"] == 4 and r["evaluations_used"] == 4
         assert r["tasks_dropped"] == [] and not r["update_skipped"] and r["grad/update_norm"] > 0
     assert (tmp_path / "run" / "checkpoints" / "ckpt_000002.pt").exists()
+
+
+# ---- stacked mode: logging windows, dealing groups, a failing worker ---------------------------------------
+
+
+def _tiny_sine(**meta) -> Config:
+    return config_mod.validate(Config(
+        tasks=TasksConfig(family="sinusoid", train=task_names(0, 6), resample=True),
+        sinusoid=SinusoidConfig(k_shot=5, hidden=(8, 8)),
+        meta=MetaConfig(**{"algo": "maml", "skip": 2, "iterations": 7, "checkpoint_every": 7, **meta}),
+        ray=dataclasses.replace(Config().ray, workers=2),
+        log=dataclasses.replace(Config().log, wandb_mode="disabled", progress=False, every=3),
+    ))
+
+
+def test_log_every_writes_one_averaged_row_per_window(tmp_path):
+    run(_tiny_sine(), tmp_path / "r", local=True, log=lambda *_: None)
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [3, 6, 7]
+    assert [r["iterations_in_row"] for r in rows[:2]] == [3, 3] and "iterations_in_row" not in rows[2]
+    assert rows[-1]["env_steps/total"] == 7 * (3 * 5 + 6 * 5)  # counters stay cumulative, not averaged
+    assert all(r["updates_skipped"] == 0 and r["adaptations"] == 3 for r in rows[:2])
+
+
+def test_deal_groups_balances_whole_groups():
+    from metarl.run import deal_groups
+
+    groups = make_groups(10, 3, np.random.default_rng(0))  # sizes 3, 3, 3, 1
+    shares = deal_groups(groups, 2)
+    assert sorted(g.members for s in shares for g in s) == sorted(g.members for g in groups)
+    loads = [sum(len(g.members) + 1 for g in s) for s in shares]
+    assert max(loads) - min(loads) <= 4
+
+
+def test_a_failing_stacked_worker_drops_its_groups_and_the_rest_updates(tmp_path):
+    from metarl.run import meta_iteration_stacked, start_fleet
+    from metarl.worker import TaskWorker
+
+    class Flaky(TaskWorker):
+        calls = 0
+
+        def groups_step(self, *args):
+            Flaky.calls += 1
+            if Flaky.calls == 2:  # the second worker of the first iteration
+                raise RuntimeError("injected fault")
+            return super().groups_step(*args)
+
+    cfg = _tiny_sine()
+    fleet = start_fleet(cfg, local=True, worker_cls=Flaky)
+    groups = make_groups(6, 2, np.random.default_rng(1))
+    theta0 = fleet.learner.get_theta()
+    rec = meta_iteration_stacked(fleet, cfg.tasks.train, groups, "maml", timeout=60, iteration=0)
+    assert len(rec["tasks_dropped"]) in (2, 4) and rec["evaluations_used"] == 6 - len(rec["tasks_dropped"])
+    assert all("injected fault" in why for why in rec["drop_reasons"].values())
+    assert not rec["update_skipped"] and np.abs(fleet.learner.get_theta() - theta0).max() > 0

@@ -223,11 +223,11 @@ def test_reptile_direction_is_theta_minus_theta_prime_exactly():
 # ---- the whole meta-iteration (run.meta_iteration, local actors) against the float64 references ----------
 
 
-def small_config(algo: str, skip: int, inner_steps: int, stack: str = "off") -> Config:
+def small_config(algo: str, skip: int, inner_steps: int, stack: str = "per_task") -> Config:
     return Config(
         tasks=TasksConfig(family="sinusoid", train=task_names(40, 4)),
         meta=MetaConfig(algo=algo, skip=skip, inner_lr=ALPHA, inner_steps=inner_steps, outer_lr=1e-3,
-                        max_grad_norm=1e6, seed=4, stack_tasks=stack),
+                        max_grad_norm=1e6, seed=4, task_batching=stack),
         sinusoid=SINE.cfg,
         ray=dataclasses.replace(Config().ray, workers=2),  # each worker owns two tasks
     )
@@ -294,7 +294,7 @@ def test_stacked_meta_iteration_feeds_the_learner_the_same_direction(algo, skip,
     """Stacked mode (one batched call per worker computing whole groups) against the same float64
     task-by-task references: the groups are split over two workers, the data come from
     (task seed, iteration)."""
-    cfg = small_config(algo, skip, inner_steps, stack="on")
+    cfg = small_config(algo, skip, inner_steps, stack="stacked")
     fleet = start_fleet(cfg, local=True)
     assert fleet.stacked and all(len(w.tasks) == cfg.num_tasks for w in fleet.workers)
     b = fleet.backend
