@@ -76,7 +76,8 @@ class Adaptation:
 
 
 def adapt(task: Task, model: nn.Module, theta: Params, inner_lr: float, inner_steps: int) -> Adaptation:
-    """S plain SGD steps of size alpha, each on a fresh batch sampled with the current parameters.
+    """S plain SGD steps of size alpha, each on a fresh batch sampled with the current parameters
+    (or all on the first one, for a task whose data are a fixed K-shot support set).
     The result is detached: first-order and Reptile never differentiate through it, and MAML
     re-derives what it needs with `maml_backward`."""
     params = detached(theta)
@@ -84,7 +85,7 @@ def adapt(task: Task, model: nn.Module, theta: Params, inner_lr: float, inner_st
     t_sample = t_grad = 0.0
     for _ in range(inner_steps):
         t0 = time.perf_counter()
-        batch = task.sample(model, params)
+        batch = task.sample(model, params) if task.fresh_data_each_step or not batches else batches[0]
         t1 = time.perf_counter()
         grads, loss, _ = task.grad(model, detached(params, requires_grad=True), batch)
         t_grad += time.perf_counter() - t1
@@ -94,6 +95,11 @@ def adapt(task: Task, model: nn.Module, theta: Params, inner_lr: float, inner_st
         losses.append(loss)
         params = detached(sgd_step(params, grads, inner_lr))
     return Adaptation(params, thetas, batches, losses, t_sample, t_grad)
+
+
+def distinct_batches(batches: list) -> list:
+    """The batches an adaptation collected, each once (K-shot tasks reuse one for every step)."""
+    return [b for n, b in enumerate(batches) if all(b is not c for c in batches[:n])]
 
 
 def loss_grad(task: Task, model: nn.Module, params: Params, batch: Batch) -> tuple[tuple[torch.Tensor, ...], float, dict]:
@@ -164,8 +170,9 @@ def adapt_stacked(stack: TaskStack, model: nn.Module, theta: Params, rows: list[
     """`adapt` for tasks stack.tasks[rows], all from the same theta, each step on fresh data."""
     params = stack_params(theta, len(rows))
     thetas, batches, losses = [], [], []
+    fresh = stack.tasks[0].fresh_data_each_step
     for _ in range(inner_steps):
-        batch = stack.sample(model, params, rows)
+        batch = stack.sample(model, params, rows) if fresh or not batches else batches[0]
         grads, loss = stacked_grads(stack, model, params, batch)
         thetas.append(params)
         batches.append(batch)
@@ -204,8 +211,9 @@ def groups_step(stack: TaskStack, model: nn.Module, theta: Params, groups: list[
     a = adapt_stacked(stack, model, theta, leaders, inner_lr, inner_steps)
     t_adapt = time.perf_counter() - t0
     adapt_stats = {}
+    distinct = distinct_batches(a.batches)
     for r, i in enumerate(leaders):
-        rows = [b.row_stats(r) for b in a.batches]
+        rows = [b.row_stats(r) for b in distinct]
         adapt_stats[i] = {"env_steps": sum(x["env_steps"] for x in rows), "frames": sum(x["frames"] for x in rows),
                           "returns": [v for x in rows for v in x["returns"]], "reward_sum": sum(x["reward_sum"] for x in rows),
                           "inner_losses": [step[r] for step in a.losses], "seconds": t_adapt / len(leaders)}

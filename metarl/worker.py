@@ -78,7 +78,7 @@ class TaskWorker:
         a = meta.adapt(task, self.model, self._params(theta), self.inner_lr, self.inner_steps)
         if self.keep_adaptation:
             self._adaptations[task_name] = a
-        stats = merge_batch_stats(a.batches)
+        stats = merge_batch_stats(meta.distinct_batches(a.batches))
         stats.update(task=task_name, inner_losses=a.losses, seconds=time.perf_counter() - t0,
                      seconds_sample=a.seconds_sample, seconds_grad=a.seconds_grad)
         return self.spec.flatten(a.theta_prime), stats

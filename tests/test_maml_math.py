@@ -107,6 +107,9 @@ def test_maml_meta_gradient_matches_finite_differences(family, names, skip, inne
     for k in ref:
         torch.testing.assert_close(a.theta_prime[k], ref[k], rtol=1e-12, atol=1e-12)
     assert len(a.batches) == inner_steps
+    # K-shot regression takes every step on the same K points; RL steps roll out afresh
+    if inner_steps > 1:
+        assert all(b is a.batches[0] for b in a.batches) == (family is SINE)
 
 
 def test_maml_backward_is_linear_so_one_backward_serves_a_group():
@@ -161,7 +164,7 @@ def test_worker_maml_correct_is_one_backward_per_group_and_matches_float64():
     spec = ParamSpec.of(model)
     twin = twins(SINE, names, seeds)
     theta64 = spec.unflatten(torch.from_numpy(theta), dtype=torch.float64)
-    adapt_batches = [twin[names[0]].sample(model, theta64) for _ in range(2)]
+    adapt_batches = [twin[names[0]].sample(model, theta64)] * 2  # K-shot: both steps on one support set
     tp64 = adapted(twin[names[0]], model, theta64, adapt_batches, ALPHA)
     eval_batches = [twin[n].sample(model, tp64) for n in names]
     np.testing.assert_allclose(theta_prime, spec.flatten(tp64), rtol=1e-5, atol=1e-6)
@@ -211,13 +214,14 @@ def test_reptile_direction_is_theta_minus_theta_prime_exactly():
     direction, stats = worker.reptile(names[0], theta)
     task, model = twins(SINE, names, seeds)[names[0]], SINE.make_model()
     params = spec.unflatten(theta)
+    support = task.sample(model, params)  # K-shot: every step on the same K points
     for _ in range(3):  # S = 3 SGD steps, written out
         params = {k: v.requires_grad_(True) for k, v in params.items()}
-        loss, _ = task.loss(model, params, task.sample(model, params))
+        loss, _ = task.loss(model, params, support)
         grads = torch.autograd.grad(loss, list(params.values()))
         params = {k: (p - ALPHA * g).detach() for (k, p), g in zip(params.items(), grads)}
     assert np.array_equal(direction, theta - spec.flatten(params))
-    assert stats["env_steps"] == 3 * SINE.cfg.k_shot and stats["grad_norm"] > 0
+    assert stats["env_steps"] == SINE.cfg.k_shot and stats["grad_norm"] > 0
 
 
 # ---- the whole meta-iteration (run.meta_iteration, local actors) against the float64 references ----------
@@ -250,7 +254,7 @@ def reference_direction(cfg: Config, groups: list[Group], theta: np.ndarray, ite
         batches = []
         params = theta64
         for _ in range(m.inner_steps):  # the leader's draws come first, in the same order as the worker's
-            batches.append(leader.sample(model, params))
+            batches.append(leader.sample(model, params) if not batches else batches[0])  # K-shot: one support set
             params = adapted(leader, model, params, batches[-1:], m.inner_lr)
         if m.algo == "reptile":
             total += spec.flatten(theta64).astype(np.float64) - torch.cat([v.reshape(-1) for v in params.values()]).numpy()
@@ -306,7 +310,7 @@ def test_stacked_meta_iteration_feeds_the_learner_the_same_direction(algo, skip,
     assert rec["tasks_dropped"] == [] and not rec["update_skipped"]
     assert rec["adaptations"] == len(groups)
     assert rec["evaluations_used"] == (len(groups) if algo == "reptile" else cfg.num_tasks)
-    assert rec["env_steps/adapt"] == len(groups) * inner_steps * SINE.cfg.k_shot
+    assert rec["env_steps/adapt"] == len(groups) * SINE.cfg.k_shot  # K-shot: S steps on one support set
     assert rec["grad/norm"] == pytest.approx(float(np.linalg.norm(expected)), rel=2e-4)
     big = np.abs(expected) > 1e-3 * np.abs(expected).max()
     assert big.sum() > 10

@@ -61,6 +61,9 @@ class Task(abc.ABC):
     """One task: a game, a sine curve, a goal."""
 
     name: str
+    fresh_data_each_step: bool = True
+    """Inner steps sample anew (on-policy RL); False: all S steps reuse the first step's batch
+    (supervised K-shot: K support points, S steps on them)."""
 
     @abc.abstractmethod
     def sample(self, model: nn.Module, params: Params) -> Batch:

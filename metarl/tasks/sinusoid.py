@@ -55,6 +55,8 @@ def params_dtype(params: Params) -> torch.dtype:
 
 
 class SinusoidTask(Task):
+    fresh_data_each_step = False  # K-shot: every inner step uses the same K support points
+
     def __init__(self, name: str, seed: int, cfg: SinusoidConfig):
         self.name = name
         self.cfg = cfg
