@@ -99,6 +99,8 @@ class MetaConfig:
     """Clip the averaged meta-gradient to this global norm."""
     grad_on: str = "auto"
     """Where evaluation gradients are computed: worker, learner (batches shipped; Atari fomaml), auto = learner iff it has a GPU the workers lack."""
+    step_loss: str = "last"
+    """last: the members' loss after all S inner steps (MAML); mean: averaged over the points after each of the S steps (multi-step loss, Antoniou et al. 2019; stacked tasks, maml/fomaml)."""
     task_batching: str = "auto"
     """stacked: each worker computes whole groups, all their tasks in one batched pass (sinusoid, nav2d); per_task: one worker call per task; auto: stacked where the family can."""
     iterations: int = 100
@@ -393,6 +395,11 @@ def validate(cfg: Config) -> Config:
     if m.task_batching == "stacked" and cfg.tasks.family not in STACKED_FAMILIES:
         raise ConfigError(f"meta.task_batching = stacked needs a family computed in stacks ({', '.join(STACKED_FAMILIES)}); "
                           f"{cfg.tasks.family} runs task by task: use auto or per_task")
+    if m.step_loss not in ("last", "mean"):
+        raise ConfigError(f"meta.step_loss '{m.step_loss}' is unknown; allowed: last, mean")
+    if m.step_loss == "mean" and (m.algo == "reptile" or t.family not in STACKED_FAMILIES or m.task_batching == "per_task"):
+        raise ConfigError(f"meta.step_loss = mean needs maml or fomaml on stacked {' or '.join(STACKED_FAMILIES)} tasks; "
+                          f"got algo {m.algo} on {t.family} with meta.task_batching = {m.task_batching}")
     if t.resample and (t.family not in STACKED_FAMILIES or m.task_batching == "per_task"):
         raise ConfigError(f"tasks.resample draws new {', '.join(STACKED_FAMILIES)} tasks each iteration in stacked mode; "
                           f"it does not apply to {t.family} with meta.task_batching = {m.task_batching}")

@@ -182,17 +182,25 @@ def adapt_stacked(stack: TaskStack, model: nn.Module, theta: Params, rows: list[
 
 
 def maml_backward_stacked(stack: TaskStack, model: nn.Module, adaptation: StackedAdaptation, inner_lr: float,
-                          v: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                          v: tuple[torch.Tensor, ...] | list[tuple[torch.Tensor, ...] | None]) -> tuple[torch.Tensor, ...]:
     """`maml_backward` for every leader at once: v holds one row per leader (its group's summed
-    gradient); each chained Hessian-vector product is one double backward for all groups."""
-    v = tuple(x.detach() for x in v)
-    for theta_s, batch_s in zip(reversed(adaptation.thetas), reversed(adaptation.batches)):
-        p = detached(theta_s, requires_grad=True)
-        g = torch.autograd.grad(stack.losses(model, p, batch_s).sum(), tuple(p.values()), create_graph=True)
-        dot = sum((gi * vi).sum() for gi, vi in zip(g, v))
+    gradient at theta'); each chained Hessian-vector product is one double backward for all groups.
+    v may also be a list of S gradients (or None), entry s taken at theta_{s+1} (meta.step_loss =
+    mean): each joins the chain where its point is reached, v <- (I - alpha H_s)(v + v_s)."""
+    steps = list(v) if isinstance(v, list) else [None] * (len(adaptation.thetas) - 1) + [v]
+    acc = None
+    for s in reversed(range(len(adaptation.thetas))):
+        if steps[s] is not None:
+            add = tuple(x.detach() for x in steps[s])
+            acc = add if acc is None else tuple(a + b for a, b in zip(acc, add))
+        if acc is None:
+            continue
+        p = detached(adaptation.thetas[s], requires_grad=True)
+        g = torch.autograd.grad(stack.losses(model, p, adaptation.batches[s]).sum(), tuple(p.values()), create_graph=True)
+        dot = sum((gi * vi).sum() for gi, vi in zip(g, acc))
         hv = torch.autograd.grad(dot, tuple(p.values()), allow_unused=True)
-        v = tuple(vi - inner_lr * (h.detach() if h is not None else torch.zeros_like(vi)) for vi, h in zip(v, hv))
-    return v
+        acc = tuple(vi - inner_lr * (h.detach() if h is not None else torch.zeros_like(vi)) for vi, h in zip(acc, hv))
+    return acc
 
 
 def _row_norms(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -200,10 +208,13 @@ def _row_norms(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def groups_step(stack: TaskStack, model: nn.Module, theta: Params, groups: list[Group], algo: str,
-                inner_lr: float, inner_steps: int) -> tuple[tuple[torch.Tensor, ...], dict[int, dict], dict[int, dict]]:
+                inner_lr: float, inner_steps: int,
+                step_loss: str = "last") -> tuple[tuple[torch.Tensor, ...], dict[int, dict], dict[int, dict]]:
     """One meta-iteration's work for `groups` (indices into stack.tasks), all in one pass:
     leaders adapt, members evaluate their leader's theta', and the meta-gradients are summed
     (MAML: each group's sum pulled back through its leader's inner steps; Reptile: theta - theta').
+    step_loss = mean: the members' loss is the mean over the points after each inner step,
+    theta_1 .. theta_S (the multi-step loss of Antoniou et al. 2019), not theta_S alone.
     Returns the summed meta-gradient (theta's shapes) and per-task statistics for the leaders
     (adapt) and members (eval), as the task-by-task worker calls report them."""
     t0 = time.perf_counter()
@@ -226,13 +237,27 @@ def groups_step(stack: TaskStack, model: nn.Module, theta: Params, groups: list[
     t1 = time.perf_counter()
     members = [j for g in groups for j in g.members]
     lead_row = [r for r, g in enumerate(groups) for _ in g.members]
-    batch = stack.sample(model, take_rows(a.theta_prime, lead_row), members)
-    grads, losses = stacked_grads(stack, model, take_rows(a.theta_prime, lead_row), batch)
+    points = [a.theta_prime] if step_loss == "last" else a.thetas[1:] + [a.theta_prime]
+    batch = stack.sample(model, take_rows(a.theta_prime, lead_row), members)  # theta' first: its stats are reported
+    per_point = []  # (member-row gradients, losses) at each point, theta' last
+    for n, point in enumerate(points):
+        at = take_rows(point, lead_row)
+        data = batch if n == len(points) - 1 or not stack.tasks[0].fresh_data_each_step else stack.sample(model, at, members)
+        per_point.append(stacked_grads(stack, model, at, data))
+    grads, losses = per_point[-1]
     norms, losses = _row_norms(grads).tolist(), losses.tolist()
-    eval_stats = {j: {**batch.row_stats(m), "loss": losses[m], "grad_norm": norms[m], "finite": bool(np.isfinite(norms[m])),
+    finite = torch.ones(len(members), dtype=torch.bool)
+    for g, _ in per_point:
+        finite &= torch.isfinite(_row_norms(g))
+    eval_stats = {j: {**batch.row_stats(m), "loss": losses[m], "grad_norm": norms[m], "finite": bool(finite[m]),
                       "seconds": (time.perf_counter() - t1) / len(members)} for m, j in enumerate(members)}
+    w = 1.0 / len(points)
     if algo == "maml":
         index = torch.tensor(lead_row, dtype=torch.long)
-        v = tuple(torch.zeros_like(a.theta_prime[k]).index_add_(0, index, g) for k, g in zip(theta, grads))
-        grads = maml_backward_stacked(stack, model, a, inner_lr, v)
+        per_group = [tuple(w * torch.zeros_like(a.theta_prime[k]).index_add_(0, index, x) for k, x in zip(theta, g))
+                     for g, _ in per_point]
+        grads = maml_backward_stacked(stack, model, a, inner_lr,
+                                      per_group if step_loss == "mean" else per_group[-1])
+    elif len(points) > 1:
+        grads = tuple(w * sum(xs) for xs in zip(*(g for g, _ in per_point)))
     return tuple(g.sum(0) for g in grads), adapt_stats, eval_stats

@@ -139,7 +139,7 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
     workers = [
         backend.actor(worker_cls, family, seeds, m.inner_lr, m.inner_steps, m.algo == "maml", 1, worker_device,
                       num_cpus=cpw, num_gpus=0.0 if local else cfg.ray.gpus_per_worker,
-                      restarts=cfg.ray.max_worker_restarts, kwargs={"resample": cfg.tasks.resample})
+                      restarts=cfg.ray.max_worker_restarts, kwargs={"resample": cfg.tasks.resample, "step_loss": m.step_loss})
         for seeds in assignment
     ]
     info = backend.get(backend.call(learner, "info"))

@@ -42,14 +42,15 @@ def iteration_seed(task_seed: int, iteration: int) -> int:
 
 class TaskWorker:
     def __init__(self, family: TaskFamily, task_seeds: dict[str, int], inner_lr: float, inner_steps: int,
-                 keep_adaptation: bool = False, torch_threads: int = 1, device: str = "cpu", resample: bool = False):
+                 keep_adaptation: bool = False, torch_threads: int = 1, device: str = "cpu", resample: bool = False,
+                 step_loss: str = "last"):
         torch.set_num_threads(torch_threads)
         self.device = device
         self.model = family.make_model().to(device)
         self.spec = ParamSpec.of(self.model)
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
         self.keep_adaptation = keep_adaptation
-        self.family, self.seeds, self.resample = family, dict(task_seeds), resample
+        self.family, self.seeds, self.resample, self.step_loss = family, dict(task_seeds), resample, step_loss
         self.tasks = {name: family.make_task(name, seed) for name, seed in task_seeds.items()}
         self._adaptations: dict[str, meta.Adaptation] = {}
         self._stack = None
@@ -141,7 +142,7 @@ class TaskWorker:
         for i in {i for g in groups for i in g.members}:
             self.tasks[names[i]].reseed(iteration_seed(self.seeds[names[i]], iteration), redraw=self.resample)
         grads, adapt_stats, eval_stats = meta.groups_step(self._stack, self.model, self._params(theta), groups, algo,
-                                                         self.inner_lr, self.inner_steps)
+                                                         self.inner_lr, self.inner_steps, self.step_loss)
         flat = self.spec.flatten_grads(grads)
         return flat, {"adapt": adapt_stats, "eval": eval_stats, "finite": bool(np.isfinite(flat).all()),
                       "seconds": time.perf_counter() - t0}

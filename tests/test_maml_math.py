@@ -355,3 +355,34 @@ def test_groups_step_equals_the_task_by_task_math(family, names, algo, skip, inn
             want = [w + x for w, x in zip(want, p)]
     assert flat(want).norm() > 0
     torch.testing.assert_close(flat(got), flat(want), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("skip", [1, 2])
+def test_multi_step_loss_meta_gradient_is_the_autograd_gradient(skip):
+    """meta.step_loss = mean: the stacked MAML meta-gradient equals autograd of
+    (1/S) sum_s sum_j L_j(theta_s(theta)) through the written-out inner steps (float64), where
+    every theta_s is adapted on the leader's one K-shot support set."""
+    names = ["sine-0001", "sine-0002", "sine-0003", "sine-0004"]
+    model, theta, _ = float64_setup(SINE, names)
+    seeds = [700 + i for i in range(len(names))]
+    groups = meta.make_groups(len(names), skip, np.random.default_rng(5))
+    S = 2
+    got, _, _ = meta.groups_step(SINE.make_stack([SINE.make_task(n, s) for n, s in zip(names, seeds)]), model, theta,
+                                 groups, "maml", ALPHA, S, step_loss="mean")
+    last, _, _ = meta.groups_step(SINE.make_stack([SINE.make_task(n, s) for n, s in zip(names, seeds)]), model, theta,
+                                  groups, "maml", ALPHA, S)
+    twin = [SINE.make_task(n, s) for n, s in zip(names, seeds)]
+    supports = {g.leader: twin[g.leader].sample(model, theta) for g in groups}
+    queries = {j: twin[j].sample(model, theta) for g in groups for j in g.members}
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+    total = 0.0
+    for g in groups:
+        params = leaves
+        for _ in range(S):
+            loss, _ = twin[g.leader].loss(model, params, supports[g.leader])
+            grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=True)
+            params = {k: p - ALPHA * gr for (k, p), gr in zip(params.items(), grads)}
+            total = total + sum(twin[j].loss(model, params, queries[j])[0] for j in g.members) / S
+    want = torch.autograd.grad(total, tuple(leaves.values()))
+    torch.testing.assert_close(flat(got), flat(want), rtol=1e-9, atol=1e-11)
+    assert (flat(got) - flat(last)).norm() > 1e-2 * flat(want).norm()  # the mean is not the last-step loss
