@@ -264,7 +264,7 @@ def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Gr
     they completed."""
     b, t_start = fleet.backend, time.perf_counter()
     theta_ref = b.call(fleet.learner, "get_theta")
-    shares = [s for s in deal_groups(groups, len(fleet.workers))]
+    shares = deal_groups(groups, len(fleet.workers))
     calls = {w: b.call(fleet.workers[w], "groups_step", theta_ref, iteration, share, algo, num_returns=2)
              for w, share in enumerate(shares) if share}
     stats, failed_w = _gather(b, {w: c[1] for w, c in calls.items()}, timeout)

@@ -248,3 +248,21 @@ def test_a_failing_stacked_worker_drops_its_groups_and_the_rest_updates(tmp_path
     assert len(rec["tasks_dropped"]) in (2, 4) and rec["evaluations_used"] == 6 - len(rec["tasks_dropped"])
     assert all("injected fault" in why for why in rec["drop_reasons"].values())
     assert not rec["update_skipped"] and np.abs(fleet.learner.get_theta() - theta0).max() > 0
+
+
+def test_stacked_run_resumed_midway_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Each task's data come from (task seed, iteration) and the grouping RNG, theta and Adam are
+    checkpointed, so stopping after 3 iterations and resuming to 6 gives the uninterrupted theta."""
+    from metarl import checkpoint
+
+    whole = dataclasses.replace(_tiny_sine(), meta=dataclasses.replace(_tiny_sine().meta, iterations=6, checkpoint_every=3))
+    run(whole, tmp_path / "whole", local=True, log=lambda *_: None)
+    first = dataclasses.replace(whole, meta=dataclasses.replace(whole.meta, iterations=3))
+    run(first, tmp_path / "split", local=True, log=lambda *_: None)
+    run(whole, tmp_path / "split", resume=True, local=True, log=lambda *_: None)
+    a = checkpoint.load(checkpoint.latest(tmp_path / "whole"))
+    b = checkpoint.load(checkpoint.latest(tmp_path / "split"))
+    assert a["iteration"] == b["iteration"] == 6
+    assert torch.equal(a["theta"], b["theta"])
+    fresh = checkpoint.load(sorted((tmp_path / "whole" / "checkpoints").glob("*.pt"))[0])
+    assert not torch.equal(fresh["theta"], a["theta"])  # it did move between the checkpoints
