@@ -15,6 +15,8 @@ query sets.
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import json
 import time
@@ -325,6 +327,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         inits.append(random_init(inits[0].cfg))
     if args.tasks < 2:
         raise ConfigError(f"--tasks {args.tasks} must be at least 2")
+    if getattr(args, "episodes", None) is not None:
+        if args.episodes < 2:
+            raise ConfigError(f"--episodes {args.episodes} must be at least 2")
+        inits = [dataclasses.replace(i, cfg=config_mod.override(i.cfg, "nav2d.episodes", args.episodes)) for i in inits]
     result = evaluate(inits, args.tasks, _ints(args.shots), _ints(args.steps), args.query)
     for p in write_report(result, Path(args.out)):
         print(f"wrote {p}")
@@ -371,6 +377,8 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--shots", default="5,10", help="sinusoid K values, comma-separated")
     e.add_argument("--steps", default="0,1,5,10", help="report after these SGD steps (nav2d: e.g. 0,1,2,3)")
     e.add_argument("--query", type=int, default=100, help="sinusoid query points per task for the MSE")
+    e.add_argument("--episodes", type=int, default=None,
+                   help="nav2d episodes per rollout and step (default: the checkpoint's nav2d.episodes; the paper's test: 40)")
     e.add_argument("--out", required=True, help="directory for fewshot.md, fewshot.json and fewshot.png")
     e.set_defaults(func=cmd_eval)
     t = sub.add_parser("pretrain", help="train one network on all training tasks jointly (the baseline)")

@@ -142,6 +142,9 @@ def test_fewshot_eval_writes_table_json_and_plot(sine_runs, tmp_path):
     assert result["rows"][1]["inner_lr"] in fewshot.LR_GRID  # tuned on validation tasks
     assert "| maml | 5 | 0.01 |" in (out / "fewshot.md").read_text()
     assert_png(out / "fewshot.png")
+    with pytest.raises(ConfigError, match="--episodes 1"):
+        fewshot.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
+                               shots="5", steps="0", query=20, episodes=1, out=str(out)))
     with pytest.raises(ConfigError, match="LABEL="):
         fewshot.cmd_eval(_args(checkpoint=["nonsense"], pretrained=None, no_random=True, tasks=4, shots="5",
                                steps="0", query=20, out=str(out)))
