@@ -114,15 +114,29 @@ def maml_backward(task: Task, model: nn.Module, adaptation: Adaptation, inner_lr
     v <- v - alpha * H_s v for s = S-1 .. 0, with H_s the Hessian of the inner loss at theta_s on
     batch_s. One Hessian-vector product (double backward) per inner step; v may be the sum of a
     whole group's gradients, so the cost is one backward per group, not per member."""
-    v = tuple(x.detach() for x in v)
-    for theta_s, batch_s in zip(reversed(adaptation.thetas), reversed(adaptation.batches)):
-        p = detached(theta_s, requires_grad=True)
-        loss, _ = task.loss(model, p, batch_s)
-        g = torch.autograd.grad(loss, tuple(p.values()), create_graph=True)
-        dot = sum((gi * vi).sum() for gi, vi in zip(g, v))
+    return pull_back(lambda p, batch: task.loss(model, p, batch)[0], adaptation.thetas, adaptation.batches,
+                     inner_lr, [None] * (len(adaptation.thetas) - 1) + [v])
+
+
+def pull_back(loss_at, thetas: list[Params], batches: list, inner_lr: float,
+              v_steps: list[tuple[torch.Tensor, ...] | None]) -> tuple[torch.Tensor, ...]:
+    """The chained Hessian-vector products behind every MAML correction. v_steps[s] is a gradient
+    taken at theta_{s+1} (None: none there); walking s = S-1 .. 0 it joins the chain where its point
+    is reached and the sum is pulled through step s: v <- (I - alpha H_s)(v + v_steps[s]), H_s the
+    Hessian of loss_at(., batches[s]) at thetas[s]. One double backward per step."""
+    acc = None
+    for s in reversed(range(len(thetas))):
+        if v_steps[s] is not None:
+            add = tuple(x.detach() for x in v_steps[s])
+            acc = add if acc is None else tuple(a + b for a, b in zip(acc, add))
+        if acc is None:
+            continue
+        p = detached(thetas[s], requires_grad=True)
+        g = torch.autograd.grad(loss_at(p, batches[s]), tuple(p.values()), create_graph=True)
+        dot = sum((gi * vi).sum() for gi, vi in zip(g, acc))
         hv = torch.autograd.grad(dot, tuple(p.values()), allow_unused=True)
-        v = tuple(vi - inner_lr * (h.detach() if h is not None else torch.zeros_like(vi)) for vi, h in zip(v, hv))
-    return v
+        acc = tuple(vi - inner_lr * (h.detach() if h is not None else torch.zeros_like(vi)) for vi, h in zip(acc, hv))
+    return acc
 
 
 def reptile_direction(theta: Params, theta_prime: Params) -> tuple[torch.Tensor, ...]:
@@ -188,19 +202,8 @@ def maml_backward_stacked(stack: TaskStack, model: nn.Module, adaptation: Stacke
     v may also be a list of S gradients (or None), entry s taken at theta_{s+1} (meta.step_loss =
     mean): each joins the chain where its point is reached, v <- (I - alpha H_s)(v + v_s)."""
     steps = list(v) if isinstance(v, list) else [None] * (len(adaptation.thetas) - 1) + [v]
-    acc = None
-    for s in reversed(range(len(adaptation.thetas))):
-        if steps[s] is not None:
-            add = tuple(x.detach() for x in steps[s])
-            acc = add if acc is None else tuple(a + b for a, b in zip(acc, add))
-        if acc is None:
-            continue
-        p = detached(adaptation.thetas[s], requires_grad=True)
-        g = torch.autograd.grad(stack.losses(model, p, adaptation.batches[s]).sum(), tuple(p.values()), create_graph=True)
-        dot = sum((gi * vi).sum() for gi, vi in zip(g, acc))
-        hv = torch.autograd.grad(dot, tuple(p.values()), allow_unused=True)
-        acc = tuple(vi - inner_lr * (h.detach() if h is not None else torch.zeros_like(vi)) for vi, h in zip(acc, hv))
-    return acc
+    return pull_back(lambda p, batch: stack.losses(model, p, batch).sum(), adaptation.thetas, adaptation.batches,
+                     inner_lr, steps)
 
 
 def _row_norms(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -245,10 +248,9 @@ def groups_step(stack: TaskStack, model: nn.Module, theta: Params, groups: list[
         data = batch if n == len(points) - 1 or not stack.tasks[0].fresh_data_each_step else stack.sample(model, at, members)
         per_point.append(stacked_grads(stack, model, at, data))
     grads, losses = per_point[-1]
-    norms, losses = _row_norms(grads).tolist(), losses.tolist()
-    finite = torch.ones(len(members), dtype=torch.bool)
-    for g, _ in per_point:
-        finite &= torch.isfinite(_row_norms(g))
+    point_norms = [_row_norms(g) for g, _ in per_point]
+    norms, losses = point_norms[-1].tolist(), losses.tolist()
+    finite = torch.stack([torch.isfinite(n) for n in point_norms]).all(0)
     eval_stats = {j: {**batch.row_stats(m), "loss": losses[m], "grad_norm": norms[m], "finite": bool(finite[m]),
                       "seconds": (time.perf_counter() - t1) / len(members)} for m, j in enumerate(members)}
     w = 1.0 / len(points)

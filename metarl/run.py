@@ -276,11 +276,10 @@ def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Gr
         for g in shares[w]:
             for i in g.members if algo != "reptile" else (g.leader,):
                 failed[i] = f"groups_step: {why}"
-    usable = eval_stats if algo != "reptile" else adapt_stats
-    nonfinite = sorted(tasks[j] for j, s in usable.items() if not s_ok(s))
+    nonfinite = sorted(tasks[j] for j, s in eval_stats.items() if not s_ok(s))  # reptile: eval_stats is adapt's
     if not nonfinite:  # every task finite, yet a worker's sum overflowed
         nonfinite = [f"sum of worker {w}" for w, st in stats.items() if not st["finite"]]
-    n_ok = len(usable)
+    n_ok = len(eval_stats)
     t_learn = time.perf_counter()
     if n_ok == 0 or nonfinite:
         lstats = b.get(b.call(fleet.learner, "skip_step"))
@@ -292,6 +291,14 @@ def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Gr
             b.kill(fleet.workers[w])
     return summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats,
                      time.perf_counter() - t_start, learner_s)
+
+
+def iterate(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], algo: str, timeout: float,
+            iteration: int) -> dict[str, Any]:
+    """One meta-iteration the way this fleet computes: stacked, or task by task."""
+    if fleet.stacked:
+        return meta_iteration_stacked(fleet, tasks, groups, algo, timeout, iteration)
+    return meta_iteration(fleet, tasks, groups, algo, timeout)
 
 
 def s_ok(stats: dict[str, Any]) -> bool:
@@ -405,10 +412,7 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
     try:
         for it in range(start_iter, cfg.meta.iterations):
             groups = make_groups(N, k, rng)
-            if fleet.stacked:
-                rec = meta_iteration_stacked(fleet, cfg.tasks.train, groups, cfg.meta.algo, cfg.ray.call_timeout_s, it)
-            else:
-                rec = meta_iteration(fleet, cfg.tasks.train, groups, cfg.meta.algo, cfg.ray.call_timeout_s)
+            rec = iterate(fleet, cfg.tasks.train, groups, cfg.meta.algo, cfg.ray.call_timeout_s, it)
             now = time.time()
             for name in cfg.tasks.train:
                 if name in rec["tasks_dropped"]:
