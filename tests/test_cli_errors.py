@@ -84,9 +84,12 @@ def test_unknown_schedule_or_negative_chunk(key, words):
     ("smoke.yaml", "meta.task_batching=stacked", ("task_batching = stacked", "atari")),
     ("smoke.yaml", "tasks.resample=true", ("tasks.resample", "atari")),
     ("sinusoid.yaml", "log.every=0", ("log.every", ">= 1")),
+    ("sinusoid.yaml", "meta.step_loss=mean --set meta.algo=reptile", ("step_loss = mean", "reptile")),
+    ("sinusoid.yaml", "meta.step_loss=all", ("meta.step_loss", "last, mean")),
 ])
 def test_batching_resample_and_log_every_errors(config, key, words):
-    assert_usage_error(metarl("run", "--config", str(CONFIGS / config), "--set", key), *words)
+    sets = [x for k in key.split(" --set ") for x in ("--set", k)]
+    assert_usage_error(metarl("run", "--config", str(CONFIGS / config), *sets), *words)
 
 
 def test_wrong_type(smoke_variant):
