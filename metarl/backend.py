@@ -57,7 +57,7 @@ class LocalBackend:
         return list(refs), []
 
     def get(self, ref: Any, timeout: float | None = None) -> Any:
-        return self._resolve(ref)
+        return [self._resolve(r) for r in ref] if isinstance(ref, list) else self._resolve(ref)
 
     def kill(self, actor: Any) -> None:
         pass

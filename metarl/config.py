@@ -79,6 +79,8 @@ LR_DECAYS = ("constant", "linear", "cosine")
 GRAD_ON = ("auto", "worker", "learner")
 TASK_BATCHING = ("auto", "stacked", "per_task")
 STACKED_FAMILIES = ("sinusoid", "nav2d")
+POLICY_STACKED = ("nav2d",)  # stacked families with a policy distribution (meta.outer = trpo)
+OUTERS = ("adam", "trpo")
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,14 @@ class MetaConfig:
     """Where evaluation gradients are computed: worker, learner (batches shipped; Atari fomaml), auto = learner iff it has a GPU the workers lack."""
     step_loss: str = "last"
     """last: the members' loss after all S inner steps (MAML); mean: averaged over the points after each of the S steps (multi-step loss, Antoniou et al. 2019; stacked tasks, maml/fomaml)."""
+    outer: str = "adam"
+    """The outer optimiser: adam (outer_lr, outer_lr_decay, max_grad_norm) or trpo: a KL-constrained natural-gradient step on the post-update policies (the MAML paper's for RL; stacked policy families: nav2d; maml or fomaml)."""
+    max_kl: float = 0.01
+    """trpo: the step's bound on the mean KL between the post-update policies before and after it (delta)."""
+    cg_iters: int = 10
+    """trpo: conjugate-gradient iterations per step."""
+    fisher_fraction: float = 0.25
+    """trpo: share of each batch's samples used for the curvature (KL-Hessian) products; 1 uses all."""
     task_batching: str = "auto"
     """stacked: each worker computes whole groups, all their tasks in one batched pass (sinusoid, nav2d); per_task: one worker call per task; auto: stacked where the family can."""
     iterations: int = 100
@@ -400,6 +410,18 @@ def validate(cfg: Config) -> Config:
     if m.step_loss == "mean" and (m.algo == "reptile" or t.family not in STACKED_FAMILIES or m.task_batching == "per_task"):
         raise ConfigError(f"meta.step_loss = mean needs maml or fomaml on stacked {' or '.join(STACKED_FAMILIES)} tasks; "
                           f"got algo {m.algo} on {t.family} with meta.task_batching = {m.task_batching}")
+    if m.outer not in OUTERS:
+        raise ConfigError(f"meta.outer '{m.outer}' is unknown; allowed: {', '.join(OUTERS)}")
+    if m.outer == "trpo":
+        if t.family not in POLICY_STACKED or m.task_batching == "per_task":
+            raise ConfigError(f"meta.outer = trpo needs a stacked policy family ({', '.join(POLICY_STACKED)}); "
+                              f"{t.family} with meta.task_batching = {m.task_batching} uses meta.outer = adam")
+        if m.algo == "reptile" or m.step_loss != "last":
+            raise ConfigError(f"meta.outer = trpo constrains the post-update policy of maml or fomaml with "
+                              f"meta.step_loss = last; got algo {m.algo}, step_loss {m.step_loss} (use meta.outer = adam)")
+        if not m.max_kl > 0 or m.cg_iters < 1 or not 0 < m.fisher_fraction <= 1:
+            raise ConfigError(f"meta.max_kl must be positive, meta.cg_iters >= 1 and meta.fisher_fraction in (0, 1]; "
+                              f"got {m.max_kl}, {m.cg_iters}, {m.fisher_fraction}")
     if t.resample and (t.family not in STACKED_FAMILIES or m.task_batching == "per_task"):
         raise ConfigError(f"tasks.resample draws new {', '.join(STACKED_FAMILIES)} tasks each iteration in stacked mode; "
                           f"it does not apply to {t.family} with meta.task_batching = {m.task_batching}")

@@ -86,9 +86,10 @@ def heldout_names(cfg: Config, first: int, count: int) -> tuple[str, ...]:
 # ---- adaptation curves ---------------------------------------------------------------------------
 
 
-def sine_curves(init: Init, names: tuple[str, ...], shots: int, steps: int, inner_lr: float, query: int,
+def sine_curves(init: Init, names: tuple[str, ...], shots: int, lrs: tuple[float, ...], query: int,
                 seed: int) -> np.ndarray:
-    """tasks x (steps + 1) query MSE while taking SGD steps on one K-shot support set per task."""
+    """tasks x (steps + 1) query MSE while taking SGD steps (sizes lrs) on one K-shot support set per task."""
+    steps = len(lrs)
     family = make_family(init.cfg)
     model = family.make_model()
     theta = ParamSpec.of(model).unflatten(init.theta)
@@ -102,12 +103,13 @@ def sine_curves(init: Init, names: tuple[str, ...], shots: int, steps: int, inne
                 out[n, s] = float(task.loss(model, params, query_set)[0])
             if s < steps:
                 grads, _, _ = meta.loss_grad(task, model, params, support)
-                params = meta.detached(meta.sgd_step(params, grads, inner_lr))
+                params = meta.detached(meta.sgd_step(params, grads, lrs[s]))
     return out
 
 
-def nav_curves(init: Init, names: tuple[str, ...], steps: int, inner_lr: float, seed: int) -> np.ndarray:
-    """tasks x (steps + 1) mean episode return of a fresh rollout before each SGD step."""
+def nav_curves(init: Init, names: tuple[str, ...], lrs: tuple[float, ...], seed: int) -> np.ndarray:
+    """tasks x (steps + 1) mean episode return of a fresh rollout before each SGD step (sizes lrs)."""
+    steps = len(lrs)
     family = make_family(init.cfg)
     model = family.make_model()
     theta = ParamSpec.of(model).unflatten(init.theta)
@@ -120,29 +122,52 @@ def nav_curves(init: Init, names: tuple[str, ...], steps: int, inner_lr: float, 
             out[n, s] = batch.mean_return
             if s < steps:
                 grads, _, _ = meta.loss_grad(task, model, params, batch)
-                params = meta.detached(meta.sgd_step(params, grads, inner_lr))
+                params = meta.detached(meta.sgd_step(params, grads, lrs[s]))
     return out
 
 
-def curves(init: Init, names, shots: int, steps: int, inner_lr: float, query: int, seed: int) -> np.ndarray:
+def curves(init: Init, names, shots: int, lrs: tuple[float, ...], query: int, seed: int) -> np.ndarray:
     if init.cfg.tasks.family == "sinusoid":
-        return sine_curves(init, names, shots, steps, inner_lr, query, seed)
-    return nav_curves(init, names, steps, inner_lr, seed)
+        return sine_curves(init, names, shots, lrs, query, seed)
+    return nav_curves(init, names, lrs, seed)
 
 
-def tune_inner_lr(init: Init, shots: int, steps: int, query: int, n_tasks: int) -> float:
-    """The grid step size with the best mean score after `steps` steps on validation tasks."""
+def schedule(first: float, later: float, trained_steps: int, steps: int) -> tuple[float, ...]:
+    """Step sizes for `steps` SGD steps: `first` for the steps the init was meta-trained to take,
+    `later` after them."""
+    return tuple(first if s < trained_steps else later for s in range(steps))
+
+
+def best_on_validation(init: Init, candidates: dict[float, tuple[float, ...]], shots: int, query: int,
+                       n_tasks: int) -> float:
+    """The candidate whose step-size schedule gives the best mean score after its last step on
+    validation tasks (goal-200000..., sine-200000...: neither training nor held-out)."""
     names = heldout_names(init.cfg, VALIDATION_FIRST, n_tasks)
     sign = 1.0 if init.cfg.tasks.family == "sinusoid" else -1.0  # minimise MSE, maximise return
-    scores = {lr: sign * float(np.mean(curves(init, names, shots, steps, lr, query, seed=7)[:, -1]))
-              for lr in LR_GRID}
-    scores = {lr: v for lr, v in scores.items() if np.isfinite(v)}
+    scores = {key: sign * float(np.mean(curves(init, names, shots, lrs, query, seed=7)[:, -1]))
+              for key, lrs in candidates.items()}
+    scores = {key: v for key, v in scores.items() if np.isfinite(v)}
     return min(scores, key=scores.get)
 
 
+def tune_inner_lr(init: Init, shots: int, steps: int, query: int, n_tasks: int) -> float:
+    """The grid step size (the same for every step) best after `steps` steps on validation tasks."""
+    return best_on_validation(init, {lr: (lr,) * steps for lr in LR_GRID}, shots, query, n_tasks)
+
+
+def tune_later_lr(init: Init, shots: int, steps: int, query: int, n_tasks: int) -> float:
+    """For a meta-trained init: the step size after the meta.inner_steps it was trained for (which
+    keep its inner_lr), from the grid plus alpha and alpha / 2, best after `steps` steps."""
+    alpha, trained = init.inner_lr, init.cfg.meta.inner_steps
+    grid = sorted(set(LR_GRID) | {alpha, alpha / 2})
+    return best_on_validation(init, {lr: schedule(alpha, lr, trained, steps) for lr in grid}, shots, query, n_tasks)
+
+
 def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tuple[int, ...], query: int,
-             log=print) -> dict[str, Any]:
-    """Mean and 95% interval of the score after each of `steps` for every init and K."""
+             log=print, later_lr: str = "same") -> dict[str, Any]:
+    """Mean and 95% interval of the score after each of `steps` for every init and K. later_lr:
+    a meta-trained init's step size after the steps it was trained for: same (its inner_lr), tune
+    (on validation tasks) or a number."""
     family = inits[0].cfg.tasks.family
     if any(i.cfg.tasks.family != family for i in inits):
         raise ConfigError("every --checkpoint must come from the same task family")
@@ -152,16 +177,31 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
     for init in inits:
         for k in shots:
             t0 = time.perf_counter()
-            lr = init.inner_lr if init.inner_lr is not None else tune_inner_lr(init, k, max(steps), query, 25)
-            c = curves(init, names, k, max(steps), lr, query, seed=1)
-            row = {"init": init.label, "K": k if family == "sinusoid" else None, "inner_lr": lr, "tasks": len(names),
+            if init.inner_lr is None:
+                lr = later = tune_inner_lr(init, k, max(steps), query, 25)
+            else:
+                lr = init.inner_lr
+                later = {"same": lambda: lr, "tune": lambda: tune_later_lr(init, k, max(steps), query, 25)}.get(
+                    later_lr, lambda: float(later_lr))()
+            trained = init.cfg.meta.inner_steps if init.inner_lr is not None else max(steps)
+            c = curves(init, names, k, schedule(lr, later, trained, max(steps)), query, seed=1)
+            row = {"init": init.label, "K": k if family == "sinusoid" else None, "inner_lr": lr, "later_lr": later,
+                   "later_from_step": trained + 1, "tasks": len(names),
                    "mean": {s: float(c[:, s].mean()) for s in steps},
                    "ci95": {s: float(1.96 * c[:, s].std(ddof=1) / np.sqrt(len(names))) for s in steps}}
             rows.append(row)
             log(f"{init.label:>16} K={k}: " + " ".join(f"{s}:{row['mean'][s]:.3f}" for s in steps)
-                + f"  (alpha {lr:g}, {time.perf_counter() - t0:.0f}s)")
+                + f"  (alpha {alpha_text(row)}, {time.perf_counter() - t0:.0f}s)")
     return {"family": family, "steps": list(steps), "shots": list(shots), "tasks": list(names[:3]) + ["..."],
             "query_points": query if family == "sinusoid" else None, "rows": rows, "paper": PAPER[family]}
+
+
+def alpha_text(row: dict[str, Any]) -> str:
+    """`0.5` or `0.5, then 0.1 from step 2`."""
+    later = row.get("later_lr", row["inner_lr"])
+    if later == row["inner_lr"]:
+        return f"{row['inner_lr']:g}"
+    return f"{row['inner_lr']:g}, then {later:g} from step {row['later_from_step']}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -172,7 +212,7 @@ def markdown(result: dict[str, Any]) -> str:
              "|" + " --- |" * (len(steps) + 3)]
     for r in result["rows"]:
         cells = " | ".join(f"{r['mean'][s]:.3f} ± {r['ci95'][s]:.3f}" for s in steps)
-        lines.append(f"| {r['init']} | {r['K'] if r['K'] is not None else '-'} | {r['inner_lr']:g} | {cells} |")
+        lines.append(f"| {r['init']} | {r['K'] if r['K'] is not None else '-'} | {alpha_text(r)} | {cells} |")
     for label, vals in result["paper"].items():
         k = "5" if fam == "sinusoid" else "-"
         lines.append(f"| {label} | {k} | | " + " | ".join(f"{vals[s]:.2f}" if s in vals else "" for s in steps) + " |")
@@ -191,7 +231,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for r in (r for r in result["rows"] if r["K"] == k):
             xs = result["steps"]
             ax.errorbar(xs, [r["mean"][s] for s in xs], yerr=[r["ci95"][s] for s in xs], marker="o",
-                        capsize=3, label=f"{r['init']} (α={r['inner_lr']:g})")
+                        capsize=3, label=f"{r['init']} (α={alpha_text(r)})")
         for label, vals in result["paper"].items():
             if k in (5, None):
                 ax.plot(list(vals), list(vals.values()), ls="--", marker="x", label=label)
@@ -326,7 +366,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.episodes < 2:
             raise ConfigError(f"--episodes {args.episodes} must be at least 2")
         inits = [dataclasses.replace(i, cfg=config_mod.override(i.cfg, "nav2d.episodes", args.episodes)) for i in inits]
-    result = evaluate(inits, args.tasks, _ints(args.shots), _ints(args.steps), args.query)
+    later = getattr(args, "later_lr", "same")
+    if later not in ("same", "tune"):
+        try:
+            if not float(later) > 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--later-lr {later!r} must be same, tune or a positive step size, e.g. 0.1") from None
+    result = evaluate(inits, args.tasks, _ints(args.shots), _ints(args.steps), args.query, later_lr=later)
     for p in write_report(result, Path(args.out)):
         print(f"wrote {p}")
     print(markdown(result))
@@ -374,6 +421,9 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--query", type=int, default=100, help="sinusoid query points per task for the MSE")
     e.add_argument("--episodes", type=int, default=None,
                    help="nav2d episodes per rollout and step (default: the checkpoint's nav2d.episodes; the paper's test: 40)")
+    e.add_argument("--later-lr", default="same", metavar="same|tune|LR",
+                   help="meta-trained checkpoints: step size after the meta.inner_steps they were trained for; same = "
+                        "their inner_lr, tune = best on validation tasks (grid plus alpha and alpha/2), or a number")
     e.add_argument("--out", required=True, help="directory for fewshot.md, fewshot.json and fewshot.png")
     e.set_defaults(func=cmd_eval)
     t = sub.add_parser("pretrain", help="train one network on all training tasks jointly (the baseline)")

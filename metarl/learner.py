@@ -97,6 +97,19 @@ class Learner:
         return {"grad_norm": norm, "update_skipped": skipped, "update_norm": update_norm, "outer_lr": lr,
                 "theta_norm": float(self.theta.detach().norm())}
 
+    def assign(self, theta: np.ndarray, grad_norm: float, accepted: bool, trust: dict[str, float]) -> dict[str, Any]:
+        """meta.outer = trpo: the driver searched the KL-constrained step with the workers' curvature
+        products (metarl.trust); theta becomes its result. `trust` holds the step's statistics."""
+        t0 = time.perf_counter()
+        new = torch.from_numpy(np.array(theta, dtype=np.float32, copy=True)).to(self.device)
+        update_norm = float((new - self.theta.detach()).norm())
+        with torch.no_grad():
+            self.theta.copy_(new)
+        self.iteration += 1
+        return {"grad_norm": grad_norm, "update_skipped": not accepted, "update_norm": update_norm,
+                "outer_lr": float("nan"), "theta_norm": float(self.theta.detach().norm()),
+                **{f"trust/{k}": v for k, v in trust.items()}, "seconds": time.perf_counter() - t0}
+
     def step_on_batches(self, n_evaluations: int, *pairs: Any) -> dict[str, Any]:
         """meta.grad_on = learner. `pairs` alternates theta' (flat, as the leader sent it) and the
         batch a member collected with it; the learner computes each first-order gradient on its

@@ -211,15 +211,17 @@ def _row_norms(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def groups_step(stack: TaskStack, model: nn.Module, theta: Params, groups: list[Group], algo: str,
-                inner_lr: float, inner_steps: int,
-                step_loss: str = "last") -> tuple[tuple[torch.Tensor, ...], dict[int, dict], dict[int, dict]]:
+                inner_lr: float, inner_steps: int, step_loss: str = "last",
+                keep: list | None = None) -> tuple[tuple[torch.Tensor, ...], dict[int, dict], dict[int, dict]]:
     """One meta-iteration's work for `groups` (indices into stack.tasks), all in one pass:
     leaders adapt, members evaluate their leader's theta', and the meta-gradients are summed
     (MAML: each group's sum pulled back through its leader's inner steps; Reptile: theta - theta').
     step_loss = mean: the members' loss is the mean over the points after each inner step,
     theta_1 .. theta_S (the multi-step loss of Antoniou et al. 2019), not theta_S alone.
     Returns the summed meta-gradient (theta's shapes) and per-task statistics for the leaders
-    (adapt) and members (eval), as the task-by-task worker calls report them."""
+    (adapt) and members (eval), as the task-by-task worker calls report them. `keep` (a list): the
+    leaders' adaptation, the members' leader rows and their batch are appended to it, what a
+    TrustRegion is built from (meta.outer = trpo)."""
     t0 = time.perf_counter()
     leaders = [g.leader for g in groups]
     a = adapt_stacked(stack, model, theta, leaders, inner_lr, inner_steps)
@@ -253,6 +255,8 @@ def groups_step(stack: TaskStack, model: nn.Module, theta: Params, groups: list[
     finite = torch.stack([torch.isfinite(n) for n in point_norms]).all(0)
     eval_stats = {j: {**batch.row_stats(m), "loss": losses[m], "grad_norm": norms[m], "finite": bool(finite[m]),
                       "seconds": (time.perf_counter() - t1) / len(members)} for m, j in enumerate(members)}
+    if keep is not None:
+        keep.extend([a, lead_row, batch])
     w = 1.0 / len(points)
     if algo == "maml":
         index = torch.tensor(lead_row, dtype=torch.long)
@@ -263,3 +267,86 @@ def groups_step(stack: TaskStack, model: nn.Module, theta: Params, groups: list[
     elif len(points) > 1:
         grads = tuple(w * sum(xs) for xs in zip(*(g for g, _ in per_point)))
     return tuple(g.sum(0) for g in grads), adapt_stats, eval_stats
+
+
+# ------------------------------------------------------------------------------------------
+# the KL-constrained outer step (meta.outer = trpo), the MAML paper's outer optimiser for RL:
+# maximise the members' post-update surrogate subject to mean KL(pi_theta'_old || pi_theta') <= delta,
+# theta' = U(theta) the inner steps on the leaders' stored adaptation batches. The KL's Hessian in
+# theta is J^T F J with J = dtheta'/dtheta = (I - alpha H_{S-1}) ... (I - alpha H_0) (maml; identity
+# for fomaml) and F the post-update policy's Fisher information. metarl.trust solves and searches;
+# a worker keeps one TrustRegion per iteration and answers its products and objective values.
+
+
+class TrustRegion:
+    """One iteration's groups, kept for the outer step: the leaders' adaptation (points and
+    batches), which leader each member row follows, the members' evaluation batch and the action
+    distributions that collected it. Curvature products use a fixed random `fraction` of each
+    batch's samples (TRPO's subsampled Fisher); values and gradients use all of them."""
+
+    def __init__(self, stack: TaskStack, model: nn.Module, adaptation: StackedAdaptation, lead_row: list[int],
+                 batch: StackedBatch, second_order: bool, inner_lr: float, fraction: float = 1.0, seed: int = 0):
+        self.stack, self.model, self.a, self.batch = stack, model, adaptation, batch
+        self.index = torch.tensor(lead_row, dtype=torch.long)
+        self.second_order, self.inner_lr = second_order, inner_lr
+        with torch.no_grad():
+            self.old = tuple(x.detach() for x in stack.distribution(model, take_rows(adaptation.theta_prime, lead_row), batch))
+        gen = torch.Generator().manual_seed(int(seed))
+        self.fraction, self._gen = fraction, gen
+        self._hvps = self._fisher = None
+
+    def _columns(self, batch: StackedBatch) -> StackedBatch:
+        n = batch.data["mask"].shape[1] if "mask" in batch.data else next(iter(batch.data.values())).shape[1]
+        if self.fraction >= 1.0:
+            return batch
+        k = max(2, int(round(n * self.fraction)))
+        return batch.columns(torch.randperm(n, generator=self._gen)[:k].sort().values)
+
+    def _build(self) -> None:
+        """The graphs every product reuses: each inner step's gradient with its graph (for H_s v),
+        and the post-update policy's forward pass (for F u)."""
+        self._hvps = []
+        if self.second_order:
+            subs = {id(b): self._columns(b) for b in distinct_batches(self.a.batches)}
+            for point, batch in zip(self.a.thetas, self.a.batches):
+                p = detached(point, requires_grad=True)
+                g = torch.autograd.grad(self.stack.losses(self.model, p, subs[id(batch)]).sum(), tuple(p.values()),
+                                        create_graph=True)
+                self._hvps.append((p, g))
+        members = take_rows(self.a.theta_prime, self.index.tolist())
+        self._fisher = self.stack.fisher(self.model, members, self._columns(self.batch))
+
+    def _through_steps(self, v: tuple[torch.Tensor, ...], order) -> tuple[torch.Tensor, ...]:
+        for s in order:
+            p, g = self._hvps[s]
+            hv = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), tuple(p.values()),
+                                     retain_graph=True, allow_unused=True)
+            v = tuple(vi - self.inner_lr * (h if h is not None else torch.zeros_like(vi)) for vi, h in zip(v, hv))
+        return v
+
+    def fvp(self, v: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """sum over member rows of J_g^T F_j J_g v (theta's shapes): the KL's Hessian-vector product,
+        summed (the caller averages over every worker's members)."""
+        if self._fisher is None:
+            self._build()
+        n_leaders = next(iter(self.a.theta_prime.values())).shape[0]
+        rows = tuple(x.detach().unsqueeze(0).expand(n_leaders, *x.shape) for x in v)
+        if self.second_order:
+            rows = self._through_steps(rows, range(len(self._hvps)))
+        per_member = self._fisher(tuple(x.index_select(0, self.index) for x in rows))
+        back = tuple(torch.zeros_like(x).index_add_(0, self.index, f) for x, f in zip(rows, per_member))
+        if self.second_order:
+            back = self._through_steps(back, reversed(range(len(self._hvps))))
+        return tuple(x.sum(0).detach() for x in back)
+
+    @torch.no_grad()
+    def objective(self, theta: Params) -> tuple[float, float]:
+        """(sum of the members' surrogate losses, sum of their mean KLs) with theta' re-derived from
+        `theta` by the same inner steps on the stored adaptation batches."""
+        params = stack_params(theta, next(iter(self.a.theta_prime.values())).shape[0])
+        with torch.enable_grad():
+            for batch in self.a.batches:
+                grads, _ = stacked_grads(self.stack, self.model, params, batch)
+                params = detached(sgd_step(params, grads, self.inner_lr))
+        surrogate, kl = self.stack.surrogate_kl(self.model, take_rows(params, self.index.tolist()), self.batch, self.old)
+        return float(surrogate.sum()), float(kl.sum())

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl import checkpoint, config as config_mod
+from metarl import checkpoint, config as config_mod, trust
 from metarl.backend import LocalBackend, RayBackend
 from metarl.config import Config
 from metarl.learner import Learner
@@ -53,6 +53,10 @@ class Fleet:
     """where evaluation gradients are computed: worker, or learner from shipped batches"""
     stacked: bool = False
     """every worker holds every task and computes whole groups in one batched call"""
+    outer: str = "adam"
+    """the outer optimiser (meta.outer); trpo's step is searched by the driver (trust_step)"""
+    trust: dict[str, Any] = field(default_factory=dict)
+    """meta.outer = trpo: max_kl, cg_iters"""
 
 
 def resolve_grad_on(cfg: Config, learner_gpus: float) -> str:
@@ -139,7 +143,9 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
     workers = [
         backend.actor(worker_cls, family, seeds, m.inner_lr, m.inner_steps, m.algo == "maml", 1, worker_device,
                       num_cpus=cpw, num_gpus=0.0 if local else cfg.ray.gpus_per_worker,
-                      restarts=cfg.ray.max_worker_restarts, kwargs={"resample": cfg.tasks.resample, "step_loss": m.step_loss})
+                      restarts=cfg.ray.max_worker_restarts,
+                      kwargs={"resample": cfg.tasks.resample, "step_loss": m.step_loss, "outer": m.outer,
+                              "fisher_fraction": m.fisher_fraction})
         for seeds in assignment
     ]
     info = backend.get(backend.call(learner, "info"))
@@ -147,7 +153,11 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
     notes.append(f"evaluation gradients on the {grad_on}" + (" (batches shipped to it)" if grad_on == "learner" else "s"))
     if stacked:
         notes.append(f"stacked tasks: each of the {W} workers computes whole groups in one batched call per iteration")
-    return Fleet(backend, learner, workers, owner, info, notes, grad_on, stacked)
+    if m.outer == "trpo":
+        notes.append(f"outer step: trpo (mean KL <= {m.max_kl}, {m.cg_iters} CG iterations on "
+                     f"{m.fisher_fraction:.0%} of the samples), searched by the driver with the workers' products")
+    return Fleet(backend, learner, workers, owner, info, notes, grad_on, stacked, m.outer,
+                 {"max_kl": m.max_kl, "cg_iters": m.cg_iters})
 
 
 # ------------------------------------------------------------------------------------------
@@ -283,6 +293,8 @@ def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Gr
     t_learn = time.perf_counter()
     if n_ok == 0 or nonfinite:
         lstats = b.get(b.call(fleet.learner, "skip_step"))
+    elif fleet.outer == "trpo" and algo != "reptile":
+        lstats = trust_step(fleet, [fleet.workers[w] for w in stats], [calls[w][0] for w in stats], n_ok, timeout)
     else:
         lstats = b.get(b.call(fleet.learner, "step", n_ok, *[calls[w][0] for w in stats]), timeout=timeout)
     learner_s = time.perf_counter() - t_learn
@@ -291,6 +303,37 @@ def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Gr
             b.kill(fleet.workers[w])
     return summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats,
                      time.perf_counter() - t_start, learner_s)
+
+
+def trust_step(fleet: Fleet, workers: list[Any], grad_refs: list[Any], n_ok: int, timeout: float) -> dict[str, Any]:
+    """meta.outer = trpo: the KL-constrained step (metarl.trust) searched here with the curvature
+    products and objective values of the workers that completed this iteration (each over its own
+    groups, summed, averaged over the n_ok evaluations), then handed to the learner. A worker that
+    fails during the search leaves theta unchanged for this iteration."""
+    b, m = fleet.backend, fleet.trust
+
+    def over_workers(method: str, x: np.ndarray) -> list[Any]:
+        ref = b.put(x.astype(np.float32))
+        return b.get([b.call(w, method, ref) for w in workers], timeout=timeout)
+
+    def fvp(v: np.ndarray) -> np.ndarray:
+        return np.sum([np.asarray(p, dtype=np.float64) for p in over_workers("region_fvp", v)], 0) / n_ok
+
+    def objective(theta: np.ndarray) -> tuple[float, float]:
+        parts = over_workers("region_objective", theta)
+        return sum(p[0] for p in parts) / n_ok, sum(p[1] for p in parts) / n_ok
+
+    theta = np.asarray(b.get(b.call(fleet.learner, "get_theta")), dtype=np.float64)
+    g = np.sum([np.asarray(x, dtype=np.float64) for x in b.get(grad_refs, timeout=timeout)], 0) / n_ok
+    try:
+        res = trust.trust_region_step(theta, g, fvp, objective, m["max_kl"], m["cg_iters"])
+    except Exception as exc:  # noqa: BLE001 - a worker died or raised mid-search: skip this update
+        out = b.get(b.call(fleet.learner, "skip_step"))
+        return {**out, "trust/error": f"{type(exc).__name__}: {exc}"[:200]}
+    stats = {"kl": res.kl, "step_fraction": res.fraction, "surrogate_gain": res.surrogate_before - res.surrogate_after,
+             "cg_residual": res.cg_residual, "full_step_norm": res.full_step_norm}
+    return b.get(b.call(fleet.learner, "assign", res.theta, float(np.linalg.norm(g)), res.accepted, stats),
+                 timeout=timeout)
 
 
 def iterate(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], algo: str, timeout: float,
@@ -330,6 +373,7 @@ def summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n
         "grad/norm": lstats["grad_norm"], "grad/update_norm": lstats["update_norm"],
         "outer_lr": lstats.get("outer_lr", float("nan")), "theta_norm": lstats["theta_norm"],
         "update_skipped": bool(lstats["update_skipped"]),
+        **{k: v for k, v in lstats.items() if k.startswith("trust/")},
         "tasks_dropped": sorted(tasks[i] for i in failed), "drop_reasons": {tasks[i]: r for i, r in failed.items()},
         "nonfinite_tasks": nonfinite,
         "time/iteration_s": wall, "time/learner_s": learner_s,

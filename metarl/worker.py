@@ -43,7 +43,7 @@ def iteration_seed(task_seed: int, iteration: int) -> int:
 class TaskWorker:
     def __init__(self, family: TaskFamily, task_seeds: dict[str, int], inner_lr: float, inner_steps: int,
                  keep_adaptation: bool = False, torch_threads: int = 1, device: str = "cpu", resample: bool = False,
-                 step_loss: str = "last"):
+                 step_loss: str = "last", outer: str = "adam", fisher_fraction: float = 1.0):
         torch.set_num_threads(torch_threads)
         self.device = device
         self.model = family.make_model().to(device)
@@ -54,6 +54,8 @@ class TaskWorker:
         self.tasks = {name: family.make_task(name, seed) for name, seed in task_seeds.items()}
         self._adaptations: dict[str, meta.Adaptation] = {}
         self._stack = None
+        self.outer, self.fisher_fraction = outer, fisher_fraction
+        self._region: meta.TrustRegion | None = None
 
     # -- helpers ---------------------------------------------------------------------------
     def _params(self, flat: np.ndarray):
@@ -141,11 +143,30 @@ class TaskWorker:
         names = list(self.tasks)
         for i in {i for g in groups for i in g.members}:
             self.tasks[names[i]].reseed(iteration_seed(self.seeds[names[i]], iteration), redraw=self.resample)
+        keep = [] if self.outer == "trpo" and algo != "reptile" else None
         grads, adapt_stats, eval_stats = meta.groups_step(self._stack, self.model, self._params(theta), groups, algo,
-                                                         self.inner_lr, self.inner_steps, self.step_loss)
+                                                         self.inner_lr, self.inner_steps, self.step_loss, keep)
+        self._region = None if keep is None else meta.TrustRegion(
+            self._stack, self.model, *keep, second_order=algo == "maml", inner_lr=self.inner_lr,
+            fraction=self.fisher_fraction, seed=iteration_seed(len(groups), iteration))
         flat = self.spec.flatten_grads(grads)
         return flat, {"adapt": adapt_stats, "eval": eval_stats, "finite": bool(np.isfinite(flat).all()),
                       "seconds": time.perf_counter() - t0}
+
+    def region_fvp(self, v: np.ndarray) -> np.ndarray:
+        """meta.outer = trpo: the KL's Hessian times v, summed over this worker's members of the
+        last groups_step (flat, like a gradient)."""
+        return self.spec.flatten_grads(self._kept_region().fvp(tuple(self._params(v).values())))
+
+    def region_objective(self, theta: np.ndarray) -> tuple[float, float]:
+        """meta.outer = trpo: (sum of surrogate losses, sum of mean KLs) over the last groups_step's
+        members, with theta' re-derived from the candidate theta on the stored adaptation batches."""
+        return self._kept_region().objective(self._params(theta))
+
+    def _kept_region(self) -> meta.TrustRegion:
+        if self._region is None:
+            raise RuntimeError("no trust region kept: groups_step with meta.outer = trpo must come first")
+        return self._region
 
     def close(self) -> None:
         for t in self.tasks.values():

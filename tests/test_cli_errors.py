@@ -86,6 +86,13 @@ def test_unknown_schedule_or_negative_chunk(key, words):
     ("sinusoid.yaml", "log.every=0", ("log.every", ">= 1")),
     ("sinusoid.yaml", "meta.step_loss=mean --set meta.algo=reptile", ("step_loss = mean", "reptile")),
     ("sinusoid.yaml", "meta.step_loss=all", ("meta.step_loss", "last, mean")),
+    ("sinusoid.yaml", "meta.outer=trpo", ("meta.outer = trpo", "nav2d", "adam")),
+    ("nav2d.yaml", "meta.outer=sgd", ("meta.outer", "adam, trpo")),
+    ("nav2d.yaml", "meta.algo=reptile", ("meta.outer = trpo", "reptile", "adam")),
+    ("nav2d.yaml", "meta.step_loss=mean", ("meta.outer = trpo", "step_loss mean")),
+    ("nav2d.yaml", "meta.task_batching=per_task", ("meta.outer = trpo", "per_task", "adam")),
+    ("nav2d.yaml", "meta.max_kl=0", ("meta.max_kl", "positive")),
+    ("nav2d.yaml", "meta.fisher_fraction=1.5", ("meta.fisher_fraction", "(0, 1]")),
 ])
 def test_batching_resample_and_log_every_errors(config, key, words):
     sets = [x for k in key.split(" --set ") for x in ("--set", k)]

@@ -119,12 +119,12 @@ def test_meta_trained_init_adapts_far_better_than_pretrained(sine_runs):
     maml = fewshot.load_init("maml", str(sine_runs / "maml"))
     pre = fewshot.load_init("pre-trained", str(sine_runs / "pretrained"))
     names = fewshot.heldout_names(maml.cfg, fewshot.HELDOUT_FIRST, 40)
-    ours = fewshot.sine_curves(maml, names, shots=10, steps=5, inner_lr=maml.inner_lr, query=100, seed=1).mean(0)
-    base = fewshot.sine_curves(pre, names, shots=10, steps=5, inner_lr=0.01, query=100, seed=1).mean(0)
+    ours = fewshot.sine_curves(maml, names, shots=10, lrs=(maml.inner_lr,) * 5, query=100, seed=1).mean(0)
+    base = fewshot.sine_curves(pre, names, shots=10, lrs=(0.01,) * 5, query=100, seed=1).mean(0)
     assert ours[1] < 0.6 * ours[0], ours  # one step on 10 points removes most of the error
     assert ours[5] < 0.5 * ours[0], ours
     assert ours[5] < 0.6 * base[5], (ours, base)  # and beats joint pre-training by a wide margin
-    rand = fewshot.sine_curves(fewshot.random_init(maml.cfg), names, shots=10, steps=0, inner_lr=0.01, query=100,
+    rand = fewshot.sine_curves(fewshot.random_init(maml.cfg), names, shots=10, lrs=(), query=100,
                                seed=1).mean(0)
     assert base[0] < rand[0], (base, rand)  # the baseline did learn: the mean curve beats a random net
     rows = read_metrics(sine_runs / "maml" / "metrics.jsonl")
@@ -145,6 +145,17 @@ def test_fewshot_eval_writes_table_json_and_plot(sine_runs, tmp_path):
     with pytest.raises(ConfigError, match="--episodes 1"):
         fewshot.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
                                shots="5", steps="0", query=20, episodes=1, out=str(out)))
+    for later in ("tune", "0.003"):  # a step size after the trained steps: tuned on validation tasks, or given
+        fewshot.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
+                               shots="5", steps="0,2", query=20, later_lr=later, out=str(out)))
+        row = json.loads((out / "fewshot.json").read_text())["rows"][0]
+        assert row["inner_lr"] == 0.01 and row["later_from_step"] == 2
+        assert row["later_lr"] == 0.003 if later != "tune" else row["later_lr"] in set(fewshot.LR_GRID) | {0.01, 0.005}
+    assert "then 0.003 from step 2" in (out / "fewshot.md").read_text()
+    assert fewshot.schedule(0.5, 0.1, 1, 3) == (0.5, 0.1, 0.1) and fewshot.schedule(0.5, 0.1, 2, 3) == (0.5, 0.5, 0.1)
+    with pytest.raises(ConfigError, match="--later-lr"):
+        fewshot.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
+                               shots="5", steps="0", query=20, later_lr="fast", out=str(out)))
     with pytest.raises(ConfigError, match="LABEL="):
         fewshot.cmd_eval(_args(checkpoint=["nonsense"], pretrained=None, no_random=True, tasks=4, shots="5",
                                steps="0", query=20, out=str(out)))
@@ -184,7 +195,8 @@ def test_family_runs_through_ray_actors_with_skip_2(family, batching, ray_sessio
         base,
         tasks=dataclasses.replace(base.tasks, train=tuple(f"{prefix}-{i}" for i in range(4)), heldout=(),
                                   resample=batching == "stacked"),
-        meta=dataclasses.replace(base.meta, algo="maml", skip=2, iterations=2, checkpoint_every=2, task_batching=batching),
+        meta=dataclasses.replace(base.meta, algo="maml", skip=2, iterations=2, checkpoint_every=2, task_batching=batching,
+                                 outer="adam" if batching == "per_task" else base.meta.outer),
         nav2d=dataclasses.replace(base.nav2d, episodes=4, horizon=20),
         ray=dataclasses.replace(base.ray, workers=2, num_cpus=2),
         log=dataclasses.replace(base.log, wandb_mode="disabled", progress=False, every=1),
@@ -195,6 +207,9 @@ def test_family_runs_through_ray_actors_with_skip_2(family, batching, ray_sessio
     for r in rows:
         assert r["adaptations"] == 2 and r["evaluations"] == 4 and r["evaluations_used"] == 4
         assert r["tasks_dropped"] == [] and not r["update_skipped"] and r["grad/update_norm"] > 0
+        if cfg.meta.outer == "trpo":  # configs/nav2d.yaml: the KL-constrained step, searched over both workers
+            assert 0 < r["trust/kl"] <= cfg.meta.max_kl and 0 < r["trust/step_fraction"] <= 1
+    assert (family == "nav2d" and batching == "stacked") == (cfg.meta.outer == "trpo")
     assert (tmp_path / "run" / "checkpoints" / "ckpt_000002.pt").exists()
 
 

@@ -106,6 +106,12 @@ class StackedBatch:
         return {"env_steps": self.env_steps[r], "frames": self.env_steps[r],
                 "returns": list(self.episode_returns[r]), "reward_sum": self.reward_sum[r]}
 
+    def columns(self, index: torch.Tensor) -> "StackedBatch":
+        """The same rows restricted to the samples `index` (second dimension of every tensor):
+        a subsample for curvature products (meta.TrustRegion)."""
+        return StackedBatch({k: v.index_select(1, index) for k, v in self.data.items()},
+                            self.env_steps, self.episode_returns, self.reward_sum)
+
 
 class TaskStack(abc.ABC):
     """Many tasks of one family computed together: sampling and losses for n (task, parameter
@@ -124,6 +130,26 @@ class TaskStack(abc.ABC):
     @abc.abstractmethod
     def losses(self, model: nn.Module, params: Params, batch: StackedBatch) -> torch.Tensor:
         """The n per-row losses (each the unstacked Task.loss of that row), differentiable."""
+
+    # A policy family also gives what the KL-constrained outer step (meta.outer = trpo) needs.
+    # The policy's distribution is summarised by a tuple of tensors (a Gaussian: mean, log-std).
+
+    def distribution(self, model: nn.Module, params: Params, batch: StackedBatch) -> tuple[torch.Tensor, ...]:
+        """Row r's action distribution under parameter set r at the batch's observations."""
+        raise NotImplementedError(f"{type(self).__name__} has no policy distribution (meta.outer = trpo needs one)")
+
+    def surrogate_kl(self, model: nn.Module, params: Params, batch: StackedBatch,
+                     old: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the likelihood-ratio surrogate loss -mean(pi/pi_old * A) over the batch (its
+        gradient where pi = pi_old is that of `losses`; its value there is -mean(A)) and the mean
+        KL(pi_old || pi)."""
+        raise NotImplementedError(f"{type(self).__name__} has no policy distribution (meta.outer = trpo needs one)")
+
+    def fisher(self, model: nn.Module, params: Params, batch: StackedBatch):
+        """A function u -> F u, row by row: F_r the Hessian of row r's mean KL(pi_params || pi) at
+        pi = pi_params (the Fisher information of the policy on row r's observations). u and the
+        result have params' shapes (rows first); the forward pass is shared by every call."""
+        raise NotImplementedError(f"{type(self).__name__} has no policy distribution (meta.outer = trpo needs one)")
 
 
 class TaskFamily(abc.ABC):

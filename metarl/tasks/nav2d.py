@@ -16,6 +16,7 @@ function of (params, batch) and its Hessian is the surrogate's, as in MAML.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -108,6 +109,11 @@ def advantages(rewards: torch.Tensor, values: torch.Tensor, alive: torch.Tensor,
     next_values = torch.cat([values[1:], torch.zeros_like(values[:1])])
     deltas = (rewards + gamma * next_values - values) * alive
     return discounted(deltas, gamma * lam)
+
+
+def log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log N(actions; mean, exp(log_std)^2), summed over the action dimensions."""
+    return (-0.5 * (actions - mean).pow(2) * torch.exp(-2 * log_std) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 class Nav2dTask(Task):
@@ -213,23 +219,58 @@ class Nav2dStack(TaskStack):
                             env_steps=counts, episode_returns=ep_returns.tolist(),
                             reward_sum=ep_returns.sum(1).tolist())
 
-    def losses(self, model: nn.Module, params: Params, batch: StackedBatch) -> torch.Tensor:
-        lc = self.tasks[0].loss_cfg
+    def _data(self, params: Params, batch: StackedBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The batch in the parameters' dtype, its live-step counts and its advantages (normalised
+        over each row's live steps when loss.norm_adv)."""
         dtype = next(iter(params.values())).dtype
         d = {k: v.to(dtype) for k, v in batch.data.items()}
         m, adv = d["mask"], d["advantages"]
         count = m.sum(1)
-        if lc.norm_adv:
+        if self.tasks[0].loss_cfg.norm_adv:
             mu = (adv * m).sum(1, keepdim=True) / count[:, None]
             var = ((adv - mu).pow(2) * m).sum(1, keepdim=True) / (count[:, None] - 1).clamp(min=1)
             normed = (adv - mu) / (var.sqrt() + 1e-8)
             adv = torch.where((count > 1)[:, None], normed, adv)
+        return d, count, adv.detach()
+
+    def losses(self, model: nn.Module, params: Params, batch: StackedBatch) -> torch.Tensor:
+        d, count, adv = self._data(params, batch)
         mean, log_std = gaussian_policy(params, d["obs"])
-        var_a = torch.exp(2 * log_std)
-        logp = (-0.5 * (d["actions"] - mean).pow(2) / var_a - log_std
-                - 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=dtype))).sum(-1)
-        pg = -(logp * adv.detach() * m).sum(1) / count
-        return pg - lc.ent_coef * log_std.sum((-1, -2))
+        pg = -(log_prob(d["actions"], mean, log_std) * adv * d["mask"]).sum(1) / count
+        return pg - self.tasks[0].loss_cfg.ent_coef * log_std.sum((-1, -2))
+
+    def distribution(self, model: nn.Module, params: Params, batch: StackedBatch) -> tuple[torch.Tensor, ...]:
+        dtype = next(iter(params.values())).dtype
+        return gaussian_policy(params, batch.data["obs"].to(dtype))
+
+    def surrogate_kl(self, model: nn.Module, params: Params, batch: StackedBatch,
+                     old: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        d, count, adv = self._data(params, batch)
+        mean, log_std = gaussian_policy(params, d["obs"])
+        old_mean, old_log_std = (x.to(mean.dtype) for x in old)
+        m = d["mask"]
+        ratio = torch.exp(log_prob(d["actions"], mean, log_std) - log_prob(d["actions"], old_mean, old_log_std))
+        surrogate = -(ratio * adv * m).sum(1) / count - self.tasks[0].loss_cfg.ent_coef * log_std.sum((-1, -2))
+        kl = (log_std - old_log_std + (torch.exp(2 * old_log_std) + (old_mean - mean).pow(2))
+              / (2 * torch.exp(2 * log_std)) - 0.5).sum(-1)
+        return surrogate, (kl * m).sum(1) / count
+
+    def fisher(self, model: nn.Module, params: Params, batch: StackedBatch):
+        """For a diagonal Gaussian the KL's Hessian is J_mean^T diag(1/sigma^2) J_mean on the mean
+        (per live step, averaged) plus 2 on each log-std: a forward-mode product J u, weighted, and
+        one backward pass."""
+        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        obs, m = batch.data["obs"].to(p["log_std"].dtype), batch.data["mask"].to(p["log_std"].dtype)
+        mean, log_std = gaussian_policy(p, obs)
+        weight = (m / m.sum(1, keepdim=True))[..., None] * torch.exp(-2 * log_std.detach())
+        keys = list(p)
+
+        def product(u: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            _, (d_mean, d_log_std) = torch.func.jvp(lambda *ps: gaussian_policy(dict(zip(keys, ps)), obs),
+                                                    tuple(x.detach() for x in p.values()), tuple(u))
+            return torch.autograd.grad((mean, log_std), tuple(p.values()), grad_outputs=(d_mean * weight, 2 * d_log_std),
+                                       retain_graph=True)
+        return product
 
 
 @dataclass(frozen=True)
