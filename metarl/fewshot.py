@@ -8,9 +8,11 @@
 goal-100000...): sinusoids with one K-shot support set reused for every step, the MSE measured on
 `--query` fresh points; navigation with a fresh rollout per step, the return being that rollout's mean
 episode return (as in the paper's Figure 4). Meta-trained checkpoints adapt with the inner_lr they
-were trained with; the pre-trained and random baselines get a step size tuned on separate validation
-tasks (the paper's "automatically tuned step size"). Every initialisation sees the same support and
-query sets.
+were trained with for the meta.inner_steps they were trained to take, and after those with
+`--later-lr`: the same inner_lr (default), a given step size, or one tuned on validation tasks
+(the reference code's navigation test halves the step after the first); the pre-trained and random
+baselines get one step size for all steps, tuned on separate validation tasks (the paper's
+"automatically tuned step size"). Every initialisation sees the same support and query sets.
 """
 
 from __future__ import annotations
