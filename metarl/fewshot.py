@@ -9,8 +9,8 @@ goal-100000...): sinusoids with one K-shot support set reused for every step, th
 `--query` fresh points; navigation with a fresh rollout per step, the return being that rollout's mean
 episode return (as in the paper's Figure 4). Meta-trained checkpoints adapt with the inner_lr they
 were trained with for the meta.inner_steps they were trained to take, and after those with
-`--later-lr`: the same inner_lr (default), a given step size, or one tuned on validation tasks
-(the reference code's navigation test halves the step after the first); the pre-trained and random
+`--later-lr`: the same inner_lr (default), a given step size, or step sizes tuned one step at a
+time on validation tasks (the reference code's navigation test halves the step after the first); the pre-trained and random
 baselines get one step size for all steps, tuned on separate validation tasks (the paper's
 "automatically tuned step size"). Every initialisation sees the same support and query sets.
 """
@@ -134,10 +134,10 @@ def curves(init: Init, names, shots: int, lrs: tuple[float, ...], query: int, se
     return nav_curves(init, names, lrs, seed)
 
 
-def schedule(first: float, later: float, trained_steps: int, steps: int) -> tuple[float, ...]:
+def schedule(first: float, later: tuple[float, ...], trained_steps: int, steps: int) -> tuple[float, ...]:
     """Step sizes for `steps` SGD steps: `first` for the steps the init was meta-trained to take,
-    `later` after them."""
-    return tuple(first if s < trained_steps else later for s in range(steps))
+    then later[0], later[1], ... (the last one repeated)."""
+    return tuple(first if s < trained_steps else later[min(s - trained_steps, len(later) - 1)] for s in range(steps))
 
 
 def best_on_validation(init: Init, candidates: dict[float, tuple[float, ...]], shots: int, query: int,
@@ -157,12 +157,17 @@ def tune_inner_lr(init: Init, shots: int, steps: int, query: int, n_tasks: int) 
     return best_on_validation(init, {lr: (lr,) * steps for lr in LR_GRID}, shots, query, n_tasks)
 
 
-def tune_later_lr(init: Init, shots: int, steps: int, query: int, n_tasks: int) -> float:
-    """For a meta-trained init: the step size after the meta.inner_steps it was trained for (which
-    keep its inner_lr), from the grid plus alpha and alpha / 2, best after `steps` steps."""
+def tune_later_lr(init: Init, shots: int, steps: int, query: int, n_tasks: int) -> tuple[float, ...]:
+    """For a meta-trained init: the step sizes after the meta.inner_steps it was trained for (those
+    keep its inner_lr alpha), chosen one step at a time on validation tasks from alpha, alpha/2, ...,
+    alpha/128 (the reference code's navigation test halves alpha after the first step)."""
     alpha, trained = init.inner_lr, init.cfg.meta.inner_steps
-    grid = sorted(set(LR_GRID) | {alpha, alpha / 2})
-    return best_on_validation(init, {lr: schedule(alpha, lr, trained, steps) for lr in grid}, shots, query, n_tasks)
+    grid = [alpha / 2 ** k for k in range(8)]
+    later: tuple[float, ...] = ()
+    for s in range(trained, steps):
+        later += (best_on_validation(init, {lr: schedule(alpha, later + (lr,), trained, s + 1) for lr in grid},
+                                     shots, query, n_tasks),)
+    return later or (alpha,)
 
 
 def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tuple[int, ...], query: int,
@@ -180,14 +185,15 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
         for k in shots:
             t0 = time.perf_counter()
             if init.inner_lr is None:
-                lr = later = tune_inner_lr(init, k, max(steps), query, 25)
+                lr = tune_inner_lr(init, k, max(steps), query, 25)
+                later = (lr,)
             else:
                 lr = init.inner_lr
-                later = {"same": lambda: lr, "tune": lambda: tune_later_lr(init, k, max(steps), query, 25)}.get(
-                    later_lr, lambda: float(later_lr))()
+                later = {"same": lambda: (lr,), "tune": lambda: tune_later_lr(init, k, max(steps), query, 25)}.get(
+                    later_lr, lambda: (float(later_lr),))()
             trained = init.cfg.meta.inner_steps if init.inner_lr is not None else max(steps)
             c = curves(init, names, k, schedule(lr, later, trained, max(steps)), query, seed=1)
-            row = {"init": init.label, "K": k if family == "sinusoid" else None, "inner_lr": lr, "later_lr": later,
+            row = {"init": init.label, "K": k if family == "sinusoid" else None, "inner_lr": lr, "later_lr": list(later),
                    "later_from_step": trained + 1, "tasks": len(names),
                    "mean": {s: float(c[:, s].mean()) for s in steps},
                    "ci95": {s: float(1.96 * c[:, s].std(ddof=1) / np.sqrt(len(names))) for s in steps}}
@@ -199,11 +205,11 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
 
 
 def alpha_text(row: dict[str, Any]) -> str:
-    """`0.5` or `0.5, then 0.1 from step 2`."""
-    later = row.get("later_lr", row["inner_lr"])
-    if later == row["inner_lr"]:
+    """`0.5`, or `0.5, then 0.1, 0.05 from step 2`."""
+    later = row.get("later_lr", [row["inner_lr"]])
+    if all(x == row["inner_lr"] for x in later):
         return f"{row['inner_lr']:g}"
-    return f"{row['inner_lr']:g}, then {later:g} from step {row['later_from_step']}"
+    return f"{row['inner_lr']:g}, then {', '.join(f'{x:g}' for x in later)} from step {row['later_from_step']}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -315,7 +321,8 @@ def cost(cfg: Config, iterations: int, log=print) -> list[dict[str, Any]]:
 
     rows = []
     for algo in ("maml", "fomaml", "reptile"):
-        c = config_mod.override(cfg, "meta.algo", algo)
+        base = config_mod.override(cfg, "meta.outer", "adam") if algo == "reptile" else cfg  # no surrogate to constrain
+        c = config_mod.override(base, "meta.algo", algo)
         fleet = start_fleet(c, local=True)
         rng = np.random.default_rng(c.meta.seed)
         step = lambda: iterate(fleet, c.tasks.train, meta.make_groups(c.num_tasks, c.meta.skip, rng),  # noqa: E731
@@ -327,8 +334,8 @@ def cost(cfg: Config, iterations: int, log=print) -> list[dict[str, Any]]:
             step()
             secs.append(time.perf_counter() - t0)
         peak = peak_tensor_bytes(step)
-        rows.append({"algo": algo, "seconds": float(np.median(secs)), "peak_mb": peak / 2**20})
-        log(f"{algo:>7}: {rows[-1]['seconds']:.3f} s/iteration (median of {iterations}), "
+        rows.append({"algo": algo, "outer": c.meta.outer, "seconds": float(np.median(secs)), "peak_mb": peak / 2**20})
+        log(f"{algo:>7} ({c.meta.outer}): {rows[-1]['seconds']:.3f} s/iteration (median of {iterations}), "
             f"peak tensor memory {rows[-1]['peak_mb']:.2f} MiB")
     maml_s = rows[0]["seconds"]
     for r in rows:
@@ -425,7 +432,7 @@ def add_parser(subparsers: Any) -> None:
                    help="nav2d episodes per rollout and step (default: the checkpoint's nav2d.episodes; the paper's test: 40)")
     e.add_argument("--later-lr", default="same", metavar="same|tune|LR",
                    help="meta-trained checkpoints: step size after the meta.inner_steps they were trained for; same = "
-                        "their inner_lr, tune = best on validation tasks (grid plus alpha and alpha/2), or a number")
+                        "their inner_lr, tune = each step's best of alpha/2^k (k = 0..7) on validation tasks, or a number")
     e.add_argument("--out", required=True, help="directory for fewshot.md, fewshot.json and fewshot.png")
     e.set_defaults(func=cmd_eval)
     t = sub.add_parser("pretrain", help="train one network on all training tasks jointly (the baseline)")

@@ -150,9 +150,13 @@ def test_fewshot_eval_writes_table_json_and_plot(sine_runs, tmp_path):
                                shots="5", steps="0,2", query=20, later_lr=later, out=str(out)))
         row = json.loads((out / "fewshot.json").read_text())["rows"][0]
         assert row["inner_lr"] == 0.01 and row["later_from_step"] == 2
-        assert row["later_lr"] == 0.003 if later != "tune" else row["later_lr"] in set(fewshot.LR_GRID) | {0.01, 0.005}
+        if later == "tune":  # one step (step 2) after the trained one: one tuned size
+            assert len(row["later_lr"]) == 1 and row["later_lr"][0] in [0.01 / 2 ** k for k in range(8)]
+        else:
+            assert row["later_lr"] == [0.003]
     assert "then 0.003 from step 2" in (out / "fewshot.md").read_text()
-    assert fewshot.schedule(0.5, 0.1, 1, 3) == (0.5, 0.1, 0.1) and fewshot.schedule(0.5, 0.1, 2, 3) == (0.5, 0.5, 0.1)
+    assert fewshot.schedule(0.5, (0.1,), 1, 3) == (0.5, 0.1, 0.1) and fewshot.schedule(0.5, (0.1,), 2, 3) == (0.5, 0.5, 0.1)
+    assert fewshot.schedule(0.5, (0.2, 0.1), 1, 4) == (0.5, 0.2, 0.1, 0.1)
     with pytest.raises(ConfigError, match="--later-lr"):
         fewshot.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
                                shots="5", steps="0", query=20, later_lr="fast", out=str(out)))
@@ -174,6 +178,17 @@ def test_fewshot_cost_reports_every_algorithm():
     assert [r["algo"] for r in rows] == ["maml", "fomaml", "reptile"]
     assert all(r["seconds"] > 0 and r["peak_mb"] > 0 for r in rows)
     assert rows[0]["vs_maml"] == 1.0
+
+
+def test_fewshot_cost_times_the_trust_region_step_on_nav2d():
+    """configs/nav2d.yaml (meta.outer = trpo): maml and fomaml are timed with the KL-constrained step
+    they train with; reptile, which has no surrogate to constrain, with Adam."""
+    cfg = config_mod.load(CONFIGS / "nav2d.yaml")
+    for key, value in (("tasks.train", "[goal-0, goal-1, goal-2]"), ("nav2d.episodes", 3), ("nav2d.horizon", 6)):
+        cfg = config_mod.override(cfg, key, value)
+    rows = fewshot.cost(config_mod.validate(cfg), iterations=1, log=lambda *_: None)
+    assert [(r["algo"], r["outer"]) for r in rows] == [("maml", "trpo"), ("fomaml", "trpo"), ("reptile", "adam")]
+    assert all(r["seconds"] > 0 for r in rows)
 
 
 def test_fewshot_cli_bad_input_is_one_line_exit_2(tmp_path):
