@@ -12,7 +12,7 @@ were trained with for the meta.inner_steps they were trained to take, and after 
 `--later-lr`: the same inner_lr (default), a given step size, or step sizes tuned one step at a
 time on validation tasks (the reference code's navigation test halves the step after the first); the pre-trained and random
 baselines get one step size for all steps, tuned on separate validation tasks (the paper's
-"automatically tuned step size"). Every initialisation sees the same support and query sets.
+"automatically tuned step size"), refined after the first step the same way with `--later-lr tune`. Every initialisation sees the same support and query sets.
 """
 
 from __future__ import annotations
@@ -157,11 +157,11 @@ def tune_inner_lr(init: Init, shots: int, steps: int, query: int, n_tasks: int) 
     return best_on_validation(init, {lr: (lr,) * steps for lr in LR_GRID}, shots, query, n_tasks)
 
 
-def tune_later_lr(init: Init, shots: int, steps: int, query: int, n_tasks: int) -> tuple[float, ...]:
-    """For a meta-trained init: the step sizes after the meta.inner_steps it was trained for (those
-    keep its inner_lr alpha), chosen one step at a time on validation tasks from alpha, alpha/2, ...,
-    alpha/128 (the reference code's navigation test halves alpha after the first step)."""
-    alpha, trained = init.inner_lr, init.cfg.meta.inner_steps
+def tune_later_lr(init: Init, alpha: float, trained: int, shots: int, steps: int, query: int,
+                  n_tasks: int) -> tuple[float, ...]:
+    """The step sizes after the first `trained` steps (those take alpha), chosen one step at a time
+    on validation tasks from alpha, alpha/2, ..., alpha/128 (the reference code's navigation test
+    halves alpha after the first step)."""
     grid = [alpha / 2 ** k for k in range(8)]
     later: tuple[float, ...] = ()
     for s in range(trained, steps):
@@ -173,8 +173,9 @@ def tune_later_lr(init: Init, shots: int, steps: int, query: int, n_tasks: int) 
 def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tuple[int, ...], query: int,
              log=print, later_lr: str = "same") -> dict[str, Any]:
     """Mean and 95% interval of the score after each of `steps` for every init and K. later_lr:
-    a meta-trained init's step size after the steps it was trained for: same (its inner_lr), tune
-    (on validation tasks) or a number."""
+    a meta-trained init's step sizes after the steps it was trained for: same (its inner_lr), tune
+    (on validation tasks, one step at a time; baselines then also refine theirs after step 1) or a
+    number."""
     family = inits[0].cfg.tasks.family
     if any(i.cfg.tasks.family != family for i in inits):
         raise ConfigError("every --checkpoint must come from the same task family")
@@ -184,14 +185,14 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
     for init in inits:
         for k in shots:
             t0 = time.perf_counter()
-            if init.inner_lr is None:
-                lr = tune_inner_lr(init, k, max(steps), query, 25)
-                later = (lr,)
+            if init.inner_lr is None:  # a baseline: alpha tuned for all steps; with tune, then refined after step 1
+                lr, trained = tune_inner_lr(init, k, max(steps), query, 25), 1
+                later = tune_later_lr(init, lr, 1, k, max(steps), query, 25) if later_lr == "tune" else (lr,)
             else:
-                lr = init.inner_lr
-                later = {"same": lambda: (lr,), "tune": lambda: tune_later_lr(init, k, max(steps), query, 25)}.get(
+                lr, trained = init.inner_lr, init.cfg.meta.inner_steps
+                later = {"same": lambda: (lr,),
+                         "tune": lambda: tune_later_lr(init, lr, trained, k, max(steps), query, 25)}.get(
                     later_lr, lambda: (float(later_lr),))()
-            trained = init.cfg.meta.inner_steps if init.inner_lr is not None else max(steps)
             c = curves(init, names, k, schedule(lr, later, trained, max(steps)), query, seed=1)
             row = {"init": init.label, "K": k if family == "sinusoid" else None, "inner_lr": lr, "later_lr": list(later),
                    "later_from_step": trained + 1, "tasks": len(names),
