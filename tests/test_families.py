@@ -299,3 +299,26 @@ def test_stacked_run_resumed_midway_ends_where_an_uninterrupted_one_does(tmp_pat
     assert torch.equal(a["theta"], b["theta"])
     fresh = checkpoint.load(sorted((tmp_path / "whole" / "checkpoints").glob("*.pt"))[0])
     assert not torch.equal(fresh["theta"], a["theta"])  # it did move between the checkpoints
+
+
+def test_trust_region_run_resumed_midway_ends_where_an_uninterrupted_one_does(tmp_path):
+    """meta.outer = trpo keeps no optimiser state beyond theta, and its curvature subsample comes from
+    the iteration: a nav2d TRPO run stopped after 2 iterations and resumed to 4 ends at the same theta."""
+    from metarl import checkpoint
+
+    cfg = config_mod.load(CONFIGS / "nav2d.yaml")
+    for key, value in (("tasks.train", "[goal-0, goal-1, goal-2, goal-3]"), ("nav2d.episodes", 3),
+                       ("nav2d.horizon", 8), ("meta.iterations", 4), ("meta.checkpoint_every", 2),
+                       ("ray.workers", 2), ("log.wandb_mode", "disabled"), ("log.every", 1)):
+        cfg = config_mod.override(cfg, key, value)
+    whole = config_mod.validate(cfg)
+    run(whole, tmp_path / "whole", local=True, log=lambda *_: None)
+    run(config_mod.override(whole, "meta.iterations", 2), tmp_path / "split", local=True, log=lambda *_: None)
+    run(whole, tmp_path / "split", resume=True, local=True, log=lambda *_: None)
+    a = checkpoint.load(checkpoint.latest(tmp_path / "whole"))
+    b = checkpoint.load(checkpoint.latest(tmp_path / "split"))
+    assert a["iteration"] == b["iteration"] == 4
+    assert torch.equal(a["theta"], b["theta"])
+    rows = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert len(rows) == 4 and all(0 <= r["trust/kl"] <= whole.meta.max_kl for r in rows)
+    assert sum(not r["update_skipped"] for r in rows) >= 3  # the line search accepts (almost) every step
