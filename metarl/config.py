@@ -7,6 +7,8 @@ non-positive step sizes are rejected with one line naming the key and the allowe
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import json
 import types
@@ -419,7 +421,7 @@ def validate(cfg: Config) -> Config:
         if m.algo == "reptile" or m.step_loss != "last":
             raise ConfigError(f"meta.outer = trpo constrains the post-update policy of maml or fomaml with "
                               f"meta.step_loss = last; got algo {m.algo}, step_loss {m.step_loss} (use meta.outer = adam)")
-        if not m.max_kl > 0 or m.cg_iters < 1 or not 0 < m.fisher_fraction <= 1:
+        if not (0 < m.max_kl < math.inf) or m.cg_iters < 1 or not 0 < m.fisher_fraction <= 1:
             raise ConfigError(f"meta.max_kl must be positive, meta.cg_iters >= 1 and meta.fisher_fraction in (0, 1]; "
                               f"got {m.max_kl}, {m.cg_iters}, {m.fisher_fraction}")
     if t.resample and (t.family not in STACKED_FAMILIES or m.task_batching == "per_task"):

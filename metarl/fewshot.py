@@ -379,7 +379,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     later = getattr(args, "later_lr", "same")
     if later not in ("same", "tune"):
         try:
-            if not float(later) > 0:
+            if not 0 < float(later) < float("inf"):
                 raise ValueError
         except ValueError:
             raise ConfigError(f"--later-lr {later!r} must be same, tune or a positive step size, e.g. 0.1") from None

@@ -282,39 +282,47 @@ class TrustRegion:
     """One iteration's groups, kept for the outer step: the leaders' adaptation (points and
     batches), which leader each member row follows, the members' evaluation batch and the action
     distributions that collected it. Curvature products use a fixed random `fraction` of each
-    batch's samples (TRPO's subsampled Fisher); values and gradients use all of them."""
+    row's samples (TRPO's subsampled Fisher), drawn from that row's seed (`row_seeds`: one per
+    leader, one per member; by default 0, 1, ...), so they do not depend on which worker holds the
+    row; values and gradients use all samples."""
 
     def __init__(self, stack: TaskStack, model: nn.Module, adaptation: StackedAdaptation, lead_row: list[int],
-                 batch: StackedBatch, second_order: bool, inner_lr: float, fraction: float = 1.0, seed: int = 0):
+                 batch: StackedBatch, second_order: bool, inner_lr: float, fraction: float = 1.0,
+                 row_seeds: tuple[list[int], list[int]] | None = None):
         self.stack, self.model, self.a, self.batch = stack, model, adaptation, batch
         self.index = torch.tensor(lead_row, dtype=torch.long)
         self.second_order, self.inner_lr = second_order, inner_lr
         with torch.no_grad():
             self.old = tuple(x.detach() for x in stack.distribution(model, take_rows(adaptation.theta_prime, lead_row), batch))
-        gen = torch.Generator().manual_seed(int(seed))
-        self.fraction, self._gen = fraction, gen
+        n_leaders = next(iter(adaptation.theta_prime.values())).shape[0]
+        self.fraction = fraction
+        self.row_seeds = row_seeds or (list(range(n_leaders)), list(range(n_leaders, n_leaders + len(lead_row))))
         self._hvps = self._fisher = None
 
-    def _columns(self, batch: StackedBatch) -> StackedBatch:
-        n = batch.data["mask"].shape[1] if "mask" in batch.data else next(iter(batch.data.values())).shape[1]
+    def _columns(self, batch: StackedBatch, seeds: list[int]) -> StackedBatch:
         if self.fraction >= 1.0:
             return batch
+        n = next(iter(batch.data.values())).shape[1]
         k = max(2, int(round(n * self.fraction)))
-        return batch.columns(torch.randperm(n, generator=self._gen)[:k].sort().values)
+        index = [torch.randperm(n, generator=torch.Generator().manual_seed(int(s) % 2**63))[:k].sort().values
+                 for s in seeds]
+        return batch.columns(torch.stack(index))
 
     def _build(self) -> None:
         """The graphs every product reuses: each inner step's gradient with its graph (for H_s v),
         and the post-update policy's forward pass (for F u)."""
         self._hvps = []
         if self.second_order:
-            subs = {id(b): self._columns(b) for b in distinct_batches(self.a.batches)}
+            leaders = self.row_seeds[0]
+            subs = {id(b): self._columns(b, [x + 7919 * step for x in leaders])
+                    for step, b in enumerate(distinct_batches(self.a.batches))}
             for point, batch in zip(self.a.thetas, self.a.batches):
                 p = detached(point, requires_grad=True)
                 g = torch.autograd.grad(self.stack.losses(self.model, p, subs[id(batch)]).sum(), tuple(p.values()),
                                         create_graph=True)
                 self._hvps.append((p, g))
         members = take_rows(self.a.theta_prime, self.index.tolist())
-        self._fisher = self.stack.fisher(self.model, members, self._columns(self.batch))
+        self._fisher = self.stack.fisher(self.model, members, self._columns(self.batch, self.row_seeds[1]))
 
     def _through_steps(self, v: tuple[torch.Tensor, ...], order) -> tuple[torch.Tensor, ...]:
         for s in order:

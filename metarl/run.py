@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,10 +312,17 @@ def trust_step(fleet: Fleet, workers: list[Any], grad_refs: list[Any], n_ok: int
     groups, summed, averaged over the n_ok evaluations), then handed to the learner. A worker that
     fails during the search leaves theta unchanged for this iteration."""
     b, m = fleet.backend, fleet.trust
+    deadline = time.perf_counter() + timeout  # one budget for the whole search
+
+    class WorkerFailed(RuntimeError):
+        pass
 
     def over_workers(method: str, x: np.ndarray) -> list[Any]:
         ref = b.put(x.astype(np.float32))
-        return b.get([b.call(w, method, ref) for w in workers], timeout=timeout)
+        try:
+            return b.get([b.call(w, method, ref) for w in workers], timeout=max(deadline - time.perf_counter(), 1.0))
+        except Exception as exc:  # noqa: BLE001 - a worker died, raised or ran out of time
+            raise WorkerFailed(f"{method}: {type(exc).__name__}: {exc}"[:300]) from exc
 
     def fvp(v: np.ndarray) -> np.ndarray:
         return np.sum([np.asarray(p, dtype=np.float64) for p in over_workers("region_fvp", v)], 0) / n_ok
@@ -327,9 +335,10 @@ def trust_step(fleet: Fleet, workers: list[Any], grad_refs: list[Any], n_ok: int
     g = np.sum([np.asarray(x, dtype=np.float64) for x in b.get(grad_refs, timeout=timeout)], 0) / n_ok
     try:
         res = trust.trust_region_step(theta, g, fvp, objective, m["max_kl"], m["cg_iters"])
-    except Exception as exc:  # noqa: BLE001 - a worker died or raised mid-search: skip this update
+    except WorkerFailed as exc:  # theta stays; the driver's own errors are not caught here
+        print(f"warning: trust-region step skipped, theta unchanged this iteration: {exc}", file=sys.stderr)
         out = b.get(b.call(fleet.learner, "skip_step"))
-        return {**out, "trust/error": f"{type(exc).__name__}: {exc}"[:200]}
+        return {**out, "trust/error": str(exc)}
     stats = {"kl": res.kl, "step_fraction": res.fraction, "surrogate_gain": res.surrogate_before - res.surrogate_after,
              "cg_residual": res.cg_residual, "full_step_norm": res.full_step_norm}
     return b.get(b.call(fleet.learner, "assign", res.theta, float(np.linalg.norm(g)), res.accepted, stats),
@@ -413,12 +422,13 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
     ckpt_path = prepare_run_dir(out, resume)
     state = checkpoint.load(ckpt_path) if ckpt_path else None
     if state is not None and "config" in state:
-        old = state["config"]
-        for key in ("tasks", "meta"):
-            for k in ("family", "train", "algo", "skip"):
-                if k in old.get(key, {}) and old[key][k] != config_mod.to_dict(cfg)[key][k]:
-                    raise RunDirError(f"--resume: {key}.{k} was {old[key][k]!r} in '{out}', now "
-                                      f"{config_mod.to_dict(cfg)[key][k]!r}; resume with the same settings")
+        old, now = state["config"], config_mod.to_dict(cfg)
+        for key, names in (("tasks", ("family", "train")), ("meta", ("algo", "skip", "outer"))):
+            for k in names:
+                was = old.get(key, {}).get(k, "adam" if k == "outer" else None)  # runs before meta.outer: adam
+                if was is not None and was != now[key][k]:
+                    raise RunDirError(f"--resume: {key}.{k} was {was!r} in '{out}', now {now[key][k]!r}; "
+                                      f"resume with the same settings")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config_mod.dump_yaml(cfg))
 
@@ -512,8 +522,9 @@ def merge_window(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if len(rows) == 1:
         return rows[0]
     last = rows[-1]
-    out = dict(last)
-    for key, v in last.items():
+    out = {k: v for r in rows for k, v in r.items()}  # keys some rows lack (trust/*) come from the others
+    out.update(last)
+    for key, v in out.items():
         if key in ("iteration", "skip") or key.endswith("/total") or key == "time/wall_s":
             continue
         if isinstance(v, (int, float)) and not isinstance(v, bool):

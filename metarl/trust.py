@@ -51,8 +51,8 @@ class StepResult:
     surrogate_before: float
     surrogate_after: float
     kl: float
-    """Mean KL(pi_old || pi_new) of the post-update policies at the accepted theta (at the last
-    candidate tried when none was accepted)."""
+    """Mean KL(pi_old || pi_new) of the post-update policies at the accepted theta (0 when none was
+    accepted: theta does not move)."""
     cg_residual: float
     full_step_norm: float
 
@@ -71,11 +71,10 @@ def trust_region_step(theta: Vector, g: Vector, fvp: Callable[[Vector], Vector],
     if not (math.isfinite(shs) and shs > 0.0):
         return StepResult(theta, False, 0.0, before, before, 0.0, residual, 0.0)
     full = math.sqrt(2.0 * max_kl / shs) * s
-    kl = 0.0
     for k in range(MAX_BACKTRACKS):
         fraction = BACKTRACK ** k
         candidate = theta - fraction * full
         after, kl = objective(candidate)
         if math.isfinite(after) and after < before and kl <= max_kl:
             return StepResult(candidate, True, fraction, before, after, kl, residual, float(np.linalg.norm(full)))
-    return StepResult(theta, False, 0.0, before, before, kl, residual, float(np.linalg.norm(full)))
+    return StepResult(theta, False, 0.0, before, before, 0.0, residual, float(np.linalg.norm(full)))

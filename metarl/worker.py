@@ -136,6 +136,7 @@ class TaskWorker:
         data RNG restarts from (its seed, iteration), so the data do not depend on which worker
         computes the group. Returns the summed meta-gradient (flat) and per-task statistics."""
         t0 = time.perf_counter()
+        self._region = None  # the last iteration's batches and graphs go before this one's are built
         if self._stack is None:
             self._stack = self.family.make_stack(list(self.tasks.values()))
             if self._stack is None:
@@ -146,9 +147,12 @@ class TaskWorker:
         keep = [] if self.outer == "trpo" and algo != "reptile" else None
         grads, adapt_stats, eval_stats = meta.groups_step(self._stack, self.model, self._params(theta), groups, algo,
                                                          self.inner_lr, self.inner_steps, self.step_loss, keep)
-        self._region = None if keep is None else meta.TrustRegion(
-            self._stack, self.model, *keep, second_order=algo == "maml", inner_lr=self.inner_lr,
-            fraction=self.fisher_fraction, seed=iteration_seed(len(groups), iteration))
+        if keep is not None:  # curvature subsamples seeded by (task, iteration), like the data
+            row_seed = lambda i, salt: iteration_seed(self.seeds[names[i]] + salt, iteration)  # noqa: E731
+            self._region = meta.TrustRegion(
+                self._stack, self.model, *keep, second_order=algo == "maml", inner_lr=self.inner_lr,
+                fraction=self.fisher_fraction,
+                row_seeds=([row_seed(g.leader, 1) for g in groups], [row_seed(j, 2) for g in groups for j in g.members]))
         flat = self.spec.flatten_grads(grads)
         return flat, {"adapt": adapt_stats, "eval": eval_stats, "finite": bool(np.isfinite(flat).all()),
                       "seconds": time.perf_counter() - t0}

@@ -87,7 +87,7 @@ def test_kl_hessian_products_match_autograd_through_the_inner_steps(algo, skip, 
 def test_subsampled_products_use_a_fraction_of_the_samples_and_stay_positive():
     """fisher_fraction < 1: a different (cheaper) curvature estimate, still a positive quadratic form."""
     model, theta, stack, keep, full, _, _ = kept_iteration("maml", 1, 1)
-    sub = meta.TrustRegion(stack, model, *keep, second_order=True, inner_lr=ALPHA, fraction=0.3, seed=4)
+    sub = meta.TrustRegion(stack, model, *keep, second_order=True, inner_lr=ALPHA, fraction=0.3)
     v = tuple(torch.randn(x.shape, dtype=torch.float64) for x in theta.values())
     a_full = sum((x * y).sum() for x, y in zip(full.fvp(v), v))
     a_sub = sum((x * y).sum() for x, y in zip(sub.fvp(v), v))
@@ -141,3 +141,26 @@ def test_backtracks_then_rejects_when_no_candidate_improves():
 
     res = trust.trust_region_step(theta0, g, lambda v: v, kl_too_big, max_kl=0.01, cg_iters=5)
     assert not res.accepted
+
+
+def test_subsampled_products_do_not_depend_on_how_groups_are_split_over_workers():
+    """Each row's curvature subsample comes from its own seed: the products of one region holding
+    every group equal the sum over two regions holding half the groups each (two workers)."""
+    torch.manual_seed(0)
+    model = NAV.make_model().double()
+    theta = init_params(model)
+    groups = meta.make_groups(len(NAMES), 2, np.random.default_rng(5))
+    seed_of = {i: 1000 + 17 * i for i in range(len(NAMES))}
+
+    def region(share):
+        stack = NAV.make_stack([NAV.make_task(n, 700 + i) for i, n in enumerate(NAMES)])
+        keep: list = []
+        meta.groups_step(stack, model, theta, share, "maml", ALPHA, 1, keep=keep)
+        seeds = ([seed_of[g.leader] for g in share], [seed_of[j] + 1 for g in share for j in g.members])
+        return meta.TrustRegion(stack, model, *keep, second_order=True, inner_lr=ALPHA, fraction=0.4, row_seeds=seeds)
+
+    v = tuple(torch.randn(x.shape, dtype=torch.float64) for x in theta.values())
+    whole = region(groups).fvp(v)
+    halves = [region(groups[:2]).fvp(v), region(groups[2:]).fvp(v)]
+    for w, a, b in zip(whole, *halves):
+        torch.testing.assert_close(w, a + b, rtol=1e-9, atol=1e-12)

@@ -107,10 +107,13 @@ class StackedBatch:
                 "returns": list(self.episode_returns[r]), "reward_sum": self.reward_sum[r]}
 
     def columns(self, index: torch.Tensor) -> "StackedBatch":
-        """The same rows restricted to the samples `index` (second dimension of every tensor):
-        a subsample for curvature products (meta.TrustRegion)."""
-        return StackedBatch({k: v.index_select(1, index) for k, v in self.data.items()},
-                            self.env_steps, self.episode_returns, self.reward_sum)
+        """Row r restricted to its samples index[r] (rows x k, along the second dimension of every
+        tensor): a subsample for curvature products (meta.TrustRegion)."""
+        def pick(v: torch.Tensor) -> torch.Tensor:
+            i = index.reshape(*index.shape, *([1] * (v.dim() - 2))).expand(*index.shape, *v.shape[2:])
+            return v.gather(1, i)
+        return StackedBatch({k: pick(v) for k, v in self.data.items()}, self.env_steps, self.episode_returns,
+                            self.reward_sum)
 
 
 class TaskStack(abc.ABC):
