@@ -12,7 +12,7 @@ were trained with for the meta.inner_steps they were trained to take, and after 
 `--later-lr`: the same inner_lr (default), a given step size, or step sizes tuned one step at a
 time on validation tasks (the reference code's navigation test halves the step after the first); the pre-trained and random
 baselines get one step size for all steps, tuned on separate validation tasks (the paper's
-"automatically tuned step size"), refined after the first step the same way with `--later-lr tune`. Every initialisation sees the same support and query sets.
+"automatically tuned step size"). Every initialisation sees the same support and query sets.
 """
 
 from __future__ import annotations
@@ -174,8 +174,7 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
              log=print, later_lr: str = "same") -> dict[str, Any]:
     """Mean and 95% interval of the score after each of `steps` for every init and K. later_lr:
     a meta-trained init's step sizes after the steps it was trained for: same (its inner_lr), tune
-    (on validation tasks, one step at a time; baselines then also refine theirs after step 1) or a
-    number."""
+    (on validation tasks, one step at a time) or a number. Baselines get one tuned size for all steps."""
     family = inits[0].cfg.tasks.family
     if any(i.cfg.tasks.family != family for i in inits):
         raise ConfigError("every --checkpoint must come from the same task family")
@@ -185,9 +184,9 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
     for init in inits:
         for k in shots:
             t0 = time.perf_counter()
-            if init.inner_lr is None:  # a baseline: alpha tuned for all steps; with tune, then refined after step 1
-                lr, trained = tune_inner_lr(init, k, max(steps), query, 25), 1
-                later = tune_later_lr(init, lr, 1, k, max(steps), query, 25) if later_lr == "tune" else (lr,)
+            if init.inner_lr is None:  # a baseline: one step size, tuned for all steps
+                lr = tune_inner_lr(init, k, max(steps), query, 25)
+                later, trained = (lr,), max(steps)
             else:
                 lr, trained = init.inner_lr, init.cfg.meta.inner_steps
                 later = {"same": lambda: (lr,),
