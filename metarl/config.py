@@ -7,10 +7,9 @@ non-positive step sizes are rejected with one line naming the key and the allowe
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace

@@ -189,9 +189,10 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
                 later, trained = (lr,), max(steps)
             else:
                 lr, trained = init.inner_lr, init.cfg.meta.inner_steps
-                later = {"same": lambda: (lr,),
-                         "tune": lambda: tune_later_lr(init, lr, trained, k, max(steps), query, 25)}.get(
-                    later_lr, lambda: (float(later_lr),))()
+                if later_lr == "tune":
+                    later = tune_later_lr(init, lr, trained, k, max(steps), query, 25)
+                else:
+                    later = (lr if later_lr == "same" else float(later_lr),)
             c = curves(init, names, k, schedule(lr, later, trained, max(steps)), query, seed=1)
             row = {"init": init.label, "K": k if family == "sinusoid" else None, "inner_lr": lr, "later_lr": list(later),
                    "later_from_step": trained + 1, "tasks": len(names),

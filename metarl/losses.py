@@ -6,6 +6,8 @@ configs: every function takes tensors and numbers and returns tensors.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -59,9 +61,13 @@ def gaussian_pg_loss(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.T
     """
     if norm_adv and advantages.numel() > 1:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    return -(gaussian_log_prob(actions, mean, log_std) * advantages.detach()).mean()
+
+
+def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log N(actions; mean, exp(log_std)^2), summed over the last (action) dimension."""
     var = torch.exp(2 * log_std)
-    logp = (-0.5 * (actions - mean).pow(2) / var - log_std - 0.5 * torch.log(torch.tensor(2 * torch.pi))).sum(-1)
-    return -(logp * advantages.detach()).mean()
+    return (-0.5 * (actions - mean).pow(2) / var - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,15 @@ def maml_backward(task: Task, model: nn.Module, adaptation: Adaptation, inner_lr
                      inner_lr, [None] * (len(adaptation.thetas) - 1) + [v])
 
 
+def minus_hvp(p: Params, g: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...], inner_lr: float,
+              keep_graph: bool = False) -> tuple[torch.Tensor, ...]:
+    """v - alpha H v, with g = grad of the loss at p taken with create_graph (H v by double backward;
+    keep_graph: g's graph stays for more products)."""
+    hv = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), tuple(p.values()), retain_graph=keep_graph,
+                             allow_unused=True)
+    return tuple(vi - inner_lr * (h.detach() if h is not None else torch.zeros_like(vi)) for vi, h in zip(v, hv))
+
+
 def pull_back(loss_at, thetas: list[Params], batches: list, inner_lr: float,
               v_steps: list[tuple[torch.Tensor, ...] | None]) -> tuple[torch.Tensor, ...]:
     """The chained Hessian-vector products behind every MAML correction. v_steps[s] is a gradient
@@ -133,9 +142,7 @@ def pull_back(loss_at, thetas: list[Params], batches: list, inner_lr: float,
             continue
         p = detached(thetas[s], requires_grad=True)
         g = torch.autograd.grad(loss_at(p, batches[s]), tuple(p.values()), create_graph=True)
-        dot = sum((gi * vi).sum() for gi, vi in zip(g, acc))
-        hv = torch.autograd.grad(dot, tuple(p.values()), allow_unused=True)
-        acc = tuple(vi - inner_lr * (h.detach() if h is not None else torch.zeros_like(vi)) for vi, h in zip(acc, hv))
+        acc = minus_hvp(p, g, acc, inner_lr)
     return acc
 
 
@@ -180,13 +187,17 @@ class StackedAdaptation:
 
 
 def adapt_stacked(stack: TaskStack, model: nn.Module, theta: Params, rows: list[int], inner_lr: float,
-                  inner_steps: int) -> StackedAdaptation:
-    """`adapt` for tasks stack.tasks[rows], all from the same theta, each step on fresh data."""
+                  inner_steps: int, replay: list[StackedBatch] | None = None) -> StackedAdaptation:
+    """`adapt` for tasks stack.tasks[rows], all from the same theta, each step on fresh data (or
+    on replay[s], the batches of an earlier adaptation: theta' as a function of theta alone)."""
     params = stack_params(theta, len(rows))
     thetas, batches, losses = [], [], []
     fresh = stack.tasks[0].fresh_data_each_step
-    for _ in range(inner_steps):
-        batch = stack.sample(model, params, rows) if fresh or not batches else batches[0]
+    for s in range(inner_steps):
+        if replay is not None:
+            batch = replay[s]
+        else:
+            batch = stack.sample(model, params, rows) if fresh or not batches else batches[0]
         grads, loss = stacked_grads(stack, model, params, batch)
         thetas.append(params)
         batches.append(batch)
@@ -326,10 +337,7 @@ class TrustRegion:
 
     def _through_steps(self, v: tuple[torch.Tensor, ...], order) -> tuple[torch.Tensor, ...]:
         for s in order:
-            p, g = self._hvps[s]
-            hv = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), tuple(p.values()),
-                                     retain_graph=True, allow_unused=True)
-            v = tuple(vi - self.inner_lr * (h if h is not None else torch.zeros_like(vi)) for vi, h in zip(v, hv))
+            v = minus_hvp(*self._hvps[s], v, self.inner_lr, keep_graph=True)
         return v
 
     def fvp(self, v: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -351,10 +359,9 @@ class TrustRegion:
     def objective(self, theta: Params) -> tuple[float, float]:
         """(sum of the members' surrogate losses, sum of their mean KLs) with theta' re-derived from
         `theta` by the same inner steps on the stored adaptation batches."""
-        params = stack_params(theta, next(iter(self.a.theta_prime.values())).shape[0])
         with torch.enable_grad():
-            for batch in self.a.batches:
-                grads, _ = stacked_grads(self.stack, self.model, params, batch)
-                params = detached(sgd_step(params, grads, self.inner_lr))
+            n_leaders = next(iter(self.a.theta_prime.values())).shape[0]  # with replay, rows only count
+            params = adapt_stacked(self.stack, self.model, theta, list(range(n_leaders)), self.inner_lr,
+                                   len(self.a.batches), replay=self.a.batches).theta_prime
         surrogate, kl = self.stack.surrogate_kl(self.model, take_rows(params, self.index.tolist()), self.batch, self.old)
         return float(surrogate.sum()), float(kl.sum())

@@ -295,7 +295,8 @@ def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Gr
     if n_ok == 0 or nonfinite:
         lstats = b.get(b.call(fleet.learner, "skip_step"))
     elif fleet.outer == "trpo" and algo != "reptile":
-        lstats = trust_step(fleet, [fleet.workers[w] for w in stats], [calls[w][0] for w in stats], n_ok, timeout)
+        lstats = trust_step(fleet, theta_ref, [fleet.workers[w] for w in stats], [calls[w][0] for w in stats], n_ok,
+                            timeout)
     else:
         lstats = b.get(b.call(fleet.learner, "step", n_ok, *[calls[w][0] for w in stats]), timeout=timeout)
     learner_s = time.perf_counter() - t_learn
@@ -306,16 +307,18 @@ def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Gr
                      time.perf_counter() - t_start, learner_s)
 
 
-def trust_step(fleet: Fleet, workers: list[Any], grad_refs: list[Any], n_ok: int, timeout: float) -> dict[str, Any]:
-    """meta.outer = trpo: the KL-constrained step (metarl.trust) searched here with the curvature
-    products and objective values of the workers that completed this iteration (each over its own
-    groups, summed, averaged over the n_ok evaluations), then handed to the learner. A worker that
-    fails during the search leaves theta unchanged for this iteration."""
+class WorkerFailed(RuntimeError):
+    """A worker died, raised or ran out of time while answering the trust-region search."""
+
+
+def trust_step(fleet: Fleet, theta_ref: Any, workers: list[Any], grad_refs: list[Any], n_ok: int,
+               timeout: float) -> dict[str, Any]:
+    """meta.outer = trpo: the KL-constrained step (metarl.trust) from theta_ref, searched here with
+    the curvature products and objective values of the workers that completed this iteration (each
+    over its own groups, summed, averaged over the n_ok evaluations), then handed to the learner. A
+    worker that fails during the search leaves theta unchanged for this iteration."""
     b, m = fleet.backend, fleet.trust
     deadline = time.perf_counter() + timeout  # one budget for the whole search
-
-    class WorkerFailed(RuntimeError):
-        pass
 
     def over_workers(method: str, x: np.ndarray) -> list[Any]:
         ref = b.put(x.astype(np.float32))
@@ -331,7 +334,7 @@ def trust_step(fleet: Fleet, workers: list[Any], grad_refs: list[Any], n_ok: int
         parts = over_workers("region_objective", theta)
         return sum(p[0] for p in parts) / n_ok, sum(p[1] for p in parts) / n_ok
 
-    theta = np.asarray(b.get(b.call(fleet.learner, "get_theta")), dtype=np.float64)
+    theta = np.asarray(b.get(theta_ref), dtype=np.float64)  # the theta this iteration's groups started from
     g = np.sum([np.asarray(x, dtype=np.float64) for x in b.get(grad_refs, timeout=timeout)], 0) / n_ok
     try:
         res = trust.trust_region_step(theta, g, fvp, objective, m["max_kl"], m["cg_iters"])

@@ -16,7 +16,6 @@ function of (params, batch) and its Hessian is the surrogate's, as in MAML.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from metarl.config import ConfigError, LossConfig, Nav2dConfig
-from metarl.losses import gaussian_pg_loss
+from metarl.losses import gaussian_log_prob as log_prob, gaussian_pg_loss
 from metarl.policy import Params, linear
 from metarl.tasks.base import Batch, StackedBatch, Task, TaskFamily, TaskStack
 
@@ -109,11 +108,6 @@ def advantages(rewards: torch.Tensor, values: torch.Tensor, alive: torch.Tensor,
     next_values = torch.cat([values[1:], torch.zeros_like(values[:1])])
     deltas = (rewards + gamma * next_values - values) * alive
     return discounted(deltas, gamma * lam)
-
-
-def log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """log N(actions; mean, exp(log_std)^2), summed over the action dimensions."""
-    return (-0.5 * (actions - mean).pow(2) * torch.exp(-2 * log_std) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 class Nav2dTask(Task):
