@@ -24,16 +24,19 @@ class ConfigError(ValueError):
 
 
 ALGOS = ("fomaml", "maml", "reptile")
-FAMILIES = ("atari", "sinusoid", "nav2d")
+FAMILIES = ("atari", "minatar", "sinusoid", "nav2d")
+GAME_FAMILIES = ("atari", "minatar")  # episodic games: `metarl eval`, `sweep` and `bench` apply
+MINATAR_GAMES = ("asterix", "breakout", "freeway", "seaquest", "space_invaders")
+FINETUNE_OPTIMIZERS = ("sgd", "adam")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 @dataclass(frozen=True)
 class TasksConfig:
     family: str = "atari"
-    """Task family: atari (one ALE game per task), sinusoid or nav2d (cheap MAML-paper families)."""
+    """Task family: atari (one ALE game per task), minatar (one MinAtar game per task: the CPU-scale Atari), sinusoid or nav2d (cheap MAML-paper families)."""
     train: tuple[str, ...] = ("pong", "breakout")
-    """Training task names: ALE game ids for atari, or 'task-<i>' style names for the cheap families."""
+    """Training task names: ALE game ids for atari, MinAtar games for minatar, or 'task-<i>' style names for the cheap families."""
     heldout: tuple[str, ...] = ()
     """Held-out task names used by `metarl eval` and `metarl sweep`."""
     resample: bool = False
@@ -43,9 +46,9 @@ class TasksConfig:
 @dataclass(frozen=True)
 class EnvConfig:
     num_envs: int = 8
-    """Parallel emulators per task (one AtariVectorEnv per task); the batch B of every rollout."""
+    """Parallel emulators per task (one AtariVectorEnv per task; B MinAtar games for minatar); the batch B of every rollout."""
     rollout_len: int = 32
-    """Steps per env per rollout (T); one rollout is T x B agent steps."""
+    """Steps per env per rollout (T); one rollout is T x B agent steps (atari and minatar)."""
     env_threads: int = 1
     """C++ threads per AtariVectorEnv; keep workers x threads <= cores."""
     sticky_actions: float = 0.25
@@ -93,7 +96,7 @@ class MetaConfig:
     inner_lr: float = 0.01
     """alpha: step size of the inner SGD adaptation."""
     inner_steps: int = 1
-    """S: inner SGD steps per adaptation, each on a fresh rollout."""
+    """S: inner SGD steps per adaptation, each on a fresh rollout; 0 (fomaml only): no inner loop, every task's loss at theta itself = joint multi-task pre-training."""
     outer_lr: float = 1e-4
     """beta: Adam step size of the meta-update."""
     outer_lr_decay: str = "constant"
@@ -191,6 +194,26 @@ class Nav2dConfig:
 
 
 @dataclass(frozen=True)
+class MinAtarConfig:
+    sticky_actions: float = 0.1
+    """Probability a game repeats the previous action (MinAtar's default, Young & Tian 2019)."""
+    difficulty_ramping: bool = True
+    """MinAtar's difficulty ramping (games speed up as they go on): its default."""
+    max_episode_steps: int = 10000
+    """Truncate an episode after this many steps (0: never; MinAtar itself only ends Freeway on time)."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    optimizer: str = "sgd"
+    """The learner `metarl eval` and `sweep` fine-tune held-out tasks with: sgd (the inner loop's plain SGD, one step per rollout) or adam."""
+    lr: float = 0.0
+    """Its step size; 0 takes meta.inner_lr (alpha)."""
+    max_grad_norm: float = 0.0
+    """Clip each fine-tuning gradient to this global norm; 0: no clipping (the inner loop's form)."""
+
+
+@dataclass(frozen=True)
 class Config:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     """Which tasks to meta-train on and which to hold out."""
@@ -208,6 +231,15 @@ class Config:
     """Sinusoid regression family (used when tasks.family = sinusoid)."""
     nav2d: Nav2dConfig = field(default_factory=Nav2dConfig)
     """2D navigation family (used when tasks.family = nav2d)."""
+    minatar: MinAtarConfig = field(default_factory=MinAtarConfig)
+    """MinAtar family (used when tasks.family = minatar); B and T come from env.num_envs and env.rollout_len."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """The held-out fine-tuning learner of `metarl eval` and `metarl sweep`."""
+
+    @property
+    def finetune_lr(self) -> float:
+        """The fine-tuner's step size (finetune.lr, or alpha when it is 0)."""
+        return self.finetune.lr or self.meta.inner_lr
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -374,6 +406,11 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(
                     f"{key}: unknown Atari game '{bad[0]}'; valid games: {', '.join(sorted(valid))}"
                 )
+    if t.family == "minatar":
+        for key, games in (("tasks.train", t.train), ("tasks.heldout", t.heldout)):
+            bad = [g for g in games if g not in MINATAR_GAMES]
+            if bad:
+                raise ConfigError(f"{key}: unknown MinAtar game '{bad[0]}'; valid games: {', '.join(MINATAR_GAMES)}")
     if t.family in ("sinusoid", "nav2d"):
         prefix = "sine" if t.family == "sinusoid" else "goal"
         for key, names in (("tasks.train", t.train), ("tasks.heldout", t.heldout)):
@@ -428,8 +465,18 @@ def validate(cfg: Config) -> Config:
                           f"it does not apply to {t.family} with meta.task_batching = {m.task_batching}")
     if m.outer_lr_decay not in LR_DECAYS:
         raise ConfigError(f"meta.outer_lr_decay '{m.outer_lr_decay}' is unknown; allowed: {', '.join(LR_DECAYS)}")
+    if m.inner_steps < 0 or (m.inner_steps == 0 and m.algo != "fomaml"):
+        raise ConfigError(f"meta.inner_steps = {m.inner_steps}: use >= 1, or 0 with algo fomaml (joint pre-training, "
+                          f"no inner loop); got algo {m.algo}")
+    f = cfg.finetune
+    if f.optimizer not in FINETUNE_OPTIMIZERS:
+        raise ConfigError(f"finetune.optimizer '{f.optimizer}' is unknown; allowed: {', '.join(FINETUNE_OPTIMIZERS)}")
+    if f.lr < 0 or f.max_grad_norm < 0:
+        raise ConfigError(f"finetune.lr and finetune.max_grad_norm must be >= 0 (0: alpha / no clipping); got {f.lr}, {f.max_grad_norm}")
+    if not 0.0 <= cfg.minatar.sticky_actions <= 1.0 or cfg.minatar.max_episode_steps < 0:
+        raise ConfigError("minatar.sticky_actions must be a probability in [0, 1] and minatar.max_episode_steps >= 0")
     positive_ints = (
-        ("meta.inner_steps", m.inner_steps), ("meta.iterations", m.iterations),
+        ("meta.iterations", m.iterations),
         ("meta.checkpoint_every", m.checkpoint_every), ("env.num_envs", e.num_envs),
         ("env.rollout_len", e.rollout_len), ("env.env_threads", e.env_threads), ("env.frameskip", e.frameskip),
         ("sinusoid.k_shot", cfg.sinusoid.k_shot), ("nav2d.episodes", cfg.nav2d.episodes),

@@ -69,40 +69,84 @@ class EvalSpec:
 # fine-tuning: the inner loop of meta-training, run for a budget
 
 
-def finetune(task: Task, model: torch.nn.Module, theta: Params, inner_lr: float,
+@dataclass(frozen=True)
+class FineTuneLearner:
+    """How held-out tasks are fine-tuned: one update per fresh rollout of T x B env steps.
+    sgd with alpha is the inner loop of meta-training (meta.adapt with S = 1, repeated): what a
+    MAML theta is trained for; adam is the standard learner of the field (CleanRL's A2C/PPO)."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    max_grad_norm: float = 0.0
+    """0: no clipping."""
+
+    @staticmethod
+    def of(cfg: Config) -> "FineTuneLearner":
+        return FineTuneLearner(cfg.finetune.optimizer, cfg.finetune_lr, cfg.finetune.max_grad_norm)
+
+    @property
+    def label(self) -> str:
+        clip = f", clip {self.max_grad_norm:g}" if self.max_grad_norm else ""
+        return f"{self.optimizer} lr {self.lr:g}{clip}"
+
+
+def finetune(task: Task, model: torch.nn.Module, theta: Params, learner: FineTuneLearner,
              budget: int) -> tuple[dict[str, Any], Params]:
-    """SGD steps of size alpha, each on a fresh rollout, until `budget` env steps are spent.
-    Returns the per-step trace (episodes as [step index, raw return]) and the final parameters."""
-    params, t0 = theta, time.perf_counter()
-    trace: dict[str, Any] = {"env_steps": [], "frames": [], "reward_sum": [], "loss": [], "episodes": []}
+    """Updates with `learner`, each on a fresh rollout, until `budget` env steps are spent.
+    Returns the per-step trace (episodes as [step index, raw return]) and the final parameters.
+    A run whose loss or parameters become non-finite stops there and is marked `diverged` (its
+    curve ends at the last finite point; evaluations count such runs instead of averaging them)."""
+    params = meta.detached(theta, requires_grad=True)
+    opt = torch.optim.Adam(list(params.values()), lr=learner.lr) if learner.optimizer == "adam" else None
+    t0 = time.perf_counter()
+    trace: dict[str, Any] = {"env_steps": [], "frames": [], "reward_sum": [], "loss": [], "episodes": [],
+                             "diverged": False}
     steps = frames = 0
     while steps < budget:
-        adaptation = meta.adapt(task, model, params, inner_lr, 1)
-        batch = adaptation.batches[0]
+        with torch.no_grad():
+            batch = task.sample(model, params)
+        grads, loss, _ = task.grad(model, params, batch)
         steps, frames = steps + batch.env_steps, frames + (batch.frames or batch.env_steps)
         trace["episodes"] += [[len(trace["env_steps"]), float(r)] for r in batch.episode_returns]
         trace["env_steps"].append(steps)
         trace["frames"].append(frames)
         trace["reward_sum"].append(float(batch.reward_sum))
-        trace["loss"].append(adaptation.losses[0])
-        params = adaptation.theta_prime
+        trace["loss"].append(loss)
+        if not math.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
+            trace["diverged"] = True
+            break
+        with torch.no_grad():
+            if learner.max_grad_norm:
+                norm = torch.sqrt(sum((g * g).sum() for g in grads))
+                scale = min(1.0, learner.max_grad_norm / (float(norm) + 1e-6))
+                grads = tuple(g * scale for g in grads)
+            if opt is None:
+                for p, g in zip(params.values(), grads):
+                    p -= learner.lr * g
+            else:
+                for p, g in zip(params.values(), grads):
+                    p.grad = g
+                opt.step()
+            if not all(torch.isfinite(p).all() for p in params.values()):
+                trace["diverged"] = True
+                break
     trace["seconds"] = time.perf_counter() - t0
-    return trace, params
+    return trace, meta.detached(params)
 
 
 class FineTuner:
     """Actor shell: one network, fine-tunes a fresh task per call and closes its emulators."""
 
-    def __init__(self, family: TaskFamily, inner_lr: float, torch_threads: int = 1):
+    def __init__(self, family: TaskFamily, learner: FineTuneLearner, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
-        self.family, self.inner_lr = family, inner_lr
+        self.family, self.learner = family, learner
         self.model = family.make_model()
         self.spec = ParamSpec.of(self.model)
 
     def run(self, game: str, env_seed: int, theta: np.ndarray, budget: int) -> dict[str, Any]:
         task = self.family.make_task(game, env_seed)
         try:
-            trace, _ = finetune(task, self.model, self.spec.unflatten(theta), self.inner_lr, budget)
+            trace, _ = finetune(task, self.model, self.spec.unflatten(theta), self.learner, budget)
         finally:
             task.close()
         return trace
@@ -113,7 +157,7 @@ def initial_theta(family: TaskFamily, seed: int) -> np.ndarray:
     return Learner(family, seed, outer_lr=1.0, max_grad_norm=1.0, device="cpu").get_theta()
 
 
-def run_jobs(family: TaskFamily, inner_lr: float, thetas: dict[str, np.ndarray], spec: EvalSpec,
+def run_jobs(family: TaskFamily, learner: FineTuneLearner, thetas: dict[str, np.ndarray], spec: EvalSpec,
              local: bool, address: str = "", workers: int = 0, log: Callable[[str], None] = print) -> list[dict]:
     """Fine-tune every (game, init, seed); Ray actors side by side, or one after another locally."""
     jobs = [{"game": g, "init": init, "seed": s, "env_seed": task_seed(s, gi)}
@@ -121,7 +165,7 @@ def run_jobs(family: TaskFamily, inner_lr: float, thetas: dict[str, np.ndarray],
     backend = LocalBackend() if local else RayBackend(address)
     try:
         n = workers or (1 if local else int(backend.resources().get("CPU", 1.0)))
-        actors = [backend.actor(FineTuner, family, inner_lr, num_cpus=1.0) for _ in range(max(1, min(n, len(jobs))))]
+        actors = [backend.actor(FineTuner, family, learner, num_cpus=1.0) for _ in range(max(1, min(n, len(jobs))))]
         refs = {name: backend.put(theta) for name, theta in thetas.items()}
         calls = [backend.call(actors[i % len(actors)], "run", j["game"], j["env_seed"], refs[j["init"]], spec.budget)
                  for i, j in enumerate(jobs)]
@@ -315,8 +359,10 @@ def evaluate(cfg: Config, thetas: dict[str, np.ndarray], spec: EvalSpec, out: Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     family = make_family(cfg)
-    jobs = run_jobs(family, cfg.meta.inner_lr, thetas, spec, local, cfg.ray.address, workers, log)
-    result = {**(info or {}), "inner_lr": cfg.meta.inner_lr, **assemble(jobs, spec)}
+    learner = FineTuneLearner.of(cfg)
+    jobs = run_jobs(family, learner, thetas, spec, local, cfg.ray.address, workers, log)
+    result = {**(info or {}), "inner_lr": cfg.meta.inner_lr, "finetune": asdict(learner),
+              "learner": learner.label, **assemble(jobs, spec)}
     pngs = write_outputs(out, result)
     tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment, name=name,
                       config={**config_mod.to_dict(cfg), **(info or {}), "eval": asdict(spec)},
@@ -348,14 +394,14 @@ def add_eval_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--at", help="env-step budgets to read the return at, comma separated (default: 1/4, 1/2, all)")
 
 
-def require_atari(family: str) -> None:
-    if family != "atari":
-        raise ConfigError(f"tasks.family is '{family}': `metarl eval` and `metarl sweep` fine-tune Atari games; "
-                          f"use `metarl fewshot` for {family} tasks")
+def require_games(family: str) -> None:
+    if family not in config_mod.GAME_FAMILIES:
+        raise ConfigError(f"tasks.family is '{family}': `metarl eval` and `metarl sweep` fine-tune games "
+                          f"({', '.join(config_mod.GAME_FAMILIES)}); use `metarl fewshot` for {family} tasks")
 
 
 def spec_from_args(args: argparse.Namespace, cfg: Config, prefix: str = "") -> EvalSpec:
-    require_atari(cfg.tasks.family)
+    require_games(cfg.tasks.family)
     games = tuple(cfg.tasks.heldout)
     if args.games:
         games = config_mod.validate(config_mod.override(cfg, "tasks.heldout", args.games)).tasks.heldout
@@ -388,7 +434,7 @@ def load_checkpoint(path: Path) -> tuple[Path, dict[str, Any], Config]:
     state = checkpoint.load(path)
     if "config" not in state:
         raise checkpoint.CheckpointError(f"checkpoint '{path}' carries no config; it predates metarl eval")
-    require_atari(state["config"].get("tasks", {}).get("family", "atari"))
+    require_games(state["config"].get("tasks", {}).get("family", "atari"))
     return path, state, config_mod.validate(config_mod.from_dict(state["config"]))
 
 

@@ -55,6 +55,37 @@ class NatureCNN(nn.Module):
         return self.pi(h), self.v(h).squeeze(-1)
 
 
+NUM_MINATAR_ACTIONS = 6  # MinAtar's full action set, the same for all five games
+MINATAR_CHANNELS = 10  # Seaquest has the most object channels; the other games are zero-padded to it
+
+
+class MinAtarNet(nn.Module):
+    """MinAtar's reference network (Young & Tian 2019: one 3x3 convolution with 16 filters, a
+    128-unit layer) with an actor-critic head: 10x10x10 uint8 {0, 1} channels-first -> (6 logits, value)."""
+
+    def __init__(self, num_actions: int = NUM_MINATAR_ACTIONS, in_channels: int = MINATAR_CHANNELS):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, stride=1), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(16 * 8 * 8, 128), nn.ReLU(),
+        )
+        self.pi = nn.Linear(128, num_actions)
+        self.v = nn.Linear(128, 1)
+        for m in self.trunk:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(m.weight, np.sqrt(2))
+                nn.init.zeros_(m.bias)
+        nn.init.orthogonal_(self.pi.weight, 0.01)
+        nn.init.zeros_(self.pi.bias)
+        nn.init.orthogonal_(self.v.weight, 1.0)
+        nn.init.zeros_(self.v.bias)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(obs.float())
+        return self.pi(h), self.v(h).squeeze(-1)
+
+
 class MLP(nn.Module):
     """ReLU multilayer perceptron (sinusoid regressor, navigation policy trunk)."""
 

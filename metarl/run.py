@@ -380,7 +380,7 @@ def summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n
         "reward_per_step/pre": _mean([s["reward_sum"] / max(s["env_steps"], 1) for s in adapt_stats.values()]),
         "reward_per_step/post": (_mean([s["reward_sum"] / max(s["env_steps"], 1) for s in eval_stats.values()])
                                  if algo != "reptile" else float("nan")),
-        "loss/inner": _mean([s["inner_losses"][0] for s in adapt_stats.values()]),
+        "loss/inner": _mean([s["inner_losses"][0] for s in adapt_stats.values() if s["inner_losses"]]),
         "loss/outer": _mean([s.get("loss", float("nan")) for s in eval_stats.values()]) if algo != "reptile" else float("nan"),
         "grad/norm": lstats["grad_norm"], "grad/update_norm": lstats["update_norm"],
         "outer_lr": lstats.get("outer_lr", float("nan")), "theta_norm": lstats["theta_norm"],

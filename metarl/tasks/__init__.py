@@ -13,6 +13,10 @@ def make_family(cfg: Config) -> TaskFamily:
         from metarl.tasks.atari import AtariFamily
 
         return AtariFamily(cfg.env, cfg.loss)
+    if fam == "minatar":
+        from metarl.tasks.minatar import MinAtarFamily
+
+        return MinAtarFamily(cfg.env, cfg.minatar, cfg.loss)
     if fam == "sinusoid":
         from metarl.tasks.sinusoid import SinusoidFamily
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from metarl.config import EnvConfig, LossConfig
-from metarl.losses import actor_critic_loss, gae
 from metarl.policy import NUM_ATARI_ACTIONS, NatureCNN, Params, forward
 from metarl.tasks.base import Batch, Task, TaskFamily
+from metarl.tasks.rollout import ActorCriticTask
 
 
 def make_vector_env(game: str, env: EnvConfig, seed: int, num_envs: int | None = None):
@@ -51,7 +51,7 @@ def split_envs(num_envs: int, min_part: int = 4) -> list[slice]:
     return [slice(0, num_envs // 2), slice(num_envs // 2, num_envs)]
 
 
-class AtariTask(Task):
+class AtariTask(ActorCriticTask):
     def __init__(self, game: str, seed: int, env: EnvConfig, loss: LossConfig, emulators: bool = True):
         self.name = game
         self.env_cfg, self.loss_cfg = env, loss
@@ -119,53 +119,6 @@ class AtariTask(Task):
         finished.extend(ep_return[done].tolist())
         ep_return[done] = 0.0
         buf["rewards"][t, s], buf["dones"][t, s] = r, done
-
-    def loss(self, model: nn.Module, params: Params, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        obs = batch.data["obs"]
-        T1, B = obs.shape[:2]
-        logits, values = forward(model, params, obs.reshape(T1 * B, *obs.shape[2:]))
-        logits, values = logits.reshape(T1, B, -1), values.reshape(T1, B)
-        c = self.loss_cfg
-        adv, ret = gae(batch.data["rewards"], values[:-1], batch.data["dones"], values[-1], c.gamma, c.gae_lambda)
-        loss, parts = actor_critic_loss(
-            logits[:-1].reshape(-1, logits.shape[-1]), values[:-1].reshape(-1), batch.data["actions"].reshape(-1),
-            adv.reshape(-1), ret.reshape(-1), c.vf_coef, c.ent_coef, c.norm_adv,
-        )
-        return loss, {k: float(v) for k, v in parts.items()}
-
-    def grad(self, model: nn.Module, params: Params, batch: Batch) -> tuple[tuple[torch.Tensor, ...], float, dict[str, float]]:
-        """The gradient of `loss`, accumulated over chunks of about loss.grad_chunk samples (whole
-        time steps), so peak memory is set by the chunk, not by rollout_len x num_envs.
-
-        The advantages and returns are constants of the loss (GAE takes detached values), so they
-        are computed once from the values the policy recorded while sampling; the gradient is taken
-        at those same parameters, so they equal what `loss` recomputes (as CleanRL's PPO does).
-        Each chunk's mean terms are weighted by its share of the batch: the sum of the chunks'
-        gradients is the whole batch's."""
-        c, d = self.loss_cfg, batch.data
-        T, B = d["actions"].shape
-        steps = T if c.grad_chunk == 0 else max(1, c.grad_chunk // B)
-        if steps >= T or "values" not in d:
-            return super().grad(model, params, batch)
-        values = d["values"]
-        adv, ret = gae(d["rewards"], values[:-1], d["dones"], values[-1], c.gamma, c.gae_lambda)
-        if c.norm_adv and adv.numel() > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        keys = tuple(params)
-        grads = [torch.zeros_like(params[k]) for k in keys]
-        total, stats = 0.0, {}
-        for t0 in range(0, T, steps):
-            t1 = min(T, t0 + steps)
-            share = (t1 - t0) / T
-            logits, v = forward(model, params, d["obs"][t0:t1].flatten(0, 1))
-            loss, parts = actor_critic_loss(logits, v, d["actions"][t0:t1].flatten(), adv[t0:t1].flatten(),
-                                            ret[t0:t1].flatten(), c.vf_coef, c.ent_coef, norm_adv=False)
-            for g, gc in zip(grads, torch.autograd.grad(loss * share, tuple(params[k] for k in keys))):
-                g += gc
-            total += share * float(loss.detach())
-            for k, x in parts.items():
-                stats[k] = stats.get(k, 0.0) + share * float(x)
-        return tuple(grads), total, stats
 
     def close(self) -> None:
         for venv in self.venvs:
