@@ -253,7 +253,8 @@ class Config:
 
     @property
     def run_name(self) -> str:
-        return f"{self.log.experiment}-{self.meta.algo}-skip{self.meta.skip}-seed{self.meta.seed}"
+        algo = "joint" if self.meta.inner_steps == 0 else self.meta.algo
+        return f"{self.log.experiment}-{algo}-skip{self.meta.skip}-seed{self.meta.seed}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -253,6 +253,22 @@ def nan_stats(values: Any, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.nd
     return np.where(n > 0, mean, math.nan), np.where(n > 0, std, math.nan), n
 
 
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045)
+"""Student's t quantile 0.975 for 1..29 degrees of freedom (1.96 beyond)."""
+
+
+def ci95(values: Any) -> float:
+    """Half-width of the 95% confidence interval of the mean of the finite values (t-based; NaN
+    for fewer than two)."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size < 2:
+        return math.nan
+    t = T95[x.size - 2] if x.size - 1 <= len(T95) else 1.96
+    return float(t * x.std(ddof=1) / math.sqrt(x.size))
+
+
 def default_thresholds(jobs: list[dict], window: int, init: str = "fresh") -> dict[str, float]:
     """Per game: the mean final return of `init` (the fresh network) over seeds."""
     out = {}
@@ -269,9 +285,14 @@ def aggregate(scored: list[dict]) -> list[dict]:
     for game, init in dict.fromkeys((j["game"], j["init"]) for j in scored):
         mine = [j["score"] for j in scored if j["game"] == game and j["init"] == init]
         row: dict[str, Any] = {"game": game, "init": init, "seeds": len(mine), "threshold": mine[0]["threshold"]}
+        row["diverged"] = sum(bool(j["trace"].get("diverged")) for j in scored if j["game"] == game and j["init"] == init)
         for key in SCORES:
-            mean, std, _ = nan_stats([s[key] for s in mine])
+            vals = [s[key] for s in mine]
+            mean, std, _ = nan_stats(vals)
             row[f"{key}_mean"], row[f"{key}_std"] = float(mean), float(std)
+            row[f"{key}_ci95"] = ci95(vals)
+            finite = [v for v in vals if math.isfinite(v)]
+            row[f"{key}_median"] = float(np.median(finite)) if finite else math.nan
         for b in mine[0]["return_at"]:
             row[f"return_at_{b}_mean"] = float(nan_stats([s["return_at"][b] for s in mine])[0])
         hits = [s["steps_to_threshold"] for s in mine if s["steps_to_threshold"] is not None]
@@ -316,6 +337,9 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
          **{k: j["curve"][k][p] for k in ("env_steps", "frames", "return", "reward_rate", "episodes")}}
         for j in scored for p in range(len(j["curve"]["env_steps"]))])
     write_csv(out / "eval_summary.csv", result["summary"])
+    write_csv(out / "episodes.csv", [
+        {"game": j["game"], "init": j["init"], "seed": j["seed"], "env_steps": j["trace"]["env_steps"][i],
+         "frames": j["trace"]["frames"][i], "return": r} for j in scored for i, r in j["trace"]["episodes"]])
     pngs = {}
     for game in dict.fromkeys(j["game"] for j in scored):
         mine = {init: c for (g, init), c in means.items() if g == game}
@@ -452,6 +476,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = config_mod.override(cfg, "log.wandb_mode", args.wandb)
     if args.address:
         cfg = config_mod.override(cfg, "ray.address", args.address)
+    if args.optimizer:
+        cfg = config_mod.override(cfg, "finetune.optimizer", args.optimizer)
+    if args.lr is not None:
+        cfg = config_mod.override(cfg, "finetune.lr", args.lr)
+    cfg = config_mod.validate(cfg)
     spec = spec_from_args(args, cfg)
     iteration = int(state["iteration"])
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -470,10 +499,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    """From-scratch learning check: the fine-tuning learner on a fresh network, game by game."""
+    from metarl.cli import resolve_config
+
+    cfg = resolve_config(args)
+    if args.optimizer:
+        cfg = config_mod.override(cfg, "finetune.optimizer", args.optimizer)
+    if args.lr is not None:
+        cfg = config_mod.override(cfg, "finetune.lr", args.lr)
+    if not args.games:
+        cfg = config_mod.override(cfg, "tasks.heldout", list(dict.fromkeys(cfg.tasks.train + cfg.tasks.heldout)))
+    cfg = config_mod.validate(cfg)
+    spec = spec_from_args(args, cfg)
+    out = Path(args.out)
+    if (out / "eval.json").exists():
+        raise ConfigError(f"'{out}' already holds a learning check (eval.json); pass --out for a new directory")
+    family = make_family(cfg)
+    learner = FineTuneLearner.of(cfg)
+    print(f"metarl learn: {', '.join(spec.games)} from a fresh network, {learner.label}, {spec.budget:,} env steps, "
+          f"{len(spec.seeds)} seed(s) -> {out}")
+    result = evaluate(cfg, {"fresh": initial_theta(family, cfg.meta.seed)}, spec, out,
+                      name=f"{cfg.log.experiment}-learn", local=args.local, workers=args.workers)
+    for r in result["summary"]:
+        at = "  ".join(f"{int(b):,}: {r[f'return_at_{b}_mean']:.2f}" for b in spec.at)
+        print(f"{r['game']:>16}: running return at {at}  (diverged {r['diverged']}/{r['seeds']})")
+    print(f"learning curves written to {out}")
+    return 0
+
+
 def add_parser(subparsers: Any) -> None:
+    from metarl.cli import add_config_args
+
+    q = subparsers.add_parser("learn", help="from-scratch learning check: eval's fine-tuning learner on a fresh network")
+    add_config_args(q)
+    add_eval_args(q)
+    q.add_argument("--optimizer", choices=config_mod.FINETUNE_OPTIMIZERS, help="finetune.optimizer")
+    q.add_argument("--lr", type=float, help="finetune.lr (0: meta.inner_lr)")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--local", action="store_true", help="fine-tune in this process, one job after another")
+    q.add_argument("--workers", type=int, default=0, help="fine-tuning actors (default: one per cluster CPU)")
+    q.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
+    q.add_argument("--wandb", choices=config_mod.WANDB_MODES, help="log.wandb_mode")
+    q.set_defaults(func=cmd_learn)
+
     p = subparsers.add_parser("eval", help="held-out learning speed of a checkpoint vs an un-pretrained network")
     p.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run directory (latest checkpoint)")
     add_eval_args(p)
+    p.add_argument("--optimizer", choices=config_mod.FINETUNE_OPTIMIZERS,
+                   help="finetune.optimizer: sgd (the inner loop) or adam (default: the checkpoint's config)")
+    p.add_argument("--lr", type=float, help="finetune.lr (0: meta.inner_lr)")
     p.add_argument("--out", help="output directory (default <run>/eval-<iteration>)")
     p.add_argument("--local", action="store_true", help="fine-tune in this process, one job after another")
     p.add_argument("--workers", type=int, default=0, help="fine-tuning actors (default: one per cluster CPU)")

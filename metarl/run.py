@@ -460,7 +460,8 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
         f"({fleet.backend.name}), learner on {fleet.learner_info['device']}; writing to {out}")
 
     tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment, name=cfg.run_name,
-                      config={**config_mod.to_dict(cfg), "skip": k, "algo": cfg.meta.algo}, mode=cfg.log.wandb_mode,
+                      config={**config_mod.to_dict(cfg), "skip": k, "algo": cfg.meta.algo,
+                              "fold": "+".join(cfg.tasks.heldout)}, mode=cfg.log.wandb_mode,
                       step_key="frames/total")
     progress = Progress(cfg.meta.iterations, start_iter, cfg.log.progress)
     rec: dict[str, Any] = {}

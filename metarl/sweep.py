@@ -26,11 +26,11 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from metarl import checkpoint, config as config_mod
+from metarl import checkpoint, config as config_mod, folds as fold_summary
 from metarl.backend import RayBackend
 from metarl.cli import add_config_args, resolve_config
 from metarl.config import Config, ConfigError
@@ -55,12 +55,48 @@ class SweepSpec:
     budget: float
     """Per configuration, in units of `match`."""
     eval: EvalSpec
+    joint: bool = False
+    """Also train joint multi-task pre-training (the same loss at theta, no inner loop: fomaml, S = 0)."""
+    folds: str = ""
+    """'' : tasks.train vs tasks.heldout once; 'loo': leave-one-game-out, one fold per training game."""
+
+    @property
+    def labels(self) -> list[str]:
+        """The meta-trained configurations, in order."""
+        return [f"skip{k}" for k in self.skips] + (["joint"] if self.joint else [])
 
 
 def spec_from_json(d: dict[str, Any]) -> SweepSpec:
     e = d["eval"]
     tuples = {f.name: tuple(e[f.name]) for f in fields(EvalSpec) if isinstance(e[f.name], list)}
-    return SweepSpec(tuple(d["skips"]), d["baseline"], d["match"], d["budget"], EvalSpec(**{**e, **tuples}))
+    return SweepSpec(tuple(d["skips"]), d["baseline"], d["match"], d["budget"], EvalSpec(**{**e, **tuples}),
+                     d.get("joint", False), d.get("folds", ""))
+
+
+def label_skip(label: str) -> int:
+    """The skip count a configuration trains with (joint: 1; baseline: 0, it does not train)."""
+    return int(label[4:]) if label.startswith("skip") else (1 if label == "joint" else 0)
+
+
+def label_config(cfg: Config, label: str) -> Config:
+    """The config a configuration label trains: skip<k>, or joint (fomaml with no inner loop)."""
+    if label == "joint":
+        cfg = config_mod.override(config_mod.override(cfg, "meta.algo", "fomaml"), "meta.inner_steps", 0)
+    return config_mod.override(cfg, "meta.skip", label_skip(label))
+
+
+def folds(cfg: Config, spec: SweepSpec, out: Path) -> list[tuple[str, Config, SweepSpec, Path]]:
+    """(held-out game, config, spec, directory) per fold: one fold (the config's own split) or, with
+    folds = loo, one per training game, trained on the others and evaluated on it alone."""
+    if not spec.folds:
+        return [("", cfg, spec, out)]
+    out_folds = []
+    for game in cfg.tasks.train:
+        rest = [g for g in cfg.tasks.train if g != game]
+        cfg_g = config_mod.override(config_mod.override(cfg, "tasks.train", rest), "tasks.heldout", [game])
+        spec_g = replace(spec, eval=replace(spec.eval, games=(game,)), folds="")
+        out_folds.append((game, config_mod.validate(cfg_g), spec_g, out / f"fold-{game}"))
+    return out_folds
 
 
 # ------------------------------------------------------------------------------------------
@@ -84,8 +120,8 @@ def target_iterations(cfg: Config, skip: int, match: str, budget: float) -> int 
     return None
 
 
-def skip_config(cfg: Config, skip: int, iterations: int) -> Config:
-    cfg = config_mod.override(cfg, "meta.skip", skip)
+def skip_config(cfg: Config, label: str, iterations: int) -> Config:
+    cfg = label_config(cfg, label)
     return config_mod.validate(config_mod.override(cfg, "meta.iterations", iterations))
 
 
@@ -143,15 +179,19 @@ def finished(run_dir: Path, target: int | None) -> bool:
     return evaluated == done and (target is None or done >= target)
 
 
-def run_config(cfg: Config, spec: SweepSpec, skip: int, sweep_dir: Path, local: bool,
+def run_config(cfg: Config, spec: SweepSpec, label: str, sweep_dir: Path, local: bool,
                eval_workers: int = 0, log: Callable[[str], None] = print) -> None:
-    """Meta-train skip k under the budget, then evaluate its final theta on the held-out games."""
-    run_dir = sweep_dir / f"skip{skip}"
-    target = target_iterations(cfg, skip, spec.match, spec.budget)
+    """Meta-train one configuration (skip<k> or joint) under the budget, then evaluate its final
+    theta on the held-out games."""
+    run_dir = sweep_dir / label
+    skip = label_skip(label)
+    target = target_iterations(label_config(cfg, label), skip, spec.match, spec.budget)
     if finished(run_dir, target):
-        log(f"sweep: skip{skip} is finished; not re-run")
+        log(f"sweep: {label} is finished; not re-run")
         return
-    cfg_k = skip_config(cfg, skip, target or PROBE_ITERATIONS)
+    log(f"sweep: {sweep_dir.name}/{label}: meta-training {target or 'seconds-matched'} iterations, then fine-tuning "
+        f"on {', '.join(spec.eval.games)}")
+    cfg_k = skip_config(cfg, label, target or PROBE_ITERATIONS)
     if spec.match == "seconds":
         train_for_seconds(cfg_k, run_dir, spec.budget, local, log)
     else:
@@ -164,8 +204,8 @@ def run_config(cfg: Config, spec: SweepSpec, skip: int, sweep_dir: Path, local: 
     if (run_dir / "eval").exists():
         move_aside(run_dir / "eval", "is an unfinished or stale evaluation", log)
     evaluate(cfg_k, {"meta": theta}, spec.eval, run_dir / "eval", name=f"{cfg_k.run_name}-eval", local=local,
-             workers=eval_workers, info={"config": f"skip{skip}", "skip": skip, "iteration": iteration,
-                                         "checkpoint": str(path)}, log=log)
+             workers=eval_workers, info={"config": label, "skip": skip, "iteration": iteration,
+                                         "fold": "+".join(cfg.tasks.heldout), "checkpoint": str(path)}, log=log)
 
 
 def run_baseline(cfg: Config, spec: SweepSpec, sweep_dir: Path, local: bool, eval_workers: int = 0,
@@ -177,9 +217,11 @@ def run_baseline(cfg: Config, spec: SweepSpec, sweep_dir: Path, local: bool, eva
         return
     if out.exists():
         move_aside(out, "is an unfinished evaluation", log)
+    log(f"sweep: {sweep_dir.name}/baseline: fine-tuning the un-pretrained network on {', '.join(spec.eval.games)}")
     theta = initial_theta(make_family(cfg), cfg.meta.seed)
     evaluate(cfg, {"fresh": theta}, spec.eval, out, name=f"{cfg.log.experiment}-baseline-seed{cfg.meta.seed}-eval",
-             local=local, workers=eval_workers, info={"config": "baseline", "skip": 0, "iteration": 0}, log=log)
+             local=local, workers=eval_workers, info={"config": "baseline", "skip": 0, "iteration": 0,
+                                                      "fold": "+".join(cfg.tasks.heldout)}, log=log)
 
 
 # ------------------------------------------------------------------------------------------
@@ -207,14 +249,14 @@ def side_by_side(cfg: Config, n_configs: int, local: bool) -> tuple[bool, str]:
 
 
 def run_all(cfg: Config, spec: SweepSpec, sweep_dir: Path, local: bool, log: Callable[[str], None]) -> None:
-    n = len(spec.skips) + int(spec.baseline)
+    n = len(spec.labels) + int(spec.baseline)
     parallel, why = side_by_side(cfg, n, local)
     log(f"sweep: {why}")
     if not parallel:
         backend = None if local else RayBackend(cfg.ray.address, cfg.ray.num_cpus)  # one Ray for all runs
         try:
-            for k in spec.skips:
-                run_config(cfg, spec, k, sweep_dir, local, log=log)
+            for label in spec.labels:
+                run_config(cfg, spec, label, sweep_dir, local, log=log)
             if spec.baseline:
                 run_baseline(cfg, spec, sweep_dir, local, log=log)
         finally:
@@ -227,7 +269,7 @@ def run_all(cfg: Config, spec: SweepSpec, sweep_dir: Path, local: bool, log: Cal
     share = max(1, int(cfg.num_workers * cfg.ray.cpus_per_worker + 1.0))
     head = {"node:__internal_head__": 0.001}
     config_task = ray.remote(run_config).options(num_cpus=0, max_retries=0, resources=head)
-    refs = [config_task.remote(cfg, spec, k, sweep_dir, False, share, print) for k in spec.skips]
+    refs = [config_task.remote(cfg, spec, label, sweep_dir, False, share, print) for label in spec.labels]
     if spec.baseline:
         refs.append(ray.remote(run_baseline).options(num_cpus=0, max_retries=0, resources=head)
                     .remote(cfg, spec, sweep_dir, False, share, print))
@@ -245,28 +287,39 @@ def compute_columns(run_dir: Path) -> dict[str, Any]:
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("iteration", 0) <= it]
     return {"iterations": it, "env_steps": int(c["env_steps"]), "frames": int(c["frames"]),
             "adaptations": sum(r["adaptations"] for r in rows), "evaluations": sum(r["evaluations"] for r in rows),
+            "env_steps_adapt": sum(r.get("env_steps/adapt", 0) for r in rows),
+            "env_steps_eval": sum(r.get("env_steps/eval", 0) for r in rows),
             "wall_s": round(float(c["wall_s"]), 1)}
 
 
-def collect(sweep_dir: Path, spec: SweepSpec) -> tuple[list[dict[str, Any]], dict[str, dict]]:
-    """Table rows (one per configuration and game) and mean curves per configuration. Scores are
-    recomputed from the stored traces, with every game's threshold taken from the baseline."""
-    configs = [(f"skip{k}", k, sweep_dir / f"skip{k}") for k in spec.skips]
+def collect(sweep_dir: Path, spec: SweepSpec) -> tuple[list[dict[str, Any]], dict[str, dict], list[dict[str, Any]]]:
+    """Table rows (one per configuration and game), mean curves per configuration, and per-seed
+    scores. Scores are recomputed from the stored traces, with every game's threshold taken from
+    the baseline."""
+    configs = [(label, label_skip(label), sweep_dir / label) for label in spec.labels]
     configs += [("baseline", 0, sweep_dir / "baseline")] if spec.baseline else []
     jobs = {label: json.loads((d / "eval" / "eval.json").read_text())["jobs"] for label, _, d in configs}
     thresholds = ({g: spec.eval.threshold for g in spec.eval.games} if spec.eval.threshold is not None
                   else default_thresholds(jobs["baseline"], spec.eval.window) if spec.baseline else {})
-    rows, curves = [], {}
-    zero = {"iterations": 0, "env_steps": 0, "frames": 0, "adaptations": 0, "evaluations": 0, "wall_s": 0.0}
+    rows, curves, per_seed = [], {}, []
+    zero = {"iterations": 0, "env_steps": 0, "frames": 0, "adaptations": 0, "evaluations": 0,
+            "env_steps_adapt": 0, "env_steps_eval": 0, "wall_s": 0.0}
     for label, skip, d in configs:
-        cost = compute_columns(d) if skip else zero
+        cost = compute_columns(d) if label != "baseline" else zero
         result = assemble(jobs[label], spec.eval, thresholds)
         curves[label] = {game: c for (game, _), c in mean_curves(result["jobs"]).items()}
         for s in result["summary"]:
             rows.append({"config": label, "skip": skip, **cost, "game": s["game"], "seeds": s["seeds"],
-                         **{k: v for k, v in s.items() if k.endswith(("_mean", "_std"))},
-                         "threshold": s["threshold"], "reached": s["reached"]})
-    return rows, curves
+                         **{k: v for k, v in s.items() if k.endswith(("_mean", "_std", "_ci95", "_median"))},
+                         "threshold": s["threshold"], "reached": s["reached"], "diverged": s["diverged"]})
+        for j in result["jobs"]:
+            sc = j["score"]
+            per_seed.append({"config": label, "game": j["game"], "seed": j["seed"], **cost,
+                             "auc_return": sc["auc_return"], "final_return": sc["final_return"],
+                             **{f"return_at_{b}": v for b, v in sc["return_at"].items()},
+                             "steps_to_threshold": sc["steps_to_threshold"],
+                             "diverged": bool(j["trace"].get("diverged"))})
+    return rows, curves, per_seed
 
 
 def _pm(mean: float | None, std: float | None, fmt: str = ".2f") -> str:
@@ -278,21 +331,23 @@ def _pm(mean: float | None, std: float | None, fmt: str = ".2f") -> str:
 
 def write_summary(sweep_dir: Path, spec: SweepSpec, rows: list[dict], curves: dict[str, dict]) -> Path:
     write_csv(sweep_dir / "summary.csv", rows)
-    shown = [{**r, "auc": _pm(r["auc_return_mean"], r["auc_return_std"]),
-              "rate": _pm(r["auc_reward_rate_mean"], r["auc_reward_rate_std"], ".4f"),
-              "final": _pm(r["final_return_mean"], r["final_return_std"]),
+    shown = [{**r, "auc": _pm(r["auc_return_mean"], r["auc_return_ci95"]) + f" (median {r['auc_return_median']:.2f})",
+              "rate": _pm(r["auc_reward_rate_mean"], r["auc_reward_rate_ci95"], ".4f"),
+              "final": _pm(r["final_return_mean"], r["final_return_ci95"]),
               "steps": f"{_pm(r['steps_to_threshold_mean'], r['steps_to_threshold_std'], '.0f')} "
                        f"({r['reached']}/{r['seeds']})",
               "threshold": _pm(r["threshold"], None)} for r in rows]
     columns = {"config": "config", "skip": "skip", "iterations": "meta-iterations", "env_steps": "meta env steps",
                "frames": "meta frames", "adaptations": "inner adaptations", "evaluations": "evaluations",
                "wall_s": "wall s", "game": "held-out game", "auc": "AUC return", "rate": "AUC score/step",
-               "final": "final return", "threshold": "threshold", "steps": "steps to threshold (reached)"}
+               "final": "final return", "threshold": "threshold", "steps": "steps to threshold (reached)",
+               "diverged": "diverged"}
     e = spec.eval
     (sweep_dir / "summary.md").write_text(
-        f"# Sweep: skip counts {', '.join(map(str, spec.skips))}{' + baseline' if spec.baseline else ''}\n\n"
+        f"# Sweep: {', '.join(spec.labels)}{' + baseline' if spec.baseline else ''}\n\n"
         f"Meta-training budget matched by {spec.match} ({spec.budget:g}). Held-out fine-tuning: {e.budget:,} env "
-        f"steps per game and seed, {len(e.seeds)} seeds; values are mean ± std over seeds. AUC return: mean "
+        f"steps per game and seed, {len(e.seeds)} seeds; values are mean ± 95% interval over seeds (t-based; "
+        f"AUC also median; diverged: fine-tuning runs whose loss or parameters became non-finite). AUC return: mean "
         f"running return (last {e.window} episodes) over the budget; AUC score/step: raw score per agent step; "
         f"threshold: the baseline's final return unless set; n/a: no episode finished.\n\n"
         + markdown_table(shown, columns))
@@ -311,9 +366,9 @@ def plot_comparison(path: Path, rows: list[dict], curves: dict[str, dict]) -> Pa
         for key, label in (("auc_return", "AUC return"), ("auc_reward_rate", "AUC score/step")):
             mine = [r for r in rows if r["game"] == game]
             panels.append(Panel(f"{game}: {label} vs meta-training cost", "meta-training frames", label,
-                                [Series(r["config"], [r["frames"]], [r[f"{key}_mean"]], [r[f"{key}_std"]])
+                                [Series(r["config"], [r["frames"]], [r[f"{key}_mean"]], [r[f"{key}_ci95"]])
                                  for r in mine], kind="points", empty_note="no episode finished"))
-    return save_grid(path, panels, 4, "held-out learning speed by skip count (mean, std over seeds)")
+    return save_grid(path, panels, 4, "held-out learning speed by configuration (mean, 95% interval over seeds)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -339,20 +394,51 @@ def load_sweep(out: Path) -> tuple[Config, SweepSpec]:
 
 def sweep(cfg: Config, spec: SweepSpec, out: Path, local: bool = False,
           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train and evaluate every configuration not finished yet in `out`, then write the summary."""
-    run_all(cfg, spec, out, local, log)
-    rows, curves = collect(out, spec)
-    png = write_summary(out, spec, rows, curves)
+    """Train and evaluate every configuration not finished yet in `out` (in every fold), then write
+    the summaries: per fold, and pooled over folds for --folds loo."""
+    fold_list = folds(cfg, spec, out)
+    rows, per_seed, by_game, pngs = [], [], {}, {}
+    for n, (game, cfg_f, spec_f, dir_f) in enumerate(fold_list, 1):
+        if game:
+            log(f"sweep: fold {n}/{len(fold_list)}: meta-train on {', '.join(cfg_f.tasks.train)}, hold out {game}")
+            dir_f.mkdir(parents=True, exist_ok=True)
+        run_all(cfg_f, spec_f, dir_f, local, log)
+        rows_f, curves_f, seeds_f = collect(dir_f, spec_f)
+        pngs[f"comparison/{game}" if game else "comparison"] = write_summary(dir_f, spec_f, rows_f, curves_f)
+        rows += [{**r, "fold": game} for r in rows_f]
+        per_seed += seeds_f
+        for label, by in curves_f.items():
+            for g, c in by.items():
+                by_game.setdefault(g, {})[label] = c
+    if spec.folds:
+        e = spec.eval
+        header = (f"# Leave-one-game-out: {', '.join(spec.labels)}{' + fresh network' if spec.baseline else ''}\n\n"
+                  f"Every fold meta-trains on the other {len(cfg.tasks.train) - 1} games; budget matched by "
+                  f"{spec.match} ({spec.budget:g} per configuration and fold). Held-out fine-tuning: "
+                  f"{finetune_label(cfg)}, {e.budget:,} env steps, {len(e.seeds)} seeds per fold and init. "
+                  f"Values: mean ± 95% interval. AUC: mean running return (last {e.window} episodes) over the "
+                  f"budget. Pooled scores divide each game's by the fresh network's mean final return on it.")
+        for path in fold_summary.write(out, per_seed, by_game, spec.labels + (["baseline"] if spec.baseline else []),
+                                       header, [str(b) for b in e.at]):
+            pngs[path.stem] = path
     tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment, name=f"{cfg.log.experiment}-sweep",
                       config={**config_mod.to_dict(cfg), "sweep": asdict(spec)}, mode=cfg.log.wandb_mode,
                       job_type="sweep", metrics_file="sweep_metrics.jsonl", step_key="skip")
     try:
-        tracker.log_image("comparison", png)
-        tracker.summary({f"{r['config']}/{r['game']}/{k}": v for r in rows for k, v in r.items()
-                         if k.endswith(("_mean", "_std")) or k in ("env_steps", "frames", "wall_s", "iterations")})
+        for key, png in pngs.items():
+            tracker.log_image(key, png)
+        tracker.summary({f"{r['fold'] + '/' if r['fold'] else ''}{r['config']}/{r['game']}/{k}": v for r in rows
+                         for k, v in r.items() if k.endswith(("_mean", "_ci95", "_median"))
+                         or k in ("env_steps", "frames", "wall_s", "iterations")})
     finally:
         tracker.finish()
     return rows
+
+
+def finetune_label(cfg: Config) -> str:
+    from metarl.evaluate import FineTuneLearner
+
+    return FineTuneLearner.of(cfg).label
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -366,8 +452,19 @@ def spec_from_sweep_args(args: argparse.Namespace, cfg: Config) -> SweepSpec:
     skips = _ints(args.skips, "--skips") if args.skips else DEFAULT_SKIPS
     if not skips or len(set(skips)) != len(skips):
         raise ConfigError(f"--skips {args.skips!r} must list each skip count once")
+    eval_cfg = cfg
+    if args.folds:
+        if len(cfg.tasks.train) < 2:
+            raise ConfigError("--folds loo needs at least two games in tasks.train (one is held out per fold)")
+        if args.games:
+            raise ConfigError("--folds loo holds out each training game in turn; drop --games")
+        eval_cfg = config_mod.override(cfg, "tasks.heldout", list(cfg.tasks.train))
+        cfg = config_mod.validate(config_mod.override(cfg, "tasks.train", list(cfg.tasks.train[1:])))
     for k in skips:
-        skip_config(cfg, k, 1)  # a skip count that does not fit the tasks fails here, naming meta.skip
+        if k > len(cfg.tasks.train):
+            raise ConfigError(f"--skips: skip {k} does not fit the {len(cfg.tasks.train)} training games of a "
+                              f"{'fold' if args.folds else 'run'}; choose 1..{len(cfg.tasks.train)}")
+        skip_config(cfg, f"skip{k}", 1)  # a skip count that does not fit the tasks fails here, naming meta.skip
     match = args.match or "iterations"
     if args.budget is None and match == "seconds":
         raise ConfigError("--match seconds needs --budget SECONDS of meta-iteration time per configuration")
@@ -380,10 +477,11 @@ def spec_from_sweep_args(args: argparse.Namespace, cfg: Config) -> SweepSpec:
         if match == "env_steps" and target_iterations(cfg, k, match, budget) < 1:
             raise ConfigError(f"--budget {budget:g} env steps is less than one meta-iteration at skip {k} "
                               f"({iteration_env_steps(cfg, k):,} env steps)")
-    return SweepSpec(skips, not args.no_baseline, match, float(budget), spec_from_args(args, cfg, prefix="eval-"))
+    return SweepSpec(skips, not args.no_baseline, match, float(budget), spec_from_args(args, eval_cfg, prefix="eval-"),
+                     joint=args.joint, folds=args.folds or "")
 
 
-SETTINGS = ("config", "set", "seed", "skips", "no_baseline", "match", "budget",
+SETTINGS = ("config", "set", "seed", "skips", "no_baseline", "joint", "folds", "match", "budget",
             "games", "eval_budget", "eval_seeds", "points", "window", "threshold", "at")
 
 
@@ -418,6 +516,9 @@ def add_parser(subparsers: Any) -> None:
     add_config_args(p)
     p.add_argument("--skips", help=f"skip counts, comma separated (default {','.join(map(str, DEFAULT_SKIPS))})")
     p.add_argument("--no-baseline", action="store_true", help="leave out the un-pretrained network")
+    p.add_argument("--joint", action="store_true",
+                   help="also train joint multi-task pre-training (same loss at theta, no inner loop) under the same budget")
+    p.add_argument("--folds", choices=("loo",), help="loo: leave-one-game-out over tasks.train, one fold per game")
     p.add_argument("--match", choices=MATCHES, help="what every configuration gets the same of (default iterations)")
     p.add_argument("--budget", type=float, help="per configuration, in --match units (default: meta.iterations, "
                    "or what skip 1 spends in them; seconds needs it)")
