@@ -5,6 +5,8 @@ Every figure is measured side by side in one run, through the real code paths:
   sampling_ratio      a TaskWorker's env steps/s through `AtariTask.sample` (policy inference)
                       / raw `AtariVectorEnv` steps/s with random actions (same game, envs, threads)
   sampling_cpu_ratio  the same in CPU-seconds per step: what sampling costs a saturated machine
+  sampling_compute_bound  raw time / (raw time + the network's bare forward on the same batches):
+                      the best sampling_ratio one thread running emulator and policy can reach
   gradient_ratio      samples/s through `AtariTask.loss` + `meta.loss_grad` / a bare torch
                       forward+backward of the same network on the same batch
   skip_ratio_k        seconds per meta-iteration at skip k / at skip 1, on the config scaled down
@@ -154,29 +156,38 @@ def alternate(a: Callable[[], Any], b: Callable[[], Any], rounds: int) -> np.nda
 
 
 def measure_sampling(cfg: Config, rollouts: int, rounds: int) -> dict[str, float]:
-    """A TaskWorker's AtariTask.sample vs the bare emulator, in turns of `rollouts` rollouts."""
-    from metarl.tasks.atari import make_vector_env
-
+    """A TaskWorker's task.sample vs the bare emulator (the family's raw stepper: same game, envs,
+    threads, random actions), in turns of `rollouts` rollouts."""
     game, seed = cfg.tasks.train[0], task_seed(cfg.meta.seed, 0)
-    worker = TaskWorker(make_family(cfg), {game: seed}, cfg.meta.inner_lr, cfg.meta.inner_steps)
+    family = make_family(cfg)
+    worker = TaskWorker(family, {game: seed}, cfg.meta.inner_lr, cfg.meta.inner_steps)
     task, theta = worker.tasks[game], worker.spec.unflatten(worker.spec.flatten(dict(worker.model.named_parameters())))
-    venv, _ = make_vector_env(game, cfg.env, seed)
-    rng = np.random.default_rng(seed)
+    step_raw, close_raw = family.raw_stepper(game, seed)
     B, T = cfg.env.num_envs, cfg.env.rollout_len
 
     def raw():
-        for _ in range(rollouts * T):
-            venv.step(rng.integers(0, venv.single_action_space.n, B, dtype=np.int32))
+        step_raw(rollouts * T)
 
     def sample():
         for _ in range(rollouts):
             task.sample(worker.model, theta)
 
+    obs = task.sample(worker.model, theta).data["obs"]
+
+    @torch.no_grad()
+    def policy():  # the network's bare forward on the same observations, as often as sampling calls it
+        for i in range(rollouts * T):
+            worker.model(obs[i % T])
+
     t = alternate(raw, sample, rounds)
-    venv.close()
-    steps, fs = rounds * rollouts * T * B, cfg.env.frameskip
+    t_policy = alternate(policy, policy, rounds)
+    close_raw()
+    steps, fs = rounds * rollouts * T * B, family.frames_per_step
     (raw_w, raw_c), (smp_w, smp_c) = t.sum(0)
+    fwd_w = t_policy[:, :, 0].sum() / 2
     out = {"sampling_ratio": float(np.median(t[:, 0, 0] / t[:, 1, 0])),
+           # the best sampling_ratio when one thread both steps the emulator and runs the policy
+           "sampling_compute_bound": float(raw_w / (raw_w + fwd_w)),
            "sampling_cpu_ratio": float(np.median(t[:, 0, 1] / t[:, 1, 1])),
            "raw_env_steps_per_s": steps / raw_w, "raw_frames_per_s": steps * fs / raw_w,
            "sampling_env_steps_per_s": steps / smp_w, "sampling_frames_per_s": steps * fs / smp_w}
@@ -261,7 +272,7 @@ def measure_end_to_end(fleet: Fleet, cfg: Config, reps: int) -> dict[str, float]
             tot += [*_sampling_only(fleet, cfg, theta), rec["env_steps/adapt"] + rec["env_steps/eval"],
                     rec["time/iteration_s"]]
     peaks = [b.get(b.call(a, "memory"))["peak_rss"] / MB for a in actors]
-    fs = cfg.env.frameskip
+    fs = make_family(cfg).frames_per_step
     return {"end_to_end_ratio": (tot[2] / tot[3]) / (tot[0] / tot[1]),
             "end_to_end_env_steps_per_s": tot[2] / tot[3], "end_to_end_frames_per_s": tot[2] * fs / tot[3],
             "fleet_sampling_env_steps_per_s": tot[0] / tot[1],
@@ -304,15 +315,18 @@ def scaled_down(cfg: Config, tasks: int, num_envs: int, rollout_len: int, worker
 
 def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print) -> tuple[dict[str, float], dict[str, Any]]:
     """Every figure, and the context they were measured in."""
-    if cfg.tasks.family != "atari":
-        raise ConfigError(f"metarl bench measures Atari against the emulator; tasks.family is {cfg.tasks.family!r}")
-    if cfg.num_tasks < max(SKIPS):
-        raise ConfigError(f"metarl bench needs at least {max(SKIPS)} training tasks for skip {max(SKIPS)}; "
-                          f"tasks.train has {cfg.num_tasks}")
+    from metarl.config import GAME_FAMILIES
+
+    if cfg.tasks.family not in GAME_FAMILIES:
+        raise ConfigError(f"metarl bench measures games against their emulator ({', '.join(GAME_FAMILIES)}); "
+                          f"tasks.family is {cfg.tasks.family!r} (use `metarl fewshot cost`)")
+    if cfg.num_tasks < 2:
+        raise ConfigError(f"metarl bench needs at least 2 training tasks for the skip ratios; tasks.train has {cfg.num_tasks}")
     from metarl.backend import RayBackend
 
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
-    small = scaled_down(cfg, max(SKIPS) if quick else cfg.num_tasks, 4, 16 if quick else 32, 2 if quick else None)
+    small = scaled_down(cfg, min(max(SKIPS), cfg.num_tasks) if quick else cfg.num_tasks, 4, 16 if quick else 32,
+                        2 if quick else None)
     full = small if quick else cfg
     figures: dict[str, float] = {}
     log(f"# sampling and gradients: one worker in this process, {full.tasks.train[0]}")

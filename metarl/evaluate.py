@@ -90,6 +90,28 @@ class FineTuneLearner:
         return f"{self.optimizer} lr {self.lr:g}{clip}"
 
 
+@torch.no_grad()
+def update(params: Params, grads: tuple[torch.Tensor, ...], learner: FineTuneLearner,
+           opt: torch.optim.Optimizer | None) -> None:
+    """One fine-tuning update of `params` in place: clip to learner.max_grad_norm (if set), then an
+    SGD step of learner.lr, or `opt`'s step (Adam over the same tensors)."""
+    if learner.max_grad_norm:
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        scale = min(1.0, learner.max_grad_norm / (float(norm) + 1e-6))
+        grads = tuple(g * scale for g in grads)
+    if opt is None:
+        for p, g in zip(params.values(), grads):
+            p -= learner.lr * g
+    else:
+        for p, g in zip(params.values(), grads):
+            p.grad = g
+        opt.step()
+
+
+def make_optimizer(params: Params, learner: FineTuneLearner) -> torch.optim.Optimizer | None:
+    return torch.optim.Adam(list(params.values()), lr=learner.lr) if learner.optimizer == "adam" else None
+
+
 def finetune(task: Task, model: torch.nn.Module, theta: Params, learner: FineTuneLearner,
              budget: int) -> tuple[dict[str, Any], Params]:
     """Updates with `learner`, each on a fresh rollout, until `budget` env steps are spent.
@@ -97,7 +119,7 @@ def finetune(task: Task, model: torch.nn.Module, theta: Params, learner: FineTun
     A run whose loss or parameters become non-finite stops there and is marked `diverged` (its
     curve ends at the last finite point; evaluations count such runs instead of averaging them)."""
     params = meta.detached(theta, requires_grad=True)
-    opt = torch.optim.Adam(list(params.values()), lr=learner.lr) if learner.optimizer == "adam" else None
+    opt = make_optimizer(params, learner)
     t0 = time.perf_counter()
     trace: dict[str, Any] = {"env_steps": [], "frames": [], "reward_sum": [], "loss": [], "episodes": [],
                              "diverged": False}
@@ -115,21 +137,10 @@ def finetune(task: Task, model: torch.nn.Module, theta: Params, learner: FineTun
         if not math.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
             trace["diverged"] = True
             break
-        with torch.no_grad():
-            if learner.max_grad_norm:
-                norm = torch.sqrt(sum((g * g).sum() for g in grads))
-                scale = min(1.0, learner.max_grad_norm / (float(norm) + 1e-6))
-                grads = tuple(g * scale for g in grads)
-            if opt is None:
-                for p, g in zip(params.values(), grads):
-                    p -= learner.lr * g
-            else:
-                for p, g in zip(params.values(), grads):
-                    p.grad = g
-                opt.step()
-            if not all(torch.isfinite(p).all() for p in params.values()):
-                trace["diverged"] = True
-                break
+        update(params, grads, learner, opt)
+        if not all(torch.isfinite(p).all() for p in params.values()):
+            trace["diverged"] = True
+            break
     trace["seconds"] = time.perf_counter() - t0
     return trace, meta.detached(params)
 

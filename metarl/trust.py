@@ -23,7 +23,8 @@ DAMPING, BACKTRACK, MAX_BACKTRACKS = 1e-5, 0.8, 15
 def conjugate_gradient(fvp: Callable[[Vector], Vector], g: Vector, iters: int,
                        tol: float = 1e-10) -> tuple[Vector, float]:
     """x ~= F^-1 g for a symmetric positive-definite F given only as products; returns x and the
-    residual norm |g - F x|."""
+    residual norm |g - F x|. Stops once |r|^2 < tol (so |r| < sqrt(tol)) or after `iters`
+    iterations; |r| is the recurrence's residual, which equals the true one up to float64 rounding."""
     x = np.zeros_like(g)
     r = g.copy()
     p = g.copy()

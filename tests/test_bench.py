@@ -55,6 +55,7 @@ def test_quick_bench_prints_every_figure(tmp_path):
         for where, figures in (("printed", printed), ("JSON", written["figures"])):
             assert name in figures, f"{name} not {where}:\n{p.stdout}"
             assert math.isfinite(figures[name]) and figures[name] > 0, f"{name} = {figures[name]} ({where})"
+        # printed with 4 significant digits (:.4g): at most 5e-4 relative off the JSON value
         assert math.isclose(printed[name], written["figures"][name], rel_tol=1e-3)
     assert set(printed) == set(written["figures"])
     # about a minute on an idle 2-core machine; generous here because other suites may share it

@@ -12,7 +12,7 @@ import torch
 
 from metarl import checkpoint, config as config_mod, meta
 from metarl.cli import main
-from metarl.evaluate import (EvalSpec, curve, curve_steps, finetune, initial_theta, nan_stats, run_jobs,
+from metarl.evaluate import (EvalSpec, FineTuneLearner, curve, curve_steps, finetune, initial_theta, nan_stats, run_jobs,
                              running_return, score)
 from metarl.policy import ParamSpec
 from metarl.run import run
@@ -66,7 +66,9 @@ def test_nan_stats_ignore_missing_values():
 
 
 def test_finetune_is_the_inner_loop_repeated():
-    """Two fine-tuning steps from theta equal meta.adapt with S = 2 on the same seeded task."""
+    """Two fine-tuning steps from theta equal meta.adapt with S = 2 on the same seeded task, bit for
+    bit on any CPU: the same float32 operations on the same rollouts, in this process (not a claim
+    that two machines agree)."""
     cfg = smoke()
     family = make_family(cfg)
     model = family.make_model()
@@ -74,7 +76,7 @@ def test_finetune_is_the_inner_loop_repeated():
     theta = spec.unflatten(initial_theta(family, cfg.meta.seed))
     task_a, task_b = family.make_task("boxing", 123), family.make_task("boxing", 123)
     try:
-        trace, theta_ft = finetune(task_a, model, theta, cfg.meta.inner_lr, budget=2 * PER_ROLLOUT)
+        trace, theta_ft = finetune(task_a, model, theta, FineTuneLearner("sgd", cfg.meta.inner_lr), budget=2 * PER_ROLLOUT)
         reference = meta.adapt(task_b, model, theta, cfg.meta.inner_lr, 2).theta_prime
     finally:
         task_a.close(), task_b.close()
@@ -87,7 +89,7 @@ def test_finetune_is_the_inner_loop_repeated():
 
 def test_fresh_init_is_the_learners_seeded_init():
     family = make_family(smoke())
-    a, b, c = initial_theta(family, 0), initial_theta(family, 0), initial_theta(family, 1)
+    a, b, c = initial_theta(family, 0), initial_theta(family, 0), initial_theta(family, 1)  # same seed, same process
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
@@ -166,10 +168,12 @@ def test_ray_actors_give_the_same_curves_as_local(own_ray):
     spec = EvalSpec(games=("boxing",), budget=2 * PER_ROLLOUT, seeds=(0, 1), points=2)
     thetas = {"fresh": initial_theta(family, 0)}
     quiet = lambda _: None  # noqa: E731
-    on_ray = run_jobs(family, cfg.meta.inner_lr, thetas, spec, local=False, log=quiet)
-    local = run_jobs(family, cfg.meta.inner_lr, thetas, spec, local=True, log=quiet)
+    on_ray = run_jobs(family, FineTuneLearner("sgd", cfg.meta.inner_lr), thetas, spec, local=False, log=quiet)
+    local = run_jobs(family, FineTuneLearner("sgd", cfg.meta.inner_lr), thetas, spec, local=True, log=quiet)
     assert len(on_ray) == len(local) == 2
     for a, b in zip(on_ray, local):
         assert (a["game"], a["init"], a["seed"]) == (b["game"], b["init"], b["seed"])
+        # exact equality: the actors and the local run execute the same code on the same inputs on this
+        # machine, with one torch thread each (FineTuner sets it), so every float agrees to the last bit
         for key in ("env_steps", "reward_sum", "loss", "episodes"):
             assert a["trace"][key] == b["trace"][key], key

@@ -285,7 +285,10 @@ def test_a_failing_stacked_worker_drops_its_groups_and_the_rest_updates(tmp_path
 
 def test_stacked_run_resumed_midway_ends_where_an_uninterrupted_one_does(tmp_path):
     """Each task's data come from (task seed, iteration) and the grouping RNG, theta and Adam are
-    checkpointed, so stopping after 3 iterations and resuming to 6 gives the uninterrupted theta."""
+    checkpointed, so stopping after 3 iterations and resuming to 6 gives the uninterrupted theta.
+    Bit for bit on any CPU: both runs are in this process (local actors, called in a fixed order), the
+    checkpoint stores float32 theta and Adam's state losslessly, and so the resumed run repeats the
+    same float operations on the same inputs with the same kernels. (Two machines need not agree.)"""
     from metarl import checkpoint
 
     whole = dataclasses.replace(_tiny_sine(), meta=dataclasses.replace(_tiny_sine().meta, iterations=6, checkpoint_every=3))
@@ -303,7 +306,9 @@ def test_stacked_run_resumed_midway_ends_where_an_uninterrupted_one_does(tmp_pat
 
 def test_trust_region_run_resumed_midway_ends_where_an_uninterrupted_one_does(tmp_path):
     """meta.outer = trpo keeps no optimiser state beyond theta, and its curvature subsample comes from
-    the iteration: a nav2d TRPO run stopped after 2 iterations and resumed to 4 ends at the same theta."""
+    the iteration: a nav2d TRPO run stopped after 2 iterations and resumed to 4 ends at the same theta,
+    bit for bit on any CPU for the reasons above (one process, fixed order, lossless checkpoint; the
+    driver's CG and line search are deterministic float64 code)."""
     from metarl import checkpoint
 
     cfg = config_mod.load(CONFIGS / "nav2d.yaml")

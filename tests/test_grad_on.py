@@ -28,6 +28,11 @@ def one_iteration(grad_on: str, skip: int):
 
 @pytest.mark.parametrize("skip", [1, 2])
 def test_learner_side_gradients_equal_worker_side_gradients(skip):
+    """Both runs are in this process: the same seeded init, emulators and policy draws, each member's
+    gradient from the same meta.loss_grad on the same batch with the same kernels and thread count,
+    summed in the same order. So theta agrees to the last bit on any CPU (determinism of one machine,
+    not agreement between machines); atol=1e-7 (~3 float32 ulps of |theta| < 0.5) is no rounding
+    budget: Adam's first step -lr g / (|g| + 1e-8) turns any change of a near-zero g into O(lr)."""
     on_w, rec_w, t0_w, t1_w = one_iteration("worker", skip)
     on_l, rec_l, t0_l, t1_l = one_iteration("learner", skip)
     assert (on_w, on_l) == ("worker", "learner")

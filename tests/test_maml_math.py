@@ -99,6 +99,8 @@ def test_maml_meta_gradient_matches_finite_differences(family, names, skip, inne
     theta_flat = flat(theta.values()).detach()
     f = lambda x: post_adaptation_loss(leader, members, model, spec, x, a.batches, eval_batches, ALPHA)  # noqa: E731
     fd = central_differences(f, theta_flat)
+    # central differences in float64 with h = 1e-6: rounding ~ eps |F| / h ~ 2e-9 (|F| up to ~10 here),
+    # truncation h^2 |F'''| / 6 ~ 1e-12; atol=1e-7 is ~50x that, far below the first-order gap below
     torch.testing.assert_close(maml, fd, rtol=1e-5, atol=1e-7)
     # the check has teeth: the first-order gradient is measurably different from the true one
     assert (flat(g_sum) - fd).norm() > 1e-3 * fd.norm()
@@ -167,10 +169,14 @@ def test_worker_maml_correct_is_one_backward_per_group_and_matches_float64():
     adapt_batches = [twin[names[0]].sample(model, theta64)] * 2  # K-shot: both steps on one support set
     tp64 = adapted(twin[names[0]], model, theta64, adapt_batches, ALPHA)
     eval_batches = [twin[n].sample(model, tp64) for n in names]
-    np.testing.assert_allclose(theta_prime, spec.flatten(tp64), rtol=1e-5, atol=1e-6)
+    # float32 worker vs float64 reference: each entry carries float32 rounding (eps 1.2e-7) of terms as
+    # large as the largest entries (differences ~4 eps of max|.| here), so atol is relative to that scale
+    ref = spec.flatten(tp64)
+    np.testing.assert_allclose(theta_prime, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     expected = _true_meta_gradient(twin[names[0]], [twin[n] for n in names], model, spec, theta64, adapt_batches,
                                    eval_batches)
-    np.testing.assert_allclose(corrected, expected, rtol=2e-3, atol=2e-5)
+    # the same rule for the meta-gradient, whose second-order term is ~alpha = 30% of it
+    np.testing.assert_allclose(corrected, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def _true_meta_gradient(leader, members, model, spec, theta64, adapt_batches, eval_batches) -> np.ndarray:
@@ -200,6 +206,8 @@ def test_fomaml_gradient_is_the_detached_copy_gradient():
     loss, _ = twin[names[1]].loss(copy, own, twin[names[1]].sample(copy, own))
     loss.backward()
     expected = ParamSpec.of(copy).flatten_grads([p.grad for p in own.values()])
+    # the same float32 loss and backward on the same points in this process: equal to the last bit on
+    # any CPU; the tolerances only allow a few ulps
     assert stats["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
     np.testing.assert_allclose(g, expected, rtol=1e-6, atol=1e-8)
     assert np.linalg.norm(g) > 0
@@ -220,6 +228,8 @@ def test_reptile_direction_is_theta_minus_theta_prime_exactly():
         loss, _ = task.loss(model, params, support)
         grads = torch.autograd.grad(loss, list(params.values()))
         params = {k: (p - ALPHA * g).detach() for (k, p), g in zip(params.items(), grads)}
+    # exact: the worker runs these same float32 operations, in this order, on the same inputs in this
+    # process (same kernels), so the result is bit-identical on any CPU; no two machines are compared
     assert np.array_equal(direction, theta - spec.flatten(params))
     assert stats["env_steps"] == SINE.cfg.k_shot and stats["grad_norm"] > 0
 
@@ -286,6 +296,8 @@ def test_meta_iteration_feeds_the_learner_the_right_direction(algo, skip, inner_
     assert rec["tasks_dropped"] == [] and not rec["update_skipped"]
     assert rec["adaptations"] == len(groups)
     assert rec["evaluations_used"] == (len(groups) if algo == "reptile" else cfg.num_tasks)
+    # float32 workers vs the float64 reference: a few eps (1.2e-7) relative to max|g|; rel=2e-4 and
+    # the 1e-3 max|g| cut for the signs below leave >100x
     assert rec["grad/norm"] == pytest.approx(float(np.linalg.norm(expected)), rel=2e-4)
     # Adam's first step moves every coordinate by -outer_lr * sign(g)
     big = np.abs(expected) > 1e-3 * np.abs(expected).max()
@@ -354,6 +366,7 @@ def test_groups_step_equals_the_task_by_task_math(family, names, algo, skip, inn
         for p in parts:
             want = [w + x for w, x in zip(want, p)]
     assert flat(want).norm() > 0
+    # float64, batched vs task by task (other reduction orders): ~1e-15 of max|g| ~ 50 apart
     torch.testing.assert_close(flat(got), flat(want), rtol=1e-9, atol=1e-11)
 
 

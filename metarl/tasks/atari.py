@@ -133,8 +133,22 @@ class AtariFamily(TaskFamily):
     def make_model(self) -> nn.Module:
         return NatureCNN(NUM_ATARI_ACTIONS)
 
+    @property
+    def frames_per_step(self) -> int:  # type: ignore[override]
+        return self.env.frameskip
+
     def make_task(self, name: str, seed: int) -> Task:
         return AtariTask(name, seed, self.env, self.loss)
+
+    def raw_stepper(self, name: str, seed: int):
+        venv, _ = make_vector_env(name, self.env, seed)
+        rng = np.random.default_rng(seed)
+
+        def step(n: int) -> None:
+            for _ in range(n):
+                venv.step(rng.integers(0, venv.single_action_space.n, self.env.num_envs, dtype=np.int32))
+
+        return step, venv.close
 
     def make_scorer(self) -> Task:
         return AtariTask("scorer", 0, self.env, self.loss, emulators=False)

@@ -171,6 +171,14 @@ class TaskFamily(abc.ABC):
         each game's emulators are its own)."""
         return None
 
+    frames_per_step: int = 1
+    """Emulator frames per agent step (Atari: the frameskip)."""
+
+    def raw_stepper(self, name: str, seed: int):
+        """The emulator limit `metarl bench` compares against: (step, close), where step(n) steps
+        the task's B environments n times with uniformly random actions, no policy and no buffers."""
+        raise NotImplementedError(f"{type(self).__name__} has no emulator to benchmark")
+
     def make_scorer(self) -> Task:
         """A task that only scores shipped batches (loss, grad): what a learner computing
         gradients itself needs. Families whose batches are not shipped do not provide one."""

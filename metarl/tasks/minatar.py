@@ -70,8 +70,8 @@ class MinAtarTask(ActorCriticTask):
         for i, g in enumerate(self.games):
             write_state(self.obs[i], g)
         self.gen = torch.Generator().manual_seed(seed)
-        self.ep_return = np.zeros(self.B, dtype=np.float64)
-        self.ep_len = np.zeros(self.B, dtype=np.int64)
+        self.ep_return = [0.0] * self.B  # plain lists: per-game scalar updates in the hot loop
+        self.ep_len = [0] * self.B
 
     @torch.no_grad()
     def sample(self, model: nn.Module, params: Params) -> Batch:
@@ -85,21 +85,26 @@ class MinAtarTask(ActorCriticTask):
         values = np.empty((T + 1, B), dtype=np.float32)
         obs[0] = self.obs
         finished: list[float] = []
+        ep_return, ep_len, games = self.ep_return, self.ep_len, self.games
         for t in range(T):
             logits, v = forward(model, params, torch.from_numpy(obs[t]))
             values[t] = v.numpy()
-            actions[t] = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.gen).squeeze(-1).numpy()
-            for i, g in enumerate(self.games):
-                r, terminal = g.act(int(actions[t, i]))
-                self.ep_return[i] += r
-                self.ep_len[i] += 1
-                rewards[t, i] = r
-                if terminal or (limit and self.ep_len[i] >= limit):
-                    finished.append(float(self.ep_return[i]))
-                    self.ep_return[i], self.ep_len[i] = 0.0, 0
-                    dones[t, i] = 1.0
+            # inverse-CDF draw from the softmax (one uniform per game): as torch.multinomial, cheaper
+            cdf = torch.softmax(logits, -1).cumsum(-1)
+            u = torch.rand(B, 1, generator=self.gen) * cdf[:, -1:]
+            actions[t] = torch.searchsorted(cdf, u).clamp_(max=NUM_MINATAR_ACTIONS - 1).squeeze(-1).numpy()
+            r_t, d_t, next_obs = rewards[t], dones[t], obs[t + 1]
+            for i, (g, a) in enumerate(zip(games, actions[t].tolist())):
+                r, terminal = g.act(a)
+                ep_return[i] += r
+                ep_len[i] += 1
+                r_t[i] = r
+                if terminal or (limit and ep_len[i] >= limit):
+                    finished.append(float(ep_return[i]))
+                    ep_return[i], ep_len[i] = 0.0, 0
+                    d_t[i] = 1.0
                     g.reset()
-                write_state(obs[t + 1, i], g)
+                write_state(next_obs[i], g)
         self.obs = obs[T].copy()
         values[T] = forward(model, params, torch.from_numpy(self.obs))[1].numpy()  # bootstrap
         data = {"obs": torch.from_numpy(obs), "actions": torch.from_numpy(actions),
@@ -109,19 +114,28 @@ class MinAtarTask(ActorCriticTask):
                      frames=T * B)
 
 
-def raw_steps_per_second(game: str, cfg: MinAtarConfig, num_envs: int, steps: int, seed: int = 0) -> float:
-    """The emulator limit the bench compares against: steps/s of `num_envs` games of one game with
-    uniformly random actions, resets included, no policy and no buffers."""
+def random_stepper(game: str, cfg: MinAtarConfig, num_envs: int, seed: int = 0):
+    """The emulator limit the bench compares against: step(n) steps `num_envs` games of one game n
+    times with uniformly random actions, resets and state reads included, no policy and no buffers."""
     games = make_games(game, cfg, seed, num_envs)
     rng = np.random.default_rng(seed)
-    acts = rng.integers(0, NUM_MINATAR_ACTIONS, size=(steps, num_envs))
+
+    def step(n: int) -> None:
+        acts = rng.integers(0, NUM_MINATAR_ACTIONS, size=(n, num_envs))
+        for t in range(n):
+            for i, g in enumerate(games):
+                _, terminal = g.act(int(acts[t, i]))
+                if terminal:
+                    g.reset()
+                g.state()
+
+    return step, lambda: None
+
+
+def raw_steps_per_second(game: str, cfg: MinAtarConfig, num_envs: int, steps: int, seed: int = 0) -> float:
+    step, _ = random_stepper(game, cfg, num_envs, seed)
     t0 = time.perf_counter()
-    for t in range(steps):
-        for i, g in enumerate(games):
-            _, terminal = g.act(int(acts[t, i]))
-            if terminal:
-                g.reset()
-            g.state()
+    step(steps)
     return steps * num_envs / (time.perf_counter() - t0)
 
 
@@ -138,6 +152,9 @@ class MinAtarFamily(TaskFamily):
         if name not in MINATAR_GAMES:
             raise ValueError(f"unknown MinAtar game {name!r}; valid games: {', '.join(MINATAR_GAMES)}")
         return MinAtarTask(name, seed, self.env, self.minatar, self.loss)
+
+    def raw_stepper(self, name: str, seed: int):
+        return random_stepper(name, self.minatar, self.env.num_envs, seed)
 
     def make_scorer(self) -> Task:
         return MinAtarTask("scorer", 0, self.env, self.minatar, self.loss, games=False)

@@ -1,0 +1,223 @@
+"""The MinAtar family: observations, actions, seeding and raw returns; a run through real Ray workers
+with skip 2; the fine-tuning learner's update direction and its divergence count; and a two-fold
+leave-one-game-out sweep that writes every output."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from metarl import config as config_mod
+from metarl.cli import main
+from metarl.config import MINATAR_GAMES
+from metarl.evaluate import (EvalSpec, FineTuneLearner, assemble, finetune, initial_theta, make_optimizer, update)
+from metarl.policy import MINATAR_CHANNELS, NUM_MINATAR_ACTIONS, init_params
+from metarl.run import run
+from metarl.tasks import make_family
+from metarl.tracking import read_metrics
+
+from conftest import CONFIGS, assert_png
+
+pytest.importorskip("minatar")
+
+CHANNELS = {"asterix": 4, "breakout": 4, "freeway": 7, "seaquest": 10, "space_invaders": 6}
+
+
+def minatar(**overrides):
+    """configs/minatar.yaml, small: 4 games per task x 8 steps, W&B off, no progress lines."""
+    cfg = config_mod.load(CONFIGS / "minatar.yaml")
+    small = {"env.num_envs": 4, "env.rollout_len": 8, "log.wandb_mode": "disabled", "log.progress": False,
+             "ray.cpus_per_worker": 0.5}
+    for k, v in {**small, **overrides}.items():
+        cfg = config_mod.override(cfg, k, v)
+    return config_mod.validate(cfg)
+
+
+def test_observations_are_each_games_channels_zero_padded_to_ten():
+    family = make_family(minatar())
+    model = family.make_model()
+    theta = init_params(model)
+    for game in MINATAR_GAMES:
+        task = family.make_task(game, 7)
+        batch = task.sample(model, theta)
+        obs = batch.data["obs"]
+        assert obs.shape == (9, 4, MINATAR_CHANNELS, 10, 10) and obs.dtype == torch.uint8
+        c = CHANNELS[game]
+        assert task.games[0].state_shape() == [10, 10, c]
+        assert int(obs[:, :, c:].sum()) == 0, game  # the padding stays empty
+        assert int(obs[:, :, :c].sum()) > 0, game  # the game's own objects are there
+        # the current observation is the game's state, channels first
+        np.testing.assert_array_equal(task.obs[0, :c], task.games[0].state().transpose(2, 0, 1))
+        logits, _ = model(obs[0])
+        assert logits.shape == (4, NUM_MINATAR_ACTIONS)
+        assert int(batch.data["actions"].max()) < NUM_MINATAR_ACTIONS
+
+
+def test_a_task_is_determined_by_its_seed():
+    family = make_family(minatar())
+    model = family.make_model()
+    theta = init_params(model)
+    a, b, c = (family.make_task("seaquest", s) for s in (3, 3, 4))
+    for _ in range(3):
+        ba, bb, bc = (t.sample(model, theta) for t in (a, b, c))
+        for k in ("obs", "actions", "rewards", "dones"):
+            assert torch.equal(ba.data[k], bb.data[k]), k
+    assert not torch.equal(ba.data["obs"], bc.data["obs"])
+
+
+def test_episode_returns_are_the_raw_scores_of_finished_episodes():
+    """Replaying rewards and dones game by game gives exactly the returns the task recorded."""
+    cfg = minatar(**{"env.rollout_len": 200, "env.num_envs": 3})
+    family = make_family(cfg)
+    model = family.make_model()
+    task = family.make_task("breakout", 0)
+    batch = task.sample(model, init_params(model))
+    rewards, dones = batch.data["rewards"].numpy(), batch.data["dones"].numpy()
+    expected, acc = [], np.zeros(3)
+    for t in range(rewards.shape[0]):
+        for i in range(3):
+            acc[i] += rewards[t, i]
+            if dones[t, i]:
+                expected.append(float(acc[i]))
+                acc[i] = 0.0
+    assert len(expected) >= 3  # random Breakout ends within a few dozen steps
+    assert batch.episode_returns == expected
+    assert batch.reward_sum == pytest.approx(float(rewards.sum()))
+    assert batch.env_steps == batch.frames == 600
+
+
+def test_unknown_minatar_game_is_one_line_exit_2(tmp_path, capsys):
+    code = main(["run", "--config", str(CONFIGS / "minatar.yaml"), "--set", "tasks.train=[breakout,pong]",
+                 "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "unknown MinAtar game 'pong'" in err and "space_invaders" in err
+    assert not (tmp_path / "r").exists()
+    code = main(["run", "--config", str(CONFIGS / "minatar.yaml"), "--algo", "maml", "--set", "meta.inner_steps=0",
+                 "--out", str(tmp_path / "r")])
+    assert code == 2 and "0 with algo fomaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_minatar_run_on_ray_workers_with_skip_2(ray_session, tmp_path):
+    cfg = minatar(**{"tasks.train": ["asterix", "breakout", "freeway", "space_invaders"], "meta.skip": 2,
+                     "meta.iterations": 2, "meta.checkpoint_every": 1})
+    out = tmp_path / "run"
+    summary = run(cfg, out, local=False, log=lambda _: None)
+    rows = read_metrics(out / "metrics.jsonl")
+    per_rollout = 4 * 8
+    assert summary["iterations"] == 2 and len(rows) == 2
+    for r in rows:
+        assert (r["adaptations"], r["evaluations"], r["evaluations_used"]) == (2, 4, 4)
+        assert r["env_steps/adapt"] == 2 * per_rollout and r["env_steps/eval"] == 4 * per_rollout
+        assert sorted(r["group_sizes"]) == [2, 2] and not r["update_skipped"]
+    assert (out / "checkpoints" / "ckpt_000002.pt").exists()
+
+
+def test_joint_pretraining_takes_no_inner_step(tmp_path):
+    """meta.inner_steps = 0: every task's gradient at theta itself; no adaptation rollouts."""
+    cfg = minatar(**{"tasks.train": ["breakout", "asterix"], "meta.inner_steps": 0, "meta.iterations": 2})
+    run(cfg, tmp_path / "joint", local=True, log=lambda _: None)
+    rows = read_metrics(tmp_path / "joint" / "metrics.jsonl")
+    assert [r["env_steps/adapt"] for r in rows] == [0, 0]
+    assert [r["env_steps/eval"] for r in rows] == [64, 64]
+    assert all(r["grad/update_norm"] > 0 for r in rows)
+
+
+def test_one_finetuning_update_lowers_the_loss_and_favours_good_actions():
+    """On the batch it was computed from, one small update of either learner lowers the
+    actor-critic loss (first order: the step is against the gradient, lr small enough that the
+    second-order term is orders smaller), and with the policy-gradient term alone it raises the
+    advantage-weighted log-probability of the actions taken (recomputed here from GAE)."""
+    from metarl.losses import gae
+
+    for coefs in ({}, {"loss.vf_coef": 0.0, "loss.ent_coef": 0.0}):
+        cfg = minatar(**{"env.num_envs": 16, "env.rollout_len": 32, **coefs})
+        family = make_family(cfg)
+        model = family.make_model()
+        task = family.make_task("breakout", 1)
+        theta0 = init_params(model)
+        for _ in range(3):  # let a few episodes end so that the batch carries rewards
+            batch = task.sample(model, theta0)
+        assert float(batch.data["rewards"].sum()) > 0
+        d = batch.data
+        adv, _ = gae(d["rewards"], d["values"][:-1], d["dones"], d["values"][-1], cfg.loss.gamma, cfg.loss.gae_lambda)
+        adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).flatten()
+
+        def weighted_logp(params):
+            with torch.no_grad():
+                logits, _ = torch.func.functional_call(model, params, (d["obs"][:-1].flatten(0, 1),))
+                logp = torch.log_softmax(logits, -1).gather(1, d["actions"].reshape(-1, 1)).squeeze(1)
+            return float((adv * logp).mean())
+
+        for learner in (FineTuneLearner("adam", 1e-5, 0.5), FineTuneLearner("sgd", 1e-3)):
+            params = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
+            with torch.no_grad():
+                loss0 = float(task.loss(model, params, batch)[0])
+            grads, _, _ = task.grad(model, params, batch)
+            update(params, grads, learner, make_optimizer(params, learner))
+            with torch.no_grad():
+                loss1 = float(task.loss(model, params, batch)[0])
+            assert loss1 < loss0, (learner, coefs)
+            if coefs:
+                assert weighted_logp(params) > weighted_logp(theta0), learner
+
+
+def test_finetuning_runs_and_counts_divergence():
+    cfg = minatar(**{"env.num_envs": 8, "env.rollout_len": 16})
+    family = make_family(cfg)
+    model = family.make_model()
+    theta = init_params(model)
+    task = family.make_task("space_invaders", 0)
+    trace, after = finetune(task, model, theta, FineTuneLearner("adam", 1e-3, 0.5), budget=384)
+    assert trace["env_steps"] == [128, 256, 384] and not trace["diverged"]
+    assert any(not torch.equal(after[k], theta[k]) for k in theta)
+    exploded, _ = finetune(family.make_task("space_invaders", 0), model, theta, FineTuneLearner("sgd", 1e38), budget=12800)
+    assert exploded["diverged"] and exploded["env_steps"][-1] < 12800
+    spec = EvalSpec(games=("space_invaders",), budget=384, seeds=(0, 1), points=2, window=1)
+    jobs = [{"game": "space_invaders", "init": "fresh", "seed": 0, "trace": trace},
+            {"game": "space_invaders", "init": "fresh", "seed": 1, "trace": exploded}]
+    row = assemble(jobs, spec)["summary"][0]
+    assert row["diverged"] == 1 and "auc_return_median" in row and "auc_return_ci95" in row
+
+
+@pytest.mark.slow
+def test_two_fold_leave_one_game_out_sweep_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "loo"
+    code = main(["sweep", "--config", str(CONFIGS / "minatar.yaml"), "--set", "tasks.train=[breakout,asterix]",
+                 "--set", "env.num_envs=4", "--set", "env.rollout_len=8", "--set", "log.wandb_mode=disabled",
+                 "--skips", "1", "--joint", "--folds", "loo", "--match", "env_steps", "--budget", "320",
+                 "--eval-budget", "256", "--eval-seeds", "2", "--local", "--no-progress", "--out", str(out)])
+    assert code == 0
+    for name in ("summary.md", "summary.csv", "summary_folds.csv", "per_seed.csv"):
+        assert (out / name).stat().st_size > 0, name
+    assert_png(out / "curves.png")
+    assert_png(out / "auc_vs_compute.png")
+    for game in ("breakout", "asterix"):
+        fold = out / f"fold-{game}"
+        assert_png(fold / "comparison.png")
+        for label in ("skip1", "joint", "baseline"):
+            result = json.loads((fold / label / "eval" / "eval.json").read_text())
+            assert [j["game"] for j in result["jobs"]] == [game, game]
+        assert json.loads((fold / "skip1" / "eval" / "eval.json").read_text())["fold"] == game
+        trained = config_mod.load(fold / "skip1" / "config.yaml")
+        assert game not in trained.tasks.train and trained.tasks.heldout == (game,)
+    with open(out / "per_seed.csv") as f:
+        per_seed = list(csv.DictReader(f))
+    assert {(r["config"], r["game"]) for r in per_seed} == {(c, g) for c in ("skip1", "joint", "baseline")
+                                                           for g in ("breakout", "asterix")}
+    assert len(per_seed) == 12
+    joint = [r for r in per_seed if r["config"] == "joint"]
+    assert all(int(r["env_steps_adapt"]) == 0 and int(r["env_steps"]) == 320 for r in joint)
+    text = (out / "summary.md").read_text()
+    assert "Pooled over folds" in text and "smallest detectable" in text and "joint" in text
+    assert "fold 2/2" in capsys.readouterr().out
+
+
+def test_fresh_init_of_the_family_is_seeded():
+    family = make_family(minatar())
+    a, b = initial_theta(family, 0), initial_theta(family, 0)
+    assert np.array_equal(a, b) and a.size == sum(p.numel() for p in family.make_model().parameters())
