@@ -22,6 +22,19 @@ Params = dict[str, torch.Tensor]
 NUM_ATARI_ACTIONS = 18  # the full ALE action set, shared by every game
 
 
+def init_actor_critic(trunk: nn.Sequential, pi: nn.Linear, v: nn.Linear) -> None:
+    """The usual actor-critic initialisation (CleanRL, SB3): orthogonal gain sqrt(2) in the trunk,
+    0.01 on the policy head (a near-uniform first policy), 1 on the value head; zero biases."""
+    for m in trunk:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.orthogonal_(m.weight, np.sqrt(2))
+            nn.init.zeros_(m.bias)
+    nn.init.orthogonal_(pi.weight, 0.01)
+    nn.init.zeros_(pi.bias)
+    nn.init.orthogonal_(v.weight, 1.0)
+    nn.init.zeros_(v.bias)
+
+
 class NatureCNN(nn.Module):
     """Mnih et al. (2015) trunk with an actor-critic head: 4x84x84 uint8 -> (18 logits, value)."""
 
@@ -36,14 +49,7 @@ class NatureCNN(nn.Module):
         )
         self.pi = nn.Linear(512, num_actions)
         self.v = nn.Linear(512, 1)
-        for m in self.trunk:
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.orthogonal_(m.weight, np.sqrt(2))
-                nn.init.zeros_(m.bias)
-        nn.init.orthogonal_(self.pi.weight, 0.01)
-        nn.init.zeros_(self.pi.bias)
-        nn.init.orthogonal_(self.v.weight, 1.0)
-        nn.init.zeros_(self.v.bias)
+        init_actor_critic(self.trunk, self.pi, self.v)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.is_grad_enabled() and obs.dim() == 4:
@@ -72,14 +78,7 @@ class MinAtarNet(nn.Module):
         )
         self.pi = nn.Linear(128, num_actions)
         self.v = nn.Linear(128, 1)
-        for m in self.trunk:
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.orthogonal_(m.weight, np.sqrt(2))
-                nn.init.zeros_(m.bias)
-        nn.init.orthogonal_(self.pi.weight, 0.01)
-        nn.init.zeros_(self.pi.bias)
-        nn.init.orthogonal_(self.v.weight, 1.0)
-        nn.init.zeros_(self.v.bias)
+        init_actor_critic(self.trunk, self.pi, self.v)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(obs.float())
