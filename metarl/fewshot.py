@@ -197,12 +197,28 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
             row = {"init": init.label, "K": k if family == "sinusoid" else None, "inner_lr": lr, "later_lr": list(later),
                    "later_from_step": trained + 1, "tasks": len(names),
                    "mean": {s: float(c[:, s].mean()) for s in steps},
-                   "ci95": {s: float(1.96 * c[:, s].std(ddof=1) / np.sqrt(len(names))) for s in steps}}
+                   "ci95": {s: float(1.96 * c[:, s].std(ddof=1) / np.sqrt(len(names))) for s in steps},
+                   "median": {s: float(np.median(c[:, s])) for s in steps},
+                   "diverged": {s: int(diverged(c, family)[:, s].sum()) for s in steps}}
             rows.append(row)
             log(f"{init.label:>16} K={k}: " + " ".join(f"{s}:{row['mean'][s]:.3f}" for s in steps)
                 + f"  (alpha {alpha_text(row)}, {time.perf_counter() - t0:.0f}s)")
     return {"family": family, "steps": list(steps), "shots": list(shots), "tasks": list(names[:3]) + ["..."],
             "query_points": query if family == "sinusoid" else None, "rows": rows, "paper": PAPER[family]}
+
+
+EXPLODED = 1000.0
+"""A sinusoid adaptation has diverged once its query MSE exceeds EXPLODED x its MSE before adapting."""
+
+
+def diverged(c: np.ndarray, family: str) -> np.ndarray:
+    """tasks x (steps + 1): True where the score is non-finite or (sinusoid) has exploded; once
+    diverged, a task counts as diverged at every later step."""
+    bad = ~np.isfinite(c)
+    if family == "sinusoid":
+        with np.errstate(invalid="ignore"):
+            bad |= c > EXPLODED * c[:, :1]
+    return np.maximum.accumulate(bad, axis=1)
 
 
 def alpha_text(row: dict[str, Any]) -> str:
@@ -217,10 +233,16 @@ def markdown(result: dict[str, Any]) -> str:
     steps, fam = result["steps"], result["family"]
     metric = "query MSE (lower is better)" if fam == "sinusoid" else "mean return (higher is better)"
     head = "| init | K | alpha | " + " | ".join(f"{s} steps" for s in steps) + " |"
-    lines = [f"{fam}: {metric} on {result['rows'][0]['tasks']} held-out tasks, mean ± 95% CI", "", head,
-             "|" + " --- |" * (len(steps) + 3)]
+    lines = [f"{fam}: {metric} on {result['rows'][0]['tasks']} held-out tasks, mean ± 95% CI [median; tasks "
+             f"diverged: non-finite{' or MSE > ' + format(EXPLODED, 'g') + 'x its value before adapting' if fam == 'sinusoid' else ''}]",
+             "", head, "|" + " --- |" * (len(steps) + 3)]
     for r in result["rows"]:
-        cells = " | ".join(f"{r['mean'][s]:.3f} ± {r['ci95'][s]:.3f}" for s in steps)
+        def cell(s: int) -> str:
+            extra = f"{r['median'][s]:.3f}" if "median" in r else ""
+            if r.get("diverged", {}).get(s):
+                extra += f"; {r['diverged'][s]} diverged"
+            return f"{r['mean'][s]:.3f} ± {r['ci95'][s]:.3f}" + (f" [{extra}]" if extra else "")
+        cells = " | ".join(cell(s) for s in steps)
         lines.append(f"| {r['init']} | {r['K'] if r['K'] is not None else '-'} | {alpha_text(r)} | {cells} |")
     for label, vals in result["paper"].items():
         k = "5" if fam == "sinusoid" else "-"

@@ -177,3 +177,11 @@ def test_ray_actors_give_the_same_curves_as_local(own_ray):
         # machine, with one torch thread each (FineTuner sets it), so every float agrees to the last bit
         for key in ("env_steps", "reward_sum", "loss", "episodes"):
             assert a["trace"][key] == b["trace"][key], key
+
+
+def test_fewshot_counts_diverged_tasks_from_their_first_bad_step():
+    from metarl.fewshot import diverged
+
+    c = np.array([[1.0, 0.5, 0.4], [2.0, 5000.0, 1.0], [1.0, math.nan, 0.3], [3.0, 2.0, math.inf]])
+    assert diverged(c, "sinusoid").sum(0).tolist() == [0, 2, 3]
+    assert diverged(c, "nav2d").sum(0).tolist() == [0, 1, 2]  # returns: only non-finite counts
