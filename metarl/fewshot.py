@@ -207,6 +207,33 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
             "query_points": query if family == "sinusoid" else None, "rows": rows, "paper": PAPER[family]}
 
 
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+"""Student's t quantile 0.975 by degrees of freedom (1.96 beyond)."""
+
+
+def over_training_runs(rows: list[dict[str, Any]], groups: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """One row per group of training runs (--checkpoint LABEL=RUN1,RUN2,...): per step and K, the
+    mean over runs of each run's task mean, and the 95% t-interval of that mean over runs: what a
+    reader can expect from a new training run on another machine, not one run's draw."""
+    out = []
+    for label, members in groups.items():
+        for k in dict.fromkeys(r["K"] for r in rows if r["init"] in members):
+            mine = [r for r in rows if r["init"] in members and r["K"] == k]
+            n, steps = len(mine), list(mine[0]["mean"])
+            t = T95.get(n - 1, 1.96)
+            means = {s: np.array([r["mean"][s] for r in mine]) for s in steps}
+            out.append({**{key: mine[0][key] for key in ("K", "inner_lr", "later_lr", "later_from_step", "tasks")},
+                        "init": f"{label}: mean of {n} training runs",
+                        **({} if len({tuple(r["later_lr"]) for r in mine}) == 1 else
+                           {"later_lr": [], "alpha_note": "later steps tuned per run"}),
+                        "mean": {s: float(means[s].mean()) for s in steps},
+                        "ci95": {s: float(t * means[s].std(ddof=1) / np.sqrt(n)) for s in steps},
+                        "median": {s: float(np.median(means[s])) for s in steps},
+                        "diverged": {s: int(sum(r.get("diverged", {}).get(s, 0) for r in mine)) for s in steps},
+                        "runs": n})
+    return out
+
+
 EXPLODED = 1000.0
 """A sinusoid adaptation has diverged once its query MSE exceeds EXPLODED x its MSE before adapting."""
 
@@ -223,6 +250,8 @@ def diverged(c: np.ndarray, family: str) -> np.ndarray:
 
 def alpha_text(row: dict[str, Any]) -> str:
     """`0.5`, or `0.5, then 0.1, 0.05 from step 2`."""
+    if row.get("alpha_note"):
+        return f"{row['inner_lr']:g}, {row['alpha_note']}"
     later = row.get("later_lr", [row["inner_lr"]])
     if all(x == row["inner_lr"] for x in later):
         return f"{row['inner_lr']:g}"
@@ -380,12 +409,17 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    inits = []
+    inits, groups = [], {}
     for item in args.checkpoint:
         if "=" not in item:
             raise ConfigError(f"--checkpoint {item!r} must look like LABEL=RUN_DIR_OR_FILE, e.g. maml=runs/sine-maml")
-        label, path = item.split("=", 1)
-        inits.append(load_init(label, path))
+        label, paths = item.split("=", 1)
+        paths = [p for p in paths.split(",") if p]
+        if len(paths) == 1:
+            inits.append(load_init(label, paths[0]))
+            continue
+        groups[label] = [f"{label} [{Path(p).name}]" for p in paths]  # one training run per path
+        inits += [load_init(name, p) for name, p in zip(groups[label], paths)]
     if args.pretrained:
         inits.append(load_init("pre-trained", args.pretrained))
     if not inits:
@@ -406,6 +440,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--later-lr {later!r} must be same, tune or a positive step size, e.g. 0.1") from None
     result = evaluate(inits, args.tasks, _ints(args.shots), _ints(args.steps), args.query, later_lr=later)
+    result["rows"] += over_training_runs(result["rows"], groups)
     for p in write_report(result, Path(args.out)):
         print(f"wrote {p}")
     print(markdown(result))

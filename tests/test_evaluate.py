@@ -185,3 +185,15 @@ def test_fewshot_counts_diverged_tasks_from_their_first_bad_step():
     c = np.array([[1.0, 0.5, 0.4], [2.0, 5000.0, 1.0], [1.0, math.nan, 0.3], [3.0, 2.0, math.inf]])
     assert diverged(c, "sinusoid").sum(0).tolist() == [0, 2, 3]
     assert diverged(c, "nav2d").sum(0).tolist() == [0, 1, 2]  # returns: only non-finite counts
+
+
+def test_fewshot_pools_training_runs_with_a_t_interval_over_runs():
+    from metarl.fewshot import over_training_runs
+
+    rows = [{"init": f"m [{i}]", "K": None, "inner_lr": 0.5, "later_lr": [0.1], "later_from_step": 2, "tasks": 40,
+             "mean": {0: v, 1: 2 * v}, "ci95": {0: 0.1, 1: 0.1}, "diverged": {0: 0, 1: i}}
+            for i, v in enumerate((1.0, 2.0, 6.0))]
+    (row,) = over_training_runs(rows, {"m": [r["init"] for r in rows]})
+    assert row["runs"] == 3 and row["mean"][0] == pytest.approx(3.0) and row["median"][1] == 4.0
+    assert row["ci95"][0] == pytest.approx(4.303 * np.std([1.0, 2.0, 6.0], ddof=1) / np.sqrt(3))
+    assert row["diverged"] == {0: 0, 1: 3} and row["later_lr"] == [0.1]
