@@ -367,7 +367,9 @@ def _mean(xs: list[float]) -> float:
 
 def summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats, wall, learner_s):
     rec: dict[str, Any] = {
-        "algo": algo, "groups": len(groups), "adaptations": len(adapt_stats),
+        "algo": algo, "groups": len(groups),
+        # inner adaptations that took steps (meta.inner_steps = 0, joint pre-training, takes none)
+        "adaptations": sum(1 for s in adapt_stats.values() if s["inner_losses"]),
         "evaluations": len(eval_stats) if algo != "reptile" else 0,
         "evaluations_used": n_ok,
         "group_sizes": [len(g.members) for g in groups],

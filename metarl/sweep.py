@@ -286,7 +286,9 @@ def compute_columns(run_dir: Path) -> dict[str, Any]:
     it, c = int(state["iteration"]), state["counters"]
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("iteration", 0) <= it]
     return {"iterations": it, "env_steps": int(c["env_steps"]), "frames": int(c["frames"]),
-            "adaptations": sum(r["adaptations"] for r in rows), "evaluations": sum(r["evaluations"] for r in rows),
+            # runs logged before adaptations excluded stepless ones: none when the inner loop takes no step
+            "adaptations": sum(r["adaptations"] for r in rows) if state["config"]["meta"]["inner_steps"] else 0,
+            "evaluations": sum(r["evaluations"] for r in rows),
             "env_steps_adapt": sum(r.get("env_steps/adapt", 0) for r in rows),
             "env_steps_eval": sum(r.get("env_steps/eval", 0) for r in rows),
             "wall_s": round(float(c["wall_s"]), 1)}

@@ -122,7 +122,7 @@ def test_joint_pretraining_takes_no_inner_step(tmp_path):
     cfg = minatar(**{"tasks.train": ["breakout", "asterix"], "meta.inner_steps": 0, "meta.iterations": 2})
     run(cfg, tmp_path / "joint", local=True, log=lambda _: None)
     rows = read_metrics(tmp_path / "joint" / "metrics.jsonl")
-    assert [r["env_steps/adapt"] for r in rows] == [0, 0]
+    assert [r["env_steps/adapt"] for r in rows] == [0, 0] and [r["adaptations"] for r in rows] == [0, 0]
     assert [r["env_steps/eval"] for r in rows] == [64, 64]
     assert all(r["grad/update_norm"] > 0 for r in rows)
 
