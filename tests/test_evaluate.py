@@ -197,3 +197,33 @@ def test_fewshot_pools_training_runs_with_a_t_interval_over_runs():
     assert row["runs"] == 3 and row["mean"][0] == pytest.approx(3.0) and row["median"][1] == 4.0
     assert row["ci95"][0] == pytest.approx(4.303 * np.std([1.0, 2.0, 6.0], ddof=1) / np.sqrt(3))
     assert row["diverged"] == {0: 0, 1: 3} and row["later_lr"] == [0.1]
+
+
+def test_atari_finetuning_update_lowers_the_loss_on_its_batch():
+    """The Atari path of the fine-tuning learner (chunked gradient, both optimizers): a few hundred
+    steps of fine-tuning run, and one small update lowers the actor-critic loss on the batch it was
+    computed from (first order; lr small enough that the second-order term is orders smaller).
+    Measured decreases 3.9e-5 (adam) and 7.9e-4 (sgd) of a 0.029 loss, against float32 rounding
+    near 1e-8: the outcome does not depend on the CPU."""
+    from metarl.evaluate import make_optimizer, update
+
+    cfg = smoke(**{"loss.grad_chunk": 16})  # 4 envs x 16 steps: four chunks of 4 steps
+    family = make_family(cfg)
+    model = family.make_model()
+    theta0 = ParamSpec.of(model).unflatten(initial_theta(family, 0))
+    task = family.make_task("pong", 5)
+    try:
+        trace, _ = finetune(task, model, theta0, FineTuneLearner("adam", 1e-4, 0.5), budget=4 * PER_ROLLOUT)
+        assert trace["env_steps"][-1] == 4 * PER_ROLLOUT and not trace["diverged"]
+        batch = task.sample(model, theta0)
+        for learner in (FineTuneLearner("adam", 1e-6, 0.5), FineTuneLearner("sgd", 1e-3)):
+            params = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
+            with torch.no_grad():
+                loss0 = float(task.loss(model, params, batch)[0])
+            grads, _, _ = task.grad(model, params, batch)
+            update(params, grads, learner, make_optimizer(params, learner))
+            with torch.no_grad():
+                loss1 = float(task.loss(model, params, batch)[0])
+            assert loss1 < loss0, (learner, loss0, loss1)
+    finally:
+        task.close()
