@@ -198,7 +198,10 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
                    "later_from_step": trained + 1, "tasks": len(names),
                    "mean": {s: float(c[:, s].mean()) for s in steps},
                    "ci95": {s: float(1.96 * c[:, s].std(ddof=1) / np.sqrt(len(names))) for s in steps},
-                   "median": {s: float(np.median(c[:, s])) for s in steps},
+                   # a non-finite score counts as the worst one, so the median stays defined
+                   "median": {s: float(np.median(np.where(np.isfinite(c[:, s]), c[:, s],
+                                                          np.inf if family == "sinusoid" else -np.inf)))
+                              for s in steps},
                    "diverged": {s: int(diverged(c, family)[:, s].sum()) for s in steps}}
             rows.append(row)
             log(f"{init.label:>16} K={k}: " + " ".join(f"{s}:{row['mean'][s]:.3f}" for s in steps)
@@ -213,8 +216,9 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 def over_training_runs(rows: list[dict[str, Any]], groups: dict[str, list[str]]) -> list[dict[str, Any]]:
     """One row per group of training runs (--checkpoint LABEL=RUN1,RUN2,...): per step and K, the
-    mean over runs of each run's task mean, and the 95% t-interval of that mean over runs: what a
-    reader can expect from a new training run on another machine, not one run's draw."""
+    mean over runs of each run's task mean, and the 95% t-interval of that mean over runs (what a
+    reader can expect from a new training run on another machine, not one run's draw); the median
+    over runs of each run's task median; diverged tasks summed over runs."""
     out = []
     for label, members in groups.items():
         for k in dict.fromkeys(r["K"] for r in rows if r["init"] in members):
@@ -228,7 +232,8 @@ def over_training_runs(rows: list[dict[str, Any]], groups: dict[str, list[str]])
                            {"later_lr": [], "alpha_note": "later steps tuned per run"}),
                         "mean": {s: float(means[s].mean()) for s in steps},
                         "ci95": {s: float(t * means[s].std(ddof=1) / np.sqrt(n)) for s in steps},
-                        "median": {s: float(np.median(means[s])) for s in steps},
+                        # robust: the median over runs of each run's median over tasks
+                        "median": {s: float(np.median([r.get("median", r["mean"])[s] for r in mine])) for s in steps},
                         "diverged": {s: int(sum(r.get("diverged", {}).get(s, 0) for r in mine)) for s in steps},
                         "runs": n})
     return out
