@@ -12,7 +12,8 @@ the experiment's answer at the top of the sweep directory:
   auc_vs_compute.png             pooled normalised AUC against meta-training env steps and seconds
 
 Intervals are 95%, t-based, over seeds (per fold) or over fold x seed pairs (pooled). Differences
-to the fresh network are paired by seed (both inits of a seed see the same environment seeds);
+to the fresh network, and to skip 1 (no skipping: what the seed's question compares against), are
+paired by seed (every init of a seed sees the same environment seeds);
 `mde` is the smallest paired difference the seeds could detect with 80% power at the 5% level:
 (1.96 + 0.84) x its standard error.
 """
@@ -58,7 +59,7 @@ def pool(per_seed: list[dict[str, Any]], labels: list[str], budget_keys: list[st
         norm[g] = m if math.isfinite(m) and m > 0 else math.nan
     fold_rows, pooled_rows = [], []
     for label in labels:
-        pooled: dict[str, list[float]] = {"auc": [], "final": [], "d_auc": [], "d_final": []}
+        pooled: dict[str, list[float]] = {"auc": [], "final": [], "d_auc": [], "d_final": [], "d_skip1": []}
         reached = total = diverged = 0
         cost: dict[str, list[float]] = {}
         for g in games:
@@ -92,6 +93,8 @@ def pool(per_seed: list[dict[str, Any]], labels: list[str], budget_keys: list[st
                 pooled["d_auc"] += [x / norm[g] for x in d_auc]
                 pooled["d_final"] += [r["final_return"] / norm[g] - by[("baseline", g, r["seed"])]["final_return"]
                                       / norm[g] for r in mine if ("baseline", g, r["seed"]) in by]
+                pooled["d_skip1"] += [(r["auc_return"] - by[("skip1", g, r["seed"])]["auc_return"]) / norm[g]
+                                      for r in mine if ("skip1", g, r["seed"]) in by]
         if not total:
             continue
         s = {k: _stats(v) for k, v in pooled.items()}
@@ -103,6 +106,7 @@ def pool(per_seed: list[dict[str, Any]], labels: list[str], budget_keys: list[st
             "d_norm_auc_vs_fresh": _pm(s["d_auc"], ".3f") if label != "baseline" else "",
             "mde_norm_auc": f"{s['d_auc']['mde']:.3f}" if label != "baseline" and math.isfinite(s["d_auc"]["mde"]) else "",
             "d_norm_final_vs_fresh": _pm(s["d_final"], ".3f") if label != "baseline" else "",
+            "d_norm_auc_vs_skip1": _pm(s["d_skip1"], ".3f") if label not in ("baseline", "skip1") else "",
             "reached": f"{reached}/{total}", "diverged": diverged,
             "meta_env_steps_per_fold": float(np.mean(cost["env_steps"])) if cost else 0.0,
             "adapt_env_steps_per_fold": float(np.mean(cost["env_steps_adapt"])) if cost else 0.0,
@@ -122,7 +126,8 @@ def write(out: Path, per_seed: list[dict[str, Any]], curves: dict[str, dict[str,
     pooled_cols = {"config": "config", "runs": "runs (folds x seeds)", "norm_auc": "AUC / fresh final",
                    "norm_auc_median": "median", "d_norm_auc_vs_fresh": "Δ vs fresh (paired)",
                    "mde_norm_auc": "smallest detectable Δ", "norm_final": "final / fresh final",
-                   "d_norm_final_vs_fresh": "Δ final vs fresh", "reached": "reached threshold",
+                   "d_norm_final_vs_fresh": "Δ final vs fresh", "d_norm_auc_vs_skip1": "Δ AUC vs skip1 (paired)",
+                   "reached": "reached threshold",
                    "diverged": "diverged", "meta_env_steps_per_fold": "meta env steps / fold",
                    "adapt_env_steps_per_fold": "of which adaptation", "meta_wall_s_per_fold": "meta wall s / fold"}
     fold_cols = {"fold": "held-out game", "config": "config", "auc_return": "AUC return", "auc_median": "median",

@@ -216,6 +216,7 @@ def test_two_fold_leave_one_game_out_sweep_writes_every_output(tmp_path, capsys)
     assert all(int(r["env_steps_adapt"]) == 0 and int(r["env_steps"]) == 320 for r in joint)
     text = (out / "summary.md").read_text()
     assert "Pooled over folds" in text and "smallest detectable" in text and "joint" in text
+    assert "Δ AUC vs skip1 (paired)" in text
     assert "fold 2/2" in capsys.readouterr().out
 
 
@@ -223,3 +224,26 @@ def test_fresh_init_of_the_family_is_seeded():
     family = make_family(minatar())
     a, b = initial_theta(family, 0), initial_theta(family, 0)
     assert np.array_equal(a, b) and a.size == sum(p.numel() for p in family.make_model().parameters())
+
+
+def test_pooling_normalises_by_the_fresh_final_return_and_pairs_by_seed():
+    from metarl.folds import pool
+
+    cost = {"env_steps": 100, "env_steps_adapt": 50, "env_steps_eval": 50, "wall_s": 1.0}
+    rows = []
+    for game, scale in (("a", 1.0), ("b", 10.0)):  # game b scores ten times higher
+        for seed in range(3):
+            base = scale * (1.0 + 0.1 * seed)
+            rows += [{"config": "baseline", "game": game, "seed": seed, "auc_return": base, "final_return": 2 * scale,
+                      "steps_to_threshold": None, "diverged": False, **cost},
+                     {"config": "skip1", "game": game, "seed": seed, "auc_return": base + 0.5 * scale,
+                      "final_return": 2 * scale, "steps_to_threshold": 10, "diverged": False, **cost},
+                     {"config": "skip2", "game": game, "seed": seed, "auc_return": base + scale,
+                      "final_return": 2 * scale, "steps_to_threshold": 10, "diverged": seed == 0, **cost}]
+    folds, pooled = pool(rows, ["skip1", "skip2", "baseline"], [])
+    by = {r["config"]: r for r in pooled}
+    # every pair differs by exactly 0.25 (skip1) / 0.5 (skip2) of the fresh final return: no spread
+    assert by["skip1"]["d_norm_auc_vs_fresh"] == "0.250 ± 0.000"
+    assert by["skip2"]["d_norm_auc_vs_fresh"] == "0.500 ± 0.000" and by["skip2"]["d_norm_auc_vs_skip1"] == "0.250 ± 0.000"
+    assert by["skip2"]["diverged"] == 2 and by["skip2"]["reached"] == "6/6" and by["baseline"]["runs"] == 6
+    assert len(folds) == 6
