@@ -464,7 +464,7 @@ def spec_from_sweep_args(args: argparse.Namespace, cfg: Config) -> SweepSpec:
         cfg = config_mod.validate(config_mod.override(cfg, "tasks.train", list(cfg.tasks.train[1:])))
     for k in skips:
         if k > len(cfg.tasks.train):
-            raise ConfigError(f"--skips: skip {k} does not fit the {len(cfg.tasks.train)} training games of a "
+            raise ConfigError(f"--skips: meta.skip = {k} does not fit the {len(cfg.tasks.train)} training games of a "
                               f"{'fold' if args.folds else 'run'}; choose 1..{len(cfg.tasks.train)}")
         skip_config(cfg, f"skip{k}", 1)  # a skip count that does not fit the tasks fails here, naming meta.skip
     match = args.match or "iterations"

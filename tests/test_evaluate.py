@@ -119,7 +119,7 @@ def test_eval_command_writes_curves_tables_pngs_and_records(trained_run, tmp_pat
     assert env_seeds[("meta", 0)] == env_seeds[("fresh", 0)] != env_seeds[("meta", 1)]
     assert len((out / "eval_curves.csv").read_text().strip().splitlines()) == 1 + 4 * 2
     summary = (out / "eval_summary.csv").read_text().strip().splitlines()
-    assert summary[0].startswith("game,init,seeds,threshold,auc_return_mean") and len(summary) == 3
+    assert summary[0].startswith("game,init,seeds,threshold,diverged,auc_return_mean") and len(summary) == 3
     assert_png(out / "curves_boxing.png")
     assert_png(out / "summary.png")
     records = read_metrics(out / "eval_metrics.jsonl")

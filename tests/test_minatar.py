@@ -247,3 +247,13 @@ def test_pooling_normalises_by_the_fresh_final_return_and_pairs_by_seed():
     assert by["skip2"]["d_norm_auc_vs_fresh"] == "0.500 ± 0.000" and by["skip2"]["d_norm_auc_vs_skip1"] == "0.250 ± 0.000"
     assert by["skip2"]["diverged"] == 2 and by["skip2"]["reached"] == "6/6" and by["baseline"]["runs"] == 6
     assert len(folds) == 6
+
+
+def test_a_skip_that_does_not_fit_a_fold_is_one_line_exit_2(tmp_path, capsys):
+    """Five games: a fold trains on four, so skip 5 fits the config but not a fold."""
+    out = tmp_path / "loo"
+    code = main(["sweep", "--config", str(CONFIGS / "minatar.yaml"), "--skips", "1,5", "--folds", "loo",
+                 "--local", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "meta.skip = 5 does not fit the 4 training games of a fold" in err
+    assert not out.exists()
