@@ -50,3 +50,20 @@ def assert_png(path) -> None:
     data = Path(path).read_bytes()
     assert data[:8] == PNG_SIGNATURE, path
     assert len(data) > 10_000, (path, len(data))
+
+
+def one_update(task, model, theta, batch, learner):
+    """One fine-tuning update of `learner` from theta on `batch` (the code path of metarl eval):
+    the loss on that batch before and after, and the updated parameters."""
+    import torch
+
+    from metarl.evaluate import make_optimizer, update
+
+    params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    with torch.no_grad():
+        before = float(task.loss(model, params, batch)[0])
+    grads, _, _ = task.grad(model, params, batch)
+    update(params, grads, learner, make_optimizer(params, learner))
+    with torch.no_grad():
+        after = float(task.loss(model, params, batch)[0])
+    return before, after, params

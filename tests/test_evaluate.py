@@ -19,7 +19,7 @@ from metarl.run import run
 from metarl.tasks import make_family
 from metarl.tracking import read_metrics
 
-from conftest import PER_ROLLOUT, assert_png, smoke
+from conftest import PER_ROLLOUT, assert_png, one_update, smoke
 
 
 
@@ -205,8 +205,6 @@ def test_atari_finetuning_update_lowers_the_loss_on_its_batch():
     computed from (first order; lr small enough that the second-order term is orders smaller).
     Measured decreases 3.9e-5 (adam) and 7.9e-4 (sgd) of a 0.029 loss, against float32 rounding
     near 1e-8: the outcome does not depend on the CPU."""
-    from metarl.evaluate import make_optimizer, update
-
     cfg = smoke(**{"loss.grad_chunk": 16})  # 4 envs x 16 steps: four chunks of 4 steps
     family = make_family(cfg)
     model = family.make_model()
@@ -217,13 +215,7 @@ def test_atari_finetuning_update_lowers_the_loss_on_its_batch():
         assert trace["env_steps"][-1] == 4 * PER_ROLLOUT and not trace["diverged"]
         batch = task.sample(model, theta0)
         for learner in (FineTuneLearner("adam", 1e-6, 0.5), FineTuneLearner("sgd", 1e-3)):
-            params = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
-            with torch.no_grad():
-                loss0 = float(task.loss(model, params, batch)[0])
-            grads, _, _ = task.grad(model, params, batch)
-            update(params, grads, learner, make_optimizer(params, learner))
-            with torch.no_grad():
-                loss1 = float(task.loss(model, params, batch)[0])
+            loss0, loss1, _ = one_update(task, model, theta0, batch, learner)
             assert loss1 < loss0, (learner, loss0, loss1)
     finally:
         task.close()

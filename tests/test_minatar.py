@@ -14,13 +14,13 @@ import torch
 from metarl import config as config_mod
 from metarl.cli import main
 from metarl.config import MINATAR_GAMES
-from metarl.evaluate import (EvalSpec, FineTuneLearner, assemble, finetune, initial_theta, make_optimizer, update)
+from metarl.evaluate import EvalSpec, FineTuneLearner, assemble, finetune, initial_theta
 from metarl.policy import MINATAR_CHANNELS, NUM_MINATAR_ACTIONS, init_params
 from metarl.run import run
 from metarl.tasks import make_family
 from metarl.tracking import read_metrics
 
-from conftest import CONFIGS, assert_png
+from conftest import CONFIGS, assert_png, one_update
 
 pytest.importorskip("minatar")
 
@@ -156,13 +156,7 @@ def test_one_finetuning_update_lowers_the_loss_and_favours_good_actions():
             return float((adv * logp).mean())
 
         for learner in (FineTuneLearner("adam", 1e-5, 0.5), FineTuneLearner("sgd", 1e-3)):
-            params = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
-            with torch.no_grad():
-                loss0 = float(task.loss(model, params, batch)[0])
-            grads, _, _ = task.grad(model, params, batch)
-            update(params, grads, learner, make_optimizer(params, learner))
-            with torch.no_grad():
-                loss1 = float(task.loss(model, params, batch)[0])
+            loss0, loss1, params = one_update(task, model, theta0, batch, learner)
             assert loss1 < loss0, (learner, coefs)
             if coefs:
                 assert weighted_logp(params) > weighted_logp(theta0), learner
