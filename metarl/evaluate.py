@@ -37,6 +37,7 @@ import torch
 
 from metarl import checkpoint, config as config_mod, meta
 from metarl.backend import LocalBackend, RayBackend
+from metarl.cli import add_config_args, resolve_config
 from metarl.config import Config, ConfigError
 from metarl.learner import Learner
 from metarl.plots import Panel, Series, save_grid, write_csv, write_json
@@ -512,8 +513,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     """From-scratch learning check: the fine-tuning learner on a fresh network, game by game."""
-    from metarl.cli import resolve_config
-
     cfg = resolve_config(args)
     if args.optimizer:
         cfg = config_mod.override(cfg, "finetune.optimizer", args.optimizer)
@@ -540,8 +539,6 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    from metarl.cli import add_config_args
-
     q = subparsers.add_parser("learn", help="from-scratch learning check: eval's fine-tuning learner on a fresh network")
     add_config_args(q)
     add_eval_args(q)

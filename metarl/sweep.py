@@ -34,7 +34,7 @@ from metarl import checkpoint, config as config_mod, folds as fold_summary
 from metarl.backend import RayBackend
 from metarl.cli import add_config_args, resolve_config
 from metarl.config import Config, ConfigError
-from metarl.evaluate import (EvalSpec, add_eval_args, assemble, checkpoint_theta, default_thresholds, evaluate,
+from metarl.evaluate import (EvalSpec, FineTuneLearner, add_eval_args, assemble, checkpoint_theta, default_thresholds, evaluate,
                              initial_theta, mean_curves, spec_from_args)
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv, write_json
 from metarl.run import RunDirError, run
@@ -438,8 +438,6 @@ def sweep(cfg: Config, spec: SweepSpec, out: Path, local: bool = False,
 
 
 def finetune_label(cfg: Config) -> str:
-    from metarl.evaluate import FineTuneLearner
-
     return FineTuneLearner.of(cfg).label
 
 
