@@ -251,3 +251,14 @@ def test_a_skip_that_does_not_fit_a_fold_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "meta.skip = 5 does not fit the 4 training games of a fold" in err
     assert not out.exists()
+
+
+def test_learn_refuses_unknown_games_and_a_finished_directory(tmp_path, capsys):
+    base = ["learn", "--config", str(CONFIGS / "minatar.yaml"), "--set", "log.wandb_mode=disabled"]
+    assert main([*base, "--games", "pong", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown MinAtar game 'pong'" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "eval.json").write_text("{}")
+    assert main([*base, "--games", "breakout", "--out", str(tmp_path / "b")]) == 2
+    assert "already holds a learning check" in capsys.readouterr().err
+    assert (tmp_path / "b" / "eval.json").read_text() == "{}"  # nothing overwritten
