@@ -270,6 +270,11 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
 """Student's t quantile 0.975 for 1..29 degrees of freedom (1.96 beyond)."""
 
 
+def t95(df: int) -> float:
+    """Student's t quantile 0.975 for `df` degrees of freedom (the normal's 1.96 past 29)."""
+    return T95[df - 1] if 1 <= df <= len(T95) else 1.96
+
+
 def ci95(values: Any) -> float:
     """Half-width of the 95% confidence interval of the mean of the finite values (t-based; NaN
     for fewer than two)."""
@@ -277,8 +282,7 @@ def ci95(values: Any) -> float:
     x = x[np.isfinite(x)]
     if x.size < 2:
         return math.nan
-    t = T95[x.size - 2] if x.size - 1 <= len(T95) else 1.96
-    return float(t * x.std(ddof=1) / math.sqrt(x.size))
+    return float(t95(x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
 
 
 def default_thresholds(jobs: list[dict], window: int, init: str = "fresh") -> dict[str, float]:
@@ -482,17 +486,22 @@ def checkpoint_theta(state: dict[str, Any], family: TaskFamily, path: Path) -> n
     return theta
 
 
+def with_finetune_flags(cfg: Config, args: argparse.Namespace) -> Config:
+    """--optimizer / --lr over the config's finetune section, validated."""
+    if args.optimizer:
+        cfg = config_mod.override(cfg, "finetune.optimizer", args.optimizer)
+    if args.lr is not None:
+        cfg = config_mod.override(cfg, "finetune.lr", args.lr)
+    return config_mod.validate(cfg)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     path, state, cfg = load_checkpoint(Path(args.checkpoint))
     if args.wandb:
         cfg = config_mod.override(cfg, "log.wandb_mode", args.wandb)
     if args.address:
         cfg = config_mod.override(cfg, "ray.address", args.address)
-    if args.optimizer:
-        cfg = config_mod.override(cfg, "finetune.optimizer", args.optimizer)
-    if args.lr is not None:
-        cfg = config_mod.override(cfg, "finetune.lr", args.lr)
-    cfg = config_mod.validate(cfg)
+    cfg = with_finetune_flags(cfg, args)
     spec = spec_from_args(args, cfg)
     iteration = int(state["iteration"])
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -514,13 +523,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_learn(args: argparse.Namespace) -> int:
     """From-scratch learning check: the fine-tuning learner on a fresh network, game by game."""
     cfg = resolve_config(args)
-    if args.optimizer:
-        cfg = config_mod.override(cfg, "finetune.optimizer", args.optimizer)
-    if args.lr is not None:
-        cfg = config_mod.override(cfg, "finetune.lr", args.lr)
     if not args.games:
         cfg = config_mod.override(cfg, "tasks.heldout", list(dict.fromkeys(cfg.tasks.train + cfg.tasks.heldout)))
-    cfg = config_mod.validate(cfg)
+    cfg = with_finetune_flags(cfg, args)
     spec = spec_from_args(args, cfg)
     out = Path(args.out)
     if (out / "eval.json").exists():

@@ -31,6 +31,7 @@ import torch
 
 from metarl import checkpoint, config as config_mod, meta
 from metarl.config import Config, ConfigError
+from metarl.evaluate import t95
 from metarl.policy import ParamSpec, init_params
 from metarl.tasks import make_family
 
@@ -210,10 +211,6 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
             "query_points": query if family == "sinusoid" else None, "rows": rows, "paper": PAPER[family]}
 
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-"""Student's t quantile 0.975 by degrees of freedom (1.96 beyond)."""
-
-
 def over_training_runs(rows: list[dict[str, Any]], groups: dict[str, list[str]]) -> list[dict[str, Any]]:
     """One row per group of training runs (--checkpoint LABEL=RUN1,RUN2,...): per step and K, the
     mean over runs of each run's task mean, and the 95% t-interval of that mean over runs (what a
@@ -224,7 +221,7 @@ def over_training_runs(rows: list[dict[str, Any]], groups: dict[str, list[str]])
         for k in dict.fromkeys(r["K"] for r in rows if r["init"] in members):
             mine = [r for r in rows if r["init"] in members and r["K"] == k]
             n, steps = len(mine), list(mine[0]["mean"])
-            t = T95.get(n - 1, 1.96)
+            t = t95(n - 1)
             means = {s: np.array([r["mean"][s] for r in mine]) for s in steps}
             out.append({**{key: mine[0][key] for key in ("K", "inner_lr", "later_lr", "later_from_step", "tasks")},
                         "init": f"{label}: mean of {n} training runs",
