@@ -96,16 +96,14 @@ def update(params: Params, grads: tuple[torch.Tensor, ...], learner: FineTuneLea
            opt: torch.optim.Optimizer | None) -> None:
     """One fine-tuning update of `params` in place: clip to learner.max_grad_norm (if set), then an
     SGD step of learner.lr, or `opt`'s step (Adam over the same tensors)."""
+    for p, g in zip(params.values(), grads):
+        p.grad = g
     if learner.max_grad_norm:
-        norm = torch.sqrt(sum((g * g).sum() for g in grads))
-        scale = min(1.0, learner.max_grad_norm / (float(norm) + 1e-6))
-        grads = tuple(g * scale for g in grads)
+        torch.nn.utils.clip_grad_norm_(list(params.values()), learner.max_grad_norm)
     if opt is None:
-        for p, g in zip(params.values(), grads):
-            p -= learner.lr * g
+        for p in params.values():
+            p -= learner.lr * p.grad
     else:
-        for p, g in zip(params.values(), grads):
-            p.grad = g
         opt.step()
 
 
