@@ -48,6 +48,12 @@ def _pm(s: dict[str, float], fmt: str = ".2f") -> str:
     return f"{s['mean']:{fmt}}{ci}"
 
 
+def paired(by: dict[tuple, dict[str, Any]], mine: list[dict[str, Any]], ref: str, key: str) -> list[float]:
+    """r[key] minus the `ref` configuration's value on the same game and seed, for each r in `mine`
+    that `ref` also ran."""
+    return [r[key] - by[(ref, r["game"], r["seed"])][key] for r in mine if (ref, r["game"], r["seed"]) in by]
+
+
 def pool(per_seed: list[dict[str, Any]], labels: list[str], budget_keys: list[str]) -> tuple[list[dict], list[dict]]:
     """Per-fold rows and pooled rows from the per-seed scores of every fold (`game` = the fold)."""
     games = list(dict.fromkeys(r["game"] for r in per_seed))
@@ -66,8 +72,7 @@ def pool(per_seed: list[dict[str, Any]], labels: list[str], budget_keys: list[st
             mine = [r for r in per_seed if r["config"] == label and r["game"] == g]
             if not mine:
                 continue
-            d_auc = [r["auc_return"] - by[("baseline", g, r["seed"])]["auc_return"] for r in mine
-                     if ("baseline", g, r["seed"]) in by]
+            d_auc = paired(by, mine, "baseline", "auc_return")
             auc, final = _stats([r["auc_return"] for r in mine]), _stats([r["final_return"] for r in mine])
             d = _stats(d_auc)
             hits = [r["steps_to_threshold"] for r in mine if r["steps_to_threshold"] is not None]
@@ -91,10 +96,8 @@ def pool(per_seed: list[dict[str, Any]], labels: list[str], budget_keys: list[st
                 pooled["auc"] += [r["auc_return"] / norm[g] for r in mine]
                 pooled["final"] += [r["final_return"] / norm[g] for r in mine]
                 pooled["d_auc"] += [x / norm[g] for x in d_auc]
-                pooled["d_final"] += [r["final_return"] / norm[g] - by[("baseline", g, r["seed"])]["final_return"]
-                                      / norm[g] for r in mine if ("baseline", g, r["seed"]) in by]
-                pooled["d_skip1"] += [(r["auc_return"] - by[("skip1", g, r["seed"])]["auc_return"]) / norm[g]
-                                      for r in mine if ("skip1", g, r["seed"]) in by]
+                pooled["d_final"] += [x / norm[g] for x in paired(by, mine, "baseline", "final_return")]
+                pooled["d_skip1"] += [x / norm[g] for x in paired(by, mine, "skip1", "auc_return")]
         if not total:
             continue
         s = {k: _stats(v) for k, v in pooled.items()}
