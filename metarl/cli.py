@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    for extra in ("metarl.evaluate", "metarl.sweep", "metarl.bench", "metarl.fewshot"):
+    for extra in ("metarl.evaluate", "metarl.sweep", "metarl.bench", "metarl.fewshot", "metarl.curves"):
         try:
             mod = importlib.import_module(extra)
         except ModuleNotFoundError as e:

@@ -112,18 +112,28 @@ def make_optimizer(params: Params, learner: FineTuneLearner) -> torch.optim.Opti
 
 
 def finetune(task: Task, model: torch.nn.Module, theta: Params, learner: FineTuneLearner,
-             budget: int) -> tuple[dict[str, Any], Params]:
+             budget: int, progress: Callable[[str], None] | None = None,
+             progress_every_s: float = 60.0) -> tuple[dict[str, Any], Params]:
     """Updates with `learner`, each on a fresh rollout, until `budget` env steps are spent.
     Returns the per-step trace (episodes as [step index, raw return]) and the final parameters.
     A run whose loss or parameters become non-finite stops there and is marked `diverged` (its
-    curve ends at the last finite point; evaluations count such runs instead of averaging them)."""
+    curve ends at the last finite point; evaluations count such runs instead of averaging them).
+    `progress`, if given, gets a line every `progress_every_s` seconds: steps done and the mean
+    return of the last 10 finished episodes."""
     params = meta.detached(theta, requires_grad=True)
     opt = make_optimizer(params, learner)
     t0 = time.perf_counter()
     trace: dict[str, Any] = {"env_steps": [], "frames": [], "reward_sum": [], "loss": [], "episodes": [],
                              "diverged": False}
     steps = frames = 0
+    shown = t0
     while steps < budget:
+        if progress is not None and time.perf_counter() - shown >= progress_every_s:
+            shown = time.perf_counter()
+            last = [r for _, r in trace["episodes"][-10:]]
+            mean = f"{sum(last) / len(last):.2f}" if last else "n/a"
+            progress(f"{steps:,}/{budget:,} env steps ({steps / (shown - t0):.0f}/s), "
+                     f"mean return of the last {len(last)} episodes {mean}")
         with torch.no_grad():
             batch = task.sample(model, params)
         grads, loss, _ = task.grad(model, params, batch)
@@ -156,7 +166,8 @@ class FineTuner:
     def run(self, game: str, env_seed: int, theta: np.ndarray, budget: int) -> dict[str, Any]:
         task = self.family.make_task(game, env_seed)
         try:
-            trace, _ = finetune(task, self.model, self.spec.unflatten(theta), self.learner, budget)
+            trace, _ = finetune(task, self.model, self.spec.unflatten(theta), self.learner, budget,
+                                progress=lambda line: print(f"fine-tune {game} (env seed {env_seed}): {line}", flush=True))
         finally:
             task.close()
         return trace

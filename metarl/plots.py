@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-KINDS = ("line", "points", "bars")
+KINDS = ("line", "points", "bars", "mixed")
 
 
 @dataclass
@@ -27,6 +27,8 @@ class Series:
     y: Sequence[float]
     spread: Sequence[float] | None = None
     """Half-width of the shaded band (lines) or error bar (points, bars); None draws none."""
+    style: str = "line"
+    """In a mixed panel: line, points, or dots (small faint markers, e.g. single episodes)."""
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Panel:
     ylabel: str
     series: list[Series] = field(default_factory=list)
     kind: str = "line"
+    """line, points or bars for every series; mixed: each series draws as its own `style`."""
     empty_note: str = "no finite values"
     """Written across the panel when no series has a finite y value."""
 
@@ -56,6 +59,13 @@ def _draw_line(ax, s: Series) -> None:
 def _draw_points(ax, s: Series) -> None:
     x, y, spread = np.asarray(s.x, dtype=float), _finite(s.y), _finite(s.spread)
     ax.errorbar(x, y, yerr=spread, fmt="o", capsize=3, label=s.label)
+
+
+def _draw_dots(ax, s: Series) -> None:
+    ax.scatter(np.asarray(s.x, dtype=float), _finite(s.y), s=4, alpha=0.25, label=s.label, linewidths=0)
+
+
+_DRAW = {"line": _draw_line, "points": _draw_points, "dots": _draw_dots}
 
 
 def _draw_bars(ax, series: list[Series]) -> None:
@@ -86,7 +96,7 @@ def save_grid(path: Path, panels: list[Panel], ncols: int, title: str = "") -> P
             _draw_bars(ax, panel.series)
         else:
             for s in panel.series:
-                (_draw_line if panel.kind == "line" else _draw_points)(ax, s)
+                _DRAW[s.style if panel.kind == "mixed" else panel.kind](ax, s)
         if not any(np.isfinite(_finite(s.y)).any() for s in panel.series):
             ax.text(0.5, 0.5, panel.empty_note, ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_title(panel.title, fontsize=10)

@@ -394,11 +394,15 @@ def summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n
         "time/adapt_s": float(sum(s["seconds"] for s in adapt_stats.values())),
         "time/eval_s": float(sum(s["seconds"] for s in eval_stats.values())) if algo != "reptile" else 0.0,
     }
+    # per task: the mean return of the episodes that ended in this iteration's rollouts, and the
+    # episodes themselves (lists go to metrics.jsonl only; `metarl curve` draws them against frames)
     for i, s in adapt_stats.items():
         rec[f"return_pre/{tasks[i]}"] = _mean(s["returns"])
+        rec[f"episodes_pre/{tasks[i]}"] = [float(r) for r in s["returns"]]
     if algo != "reptile":
         for j, s in eval_stats.items():
             rec[f"return_post/{tasks[j]}"] = _mean(s["returns"])
+            rec[f"episodes_post/{tasks[j]}"] = [float(r) for r in s["returns"]]
     return rec
 
 

@@ -168,8 +168,12 @@ def test_finetuning_runs_and_counts_divergence():
     model = family.make_model()
     theta = init_params(model)
     task = family.make_task("space_invaders", 0)
-    trace, after = finetune(task, model, theta, FineTuneLearner("adam", 1e-3, 0.5), budget=384)
+    lines: list[str] = []
+    trace, after = finetune(task, model, theta, FineTuneLearner("adam", 1e-3, 0.5), budget=384,
+                            progress=lines.append, progress_every_s=0.0)
     assert trace["env_steps"] == [128, 256, 384] and not trace["diverged"]
+    # with no interval, a progress line before each rollout: the env steps done so far
+    assert [line.split("/")[0] for line in lines] == ["0", "128", "256"] and "/384 env steps" in lines[0]
     assert any(not torch.equal(after[k], theta[k]) for k in theta)
     exploded, _ = finetune(family.make_task("space_invaders", 0), model, theta, FineTuneLearner("sgd", 1e38), budget=12800)
     assert exploded["diverged"] and exploded["env_steps"][-1] < 12800

@@ -37,6 +37,12 @@ def test_smoke_run_on_ray_with_skip_then_resume(ray_session, tmp_path):
         assert r["grad/norm"] > 0 and r["time/iteration_s"] > 0
         assert {f"return_post/{g}" for g in ("pong", "breakout", "freeway")} <= set(r)
         assert sum(1 for k in r if k.startswith("return_pre/")) == 2
+        for phase in ("pre", "post"):  # the episodes themselves, for `metarl curve`
+            for key in (k for k in r if k.startswith(f"episodes_{phase}/")):
+                game = key.split("/")[1]
+                eps = r[key]
+                assert r[f"return_{phase}/{game}"] == (pytest.approx(np.mean(eps)) if eps else None)
+        assert sum(1 for k in r if k.startswith("episodes_post/")) == 3
     assert rows[-1]["env_steps/total"] == 4 * 5 * PER_ROLLOUT == summary["env_steps"]
 
     # checkpoints: atomic files with theta, Adam state, iteration, RNG state; no temp files left
