@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    for extra in ("metarl.evaluate", "metarl.sweep", "metarl.bench", "metarl.fewshot", "metarl.curves"):
+    for extra in ("metarl.evaluate", "metarl.sweep", "metarl.bench", "metarl.fewshot", "metarl.curves",
+                  "metarl.rllib_cli"):
         try:
             mod = importlib.import_module(extra)
         except ModuleNotFoundError as e:

@@ -402,14 +402,17 @@ def log_to_tracker(tracker: Tracker, result: dict[str, Any], pngs: dict[str, Pat
 
 def evaluate(cfg: Config, thetas: dict[str, np.ndarray], spec: EvalSpec, out: Path, *, name: str,
              local: bool, workers: int = 0, info: dict[str, Any] | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print, learner: Any = None,
+             run: Callable[..., list[dict]] = run_jobs) -> dict[str, Any]:
     """Fine-tune each theta on every held-out game and seed; write files and W&B (job type eval,
-    the training run's group). eval.json is written last: its presence marks a finished eval."""
+    the training run's group). eval.json is written last: its presence marks a finished eval.
+    `learner` and `run` replace the fine-tuner (default: FineTuneLearner.of(cfg), run_jobs), e.g.
+    with RLlib's PPO (metarl.rllib_module)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     family = make_family(cfg)
-    learner = FineTuneLearner.of(cfg)
-    jobs = run_jobs(family, learner, thetas, spec, local, cfg.ray.address, workers, log)
+    learner = learner or FineTuneLearner.of(cfg)
+    jobs = run(family, learner, thetas, spec, local, cfg.ray.address, workers, log)
     result = {**(info or {}), "inner_lr": cfg.meta.inner_lr, "finetune": asdict(learner),
               "learner": learner.label, **assemble(jobs, spec)}
     pngs = write_outputs(out, result)
@@ -520,8 +523,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     family = make_family(cfg)
     thetas = {"meta": checkpoint_theta(state, family, path), "fresh": initial_theta(family, cfg.meta.seed)}
     info = {"checkpoint": str(path), "iteration": iteration, "skip": cfg.meta.skip, "algo": cfg.meta.algo}
+    learner, run = None, run_jobs
+    if args.learner == "rllib-ppo":
+        from metarl.rllib_module import PPOLearner, ppo_jobs
+
+        learner = PPOLearner(lr=args.lr or PPOLearner.lr)
+        run = ppo_jobs(cfg, learner)
     result = evaluate(cfg, thetas, spec, out, name=f"{cfg.run_name}-eval", local=args.local,
-                      workers=args.workers, info=info)
+                      workers=args.workers, info=info, learner=learner, run=run)
     for r in result["summary"]:
         print(f"{r['game']:>16} {r['init']:>5}: AUC return {r['auc_return_mean']:.2f} ± {r['auc_return_std']:.2f}, "
               f"score/step {r['auc_reward_rate_mean']:.4f}, reached threshold {r['reached']}/{r['seeds']}")
@@ -570,7 +579,9 @@ def add_parser(subparsers: Any) -> None:
     add_eval_args(p)
     p.add_argument("--optimizer", choices=config_mod.FINETUNE_OPTIMIZERS,
                    help="finetune.optimizer: sgd (the inner loop) or adam (default: the checkpoint's config)")
-    p.add_argument("--lr", type=float, help="finetune.lr (0: meta.inner_lr)")
+    p.add_argument("--lr", type=float, help="finetune.lr (0: meta.inner_lr); with --learner rllib-ppo PPO's step size")
+    p.add_argument("--learner", choices=("metarl", "rllib-ppo"), default="metarl",
+                   help="the fine-tuner: metarl's (finetune.*) or RLlib's PPO from the exported module (README)")
     p.add_argument("--out", help="output directory (default <run>/eval-<iteration>)")
     p.add_argument("--local", action="store_true", help="fine-tune in this process, one job after another")
     p.add_argument("--workers", type=int, default=0, help="fine-tuning actors (default: one per cluster CPU)")
