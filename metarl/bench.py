@@ -365,6 +365,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.config is None and os.path.exists("configs/atari12.yaml"):
         args.config = "configs/atari12.yaml"
+    if args.scale:
+        from metarl.scale import cmd_scale
+
+        return cmd_scale(args)
     cfg = resolve_config(args)
     figures, context = run_bench(cfg, args.quick)
     for k, v in context.items():
@@ -385,4 +389,14 @@ def add_parser(sub: Any) -> None:
     add_config_args(p)
     p.add_argument("--quick", action="store_true", help="small and fast (about a minute): 6 games, tiny rollouts")
     p.add_argument("--out", help="also write the figures and their context to this JSON file")
+    s = p.add_argument_group("scale benchmark (--scale): simulated nodes on loopback, sleeping fixture tasks")
+    s.add_argument("--scale", action="store_true", help="how an iteration's overhead and the learner's ingest grow "
+                                                        "with the number of tasks (metarl.scale)")
+    s.add_argument("--scale-sizes", default="12,48,192,768", help="task counts N (default 12,48,192,768)")
+    s.add_argument("--scale-workers", type=int, default=8, help="task workers, spread over the nodes (default 8)")
+    s.add_argument("--scale-nodes", type=int, default=4, help="simulated worker nodes (default 4)")
+    s.add_argument("--scale-reduce", default="task,worker,node", help="ray.grad_reduce modes to compare")
+    s.add_argument("--scale-iterations", type=int, default=2, help="measured iterations per size, after one warm-up")
+    s.add_argument("--work-ms", type=float, default=0.0, help="sleep per fixture rollout (default 0: overhead only)")
+    s.add_argument("--out-dir", help="write scale.json, scale.md and scale.png here")
     p.set_defaults(func=cmd_bench)

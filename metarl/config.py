@@ -81,6 +81,7 @@ class LossConfig:
 
 LR_DECAYS = ("constant", "linear", "cosine")
 GRAD_ON = ("auto", "worker", "learner")
+GRAD_REDUCE = ("task", "worker", "node")
 TASK_BATCHING = ("auto", "stacked", "per_task")
 STACKED_FAMILIES = ("sinusoid", "nav2d")
 POLICY_STACKED = ("nav2d",)  # stacked families with a policy distribution (meta.outer = trpo)
@@ -145,6 +146,9 @@ class RayConfig:
     """Times Ray restarts a dead task worker (a lost node or OOM kill restarts it elsewhere)."""
     task_downtime_s: float = 600.0
     """A task dropped from every iteration for this long stops the run (resume once fixed)."""
+    grad_reduce: str = "worker"
+    """Where task gradients are summed before the learner: worker (one message per worker per
+    iteration), node (then one per node), or task (every task's gradient goes to the learner)."""
 
 
 @dataclass(frozen=True)
@@ -434,6 +438,8 @@ def validate(cfg: Config) -> Config:
     for key, v in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr), ("meta.max_grad_norm", m.max_grad_norm)):
         if not v > 0:
             raise ConfigError(f"{key} = {v} must be positive")
+    if cfg.ray.grad_reduce not in GRAD_REDUCE:
+        raise ConfigError(f"ray.grad_reduce '{cfg.ray.grad_reduce}' is unknown; allowed: {', '.join(GRAD_REDUCE)}")
     if m.grad_on not in GRAD_ON:
         raise ConfigError(f"meta.grad_on '{m.grad_on}' is unknown; allowed: {', '.join(GRAD_ON)}")
     if m.grad_on == "learner" and (m.algo != "fomaml" or cfg.tasks.family != "atari"):

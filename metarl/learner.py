@@ -76,7 +76,8 @@ class Learner:
         g = torch.zeros_like(self.theta)
         for x in grads:
             g += torch.from_numpy(np.array(x, dtype=np.float32, copy=True)).to(self.device)
-        return {**self._apply(g, n_evaluations), "seconds": time.perf_counter() - t0}
+        return {**self._apply(g, n_evaluations), "seconds": time.perf_counter() - t0,
+                "ingest_messages": len(grads), "ingest_bytes": int(sum(np.asarray(x).nbytes for x in grads))}
 
     def _apply(self, g: torch.Tensor, n_evaluations: int) -> dict[str, Any]:
         """Average the summed gradient g, skip if not finite, clip, take the Adam step."""

@@ -58,6 +58,10 @@ class Fleet:
     """the outer optimiser (meta.outer); trpo's step is searched by the driver (trust_step)"""
     trust: dict[str, Any] = field(default_factory=dict)
     """meta.outer = trpo: max_kl, cg_iters"""
+    reduce: str = "task"
+    """ray.grad_reduce: where gradients are summed before the learner (task: not at all)"""
+    nodes: list[str] = field(default_factory=list)
+    """the Ray node of each worker at start-up (ray.grad_reduce = node groups workers by it)"""
 
 
 def resolve_grad_on(cfg: Config, learner_gpus: float) -> str:
@@ -113,10 +117,11 @@ def plan_resources(cfg: Config, available_cpus: float, has_gpu: bool,
 
 
 def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type = TaskWorker,
-                learner_cls: type = Learner, learner_extra: tuple = ()) -> Fleet:
+                learner_cls: type = Learner, learner_extra: tuple = (), family: Any = None) -> Fleet:
     """The learner and the task workers of a run. `backend` reuses a running one; worker_cls and
-    learner_cls are subclasses with extra calls (metarl bench), learner_extra their extra args."""
-    family = make_family(cfg)
+    learner_cls are subclasses with extra calls (metarl bench), learner_extra their extra args;
+    `family` replaces the config's task family (the scale benchmark's fixture)."""
+    family = family or make_family(cfg)
     m = cfg.meta
     if backend is None:
         backend = LocalBackend() if local else RayBackend(cfg.ray.address, cfg.ray.num_cpus)
@@ -157,8 +162,12 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
     if m.outer == "trpo":
         notes.append(f"outer step: trpo (mean KL <= {m.max_kl}, {m.cg_iters} CG iterations on "
                      f"{m.fisher_fraction:.0%} of the samples), searched by the driver with the workers' products")
+    nodes = [w["node"] for w in backend.get([backend.call(w, "info") for w in workers])]
+    if cfg.ray.grad_reduce != "task" and grad_on == "worker":
+        notes.append(f"gradients summed per {cfg.ray.grad_reduce} before the learner "
+                     f"({len(workers) if cfg.ray.grad_reduce == 'worker' else len(set(nodes))} messages per iteration)")
     return Fleet(backend, learner, workers, owner, info, notes, grad_on, stacked, m.outer,
-                 {"max_kl": m.max_kl, "cg_iters": m.cg_iters})
+                 {"max_kl": m.max_kl, "cg_iters": m.cg_iters}, cfg.ray.grad_reduce, nodes)
 
 
 # ------------------------------------------------------------------------------------------
@@ -179,6 +188,53 @@ def _gather(backend: Any, named_refs: dict[Any, Any], timeout: float) -> tuple[d
         except Exception as e:  # RayActorError (died), RayTaskError (raised), or a local exception
             failed[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     return results, failed
+
+
+@dataclass
+class GradPart:
+    """One gradient on its way to the learner: which worker holds it, which tasks it sums, how
+    many evaluations it counts."""
+
+    worker: int
+    tasks: list[int]
+    ref: Any
+    count: int
+
+
+def reduce_grads(fleet: Fleet, parts: list[GradPart], timeout: float,
+                 per_worker_done: bool = False) -> tuple[list[Any], int, dict[int, str]]:
+    """Sum the parts where they lie (ray.grad_reduce): one sum per worker, then, with `node`, one
+    per node (summed by one of its workers), so the learner receives one message per worker or
+    node instead of one per task. Returns (refs for the learner, evaluations they count, tasks
+    dropped because their sum failed, with the reason): a failed sum drops exactly its tasks."""
+    if fleet.reduce == "task" or not parts:
+        return [p.ref for p in parts], sum(p.count for p in parts), {}
+    dropped: dict[int, str] = {}
+    levels = (["worker"] if not per_worker_done else []) + (["node"] if fleet.reduce == "node" else [])
+    for level in levels:
+        key = (lambda p: p.worker) if level == "worker" else (lambda p: fleet.nodes[p.worker] if fleet.nodes else "")
+        parts, failed = _sum_parts(fleet, parts, key, timeout)
+        dropped.update({i: f"reduce ({level}): {why}" for i, why in failed.items()})
+    return [p.ref for p in parts], sum(p.count for p in parts), dropped
+
+
+def _sum_parts(fleet: Fleet, parts: list[GradPart], key: Any, timeout: float) -> tuple[list[GradPart], dict[int, str]]:
+    """One `reduce` call per key (on the first part's worker) over the parts sharing that key;
+    only the calls' small statuses come back to the driver, the sums stay in the object store."""
+    b = fleet.backend
+    groups: dict[Any, list[GradPart]] = {}
+    for p in parts:
+        groups.setdefault(key(p), []).append(p)
+    out, status = [], {}
+    for ps in groups.values():
+        merged = GradPart(ps[0].worker, [i for p in ps for i in p.tasks], ps[0].ref, sum(p.count for p in ps))
+        if len(ps) > 1:
+            merged.ref, status[len(out)] = b.call(fleet.workers[ps[0].worker], "reduce", *[p.ref for p in ps],
+                                                  num_returns=2)
+        out.append(merged)
+    _, failed = _gather(b, status, timeout)
+    dropped = {i: why for k, why in failed.items() for i in out[k].tasks}
+    return [p for k, p in enumerate(out) if k not in failed], dropped
 
 
 def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], algo: str,
@@ -229,10 +285,13 @@ def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], al
         for i, r in corr_failed.items():
             failed[i] = f"maml_correct: {r}"
             ok[i] = []
-        step_refs = [corr_refs[i] for i in corr_refs if ok[i]]
+        parts = [GradPart(fleet.owner[tasks[i]], ok[i], corr_refs[i], len(ok[i])) for i in corr_refs if ok[i]]
     else:
-        step_refs = [grad_refs[j] for members in ok.values() for j in members]
+        parts = [GradPart(fleet.owner[tasks[j]], [j], grad_refs[j], 1) for members in ok.values() for j in members]
     n_ok = sum(len(v) for v in ok.values())
+    if not on_learner:  # 4b. summed where they lie (ray.grad_reduce), so the learner's ingest grows with workers
+        step_refs, n_ok, dropped = reduce_grads(fleet, parts, timeout)
+        failed.update(dropped)
     # 5. guard, clip, Adam step on the learner (gradients go straight from workers to it)
     t_learn = time.perf_counter()
     if n_ok == 0 or nonfinite:
@@ -297,8 +356,13 @@ def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Gr
     elif fleet.outer == "trpo" and algo != "reptile":
         lstats = trust_step(fleet, theta_ref, [fleet.workers[w] for w in stats], [calls[w][0] for w in stats], n_ok,
                             timeout)
-    else:
-        lstats = b.get(b.call(fleet.learner, "step", n_ok, *[calls[w][0] for w in stats]), timeout=timeout)
+    else:  # worker sums already; ray.grad_reduce = node sums them once more per node
+        parts = [GradPart(w, sorted(st["eval"] if algo != "reptile" else st["adapt"]), calls[w][0],
+                          len(st["eval"] if algo != "reptile" else st["adapt"])) for w, st in stats.items()]
+        refs, n_ok, dropped = reduce_grads(fleet, parts, timeout, per_worker_done=True)
+        failed.update(dropped)
+        lstats = (b.get(b.call(fleet.learner, "step", n_ok, *refs), timeout=timeout) if refs
+                  else b.get(b.call(fleet.learner, "skip_step")))
     learner_s = time.perf_counter() - t_learn
     for w, why in failed_w.items():
         if "no answer" in why:
@@ -387,6 +451,9 @@ def summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n
         "grad/norm": lstats["grad_norm"], "grad/update_norm": lstats["update_norm"],
         "outer_lr": lstats.get("outer_lr", float("nan")), "theta_norm": lstats["theta_norm"],
         "update_skipped": bool(lstats["update_skipped"]),
+        # what reached the learner this iteration (ray.grad_reduce decides how many messages)
+        "learner/ingest_messages": int(lstats.get("ingest_messages", 0)),
+        "learner/ingest_bytes": int(lstats.get("ingest_bytes", 0)),
         **{k: v for k, v in lstats.items() if k.startswith("trust/")},
         "tasks_dropped": sorted(tasks[i] for i in failed), "drop_reasons": {tasks[i]: r for i, r in failed.items()},
         "nonfinite_tasks": nonfinite,

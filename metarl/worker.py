@@ -35,6 +35,16 @@ def merge_batch_stats(batches: list[Batch]) -> dict[str, Any]:
     return out
 
 
+def node_id() -> str:
+    """The Ray node this process runs on ('local' outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:  # noqa: BLE001 - no Ray runtime in this process
+        return "local"
+
+
 def iteration_seed(task_seed: int, iteration: int) -> int:
     """The data seed of one task at one meta-iteration (distinct for every pair a run meets)."""
     return (int(task_seed) * 1_000_003 + 7919 * int(iteration)) % (2**63)
@@ -71,8 +81,20 @@ class TaskWorker:
         return os.getpid()
 
     def info(self) -> dict[str, Any]:
-        """Where this worker runs (for operators: which process to look at for a task)."""
-        return {"pid": os.getpid(), "host": socket.gethostname(), "tasks": sorted(self.tasks), "device": self.device}
+        """Where this worker runs (for operators: which process to look at for a task; the node
+        decides which workers' gradients ray.grad_reduce = node sums together)."""
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node": node_id(), "tasks": sorted(self.tasks),
+                "device": self.device}
+
+    def reduce(self, *grads: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """The sum of gradients this worker (or its node) produced, so the learner receives one
+        message per worker (or node) instead of one per task; accumulated in float64, sent as
+        float32. The small second return lets the driver see that the sum exists without reading it."""
+        t0 = time.perf_counter()
+        out = np.zeros(self.spec.numel, dtype=np.float64)
+        for g in grads:
+            out += g
+        return out.astype(np.float32), {"summed": len(grads), "seconds": time.perf_counter() - t0}
 
     def adapt(self, task_name: str, theta: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """Leader step: S inner SGD steps on fresh rollouts -> theta' (flat) and stats."""
