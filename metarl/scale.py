@@ -121,7 +121,7 @@ def measure(fleet: Fleet, backend: CountingBackend, n_tasks: int, skip: int, wor
 
 
 def run_scale(sizes: list[int], workers: int, nodes: int, reduces: list[str], work_ms: float, iterations: int,
-              skip: int = 1, atari_task_s: float = 4.6, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+              skip: int = 1, atari_task_s: float = 4.5, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """The benchmark on a fresh simulated cluster: `nodes` worker nodes (127.0.0.3, .4, ...), each
     with workers/nodes CPUs, and a head node (127.0.0.2; Ray takes 127.0.0.1 for the host address) for the driver and the learner."""
     import ray
@@ -171,7 +171,7 @@ def theta_bytes() -> int:
 
 
 def cluster_arithmetic(tasks: int = 1000, nodes: int = 32, workers_per_node: int = 16, link_gbit: float = 10.0,
-                       atari_task_s: float = 4.6) -> dict[str, float]:
+                       atari_task_s: float = 4.5) -> dict[str, float]:
     """Seconds per iteration the learner's node spends receiving gradients on one link, per task
     (ray.grad_reduce = task), per worker and per node, beside one iteration's compute at that size
     (skip 1: every worker runs tasks / workers adaptations and evaluations)."""
