@@ -215,6 +215,9 @@ class FinetuneConfig:
     """Its step size; 0 takes meta.inner_lr (alpha)."""
     max_grad_norm: float = 0.0
     """Clip each fine-tuning gradient to this global norm; 0: no clipping (the inner loop's form)."""
+    rollout_len: int = 0
+    """T of each fine-tuning rollout (one update per num_envs x T steps); 0 takes env.rollout_len,
+    the inner loop's rollout. Smaller T gives more, noisier updates per env step (A2C uses 5)."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,13 @@ class Config:
     """MinAtar family (used when tasks.family = minatar); B and T come from env.num_envs and env.rollout_len."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """The held-out fine-tuning learner of `metarl eval` and `metarl sweep`."""
+
+    @property
+    def finetuning(self) -> "Config":
+        """This config with env.rollout_len set to the fine-tuner's rollout (finetune.rollout_len)."""
+        if not self.finetune.rollout_len:
+            return self
+        return dataclasses.replace(self, env=dataclasses.replace(self.env, rollout_len=self.finetune.rollout_len))
 
     @property
     def finetune_lr(self) -> float:
@@ -478,6 +488,8 @@ def validate(cfg: Config) -> Config:
     f = cfg.finetune
     if f.optimizer not in FINETUNE_OPTIMIZERS:
         raise ConfigError(f"finetune.optimizer '{f.optimizer}' is unknown; allowed: {', '.join(FINETUNE_OPTIMIZERS)}")
+    if f.rollout_len < 0:
+        raise ConfigError(f"finetune.rollout_len = {f.rollout_len} must be >= 0 (0: env.rollout_len)")
     if f.lr < 0 or f.max_grad_norm < 0:
         raise ConfigError(f"finetune.lr and finetune.max_grad_norm must be >= 0 (0: alpha / no clipping); got {f.lr}, {f.max_grad_norm}")
     if not 0.0 <= cfg.minatar.sticky_actions <= 1.0 or cfg.minatar.max_episode_steps < 0:

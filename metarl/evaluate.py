@@ -410,7 +410,7 @@ def evaluate(cfg: Config, thetas: dict[str, np.ndarray], spec: EvalSpec, out: Pa
     with RLlib's PPO (metarl.rllib_module)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    family = make_family(cfg)
+    family = make_family(cfg.finetuning)  # finetune.rollout_len, if set
     learner = learner or FineTuneLearner.of(cfg)
     jobs = run(family, learner, thetas, spec, local, cfg.ray.address, workers, log)
     result = {**(info or {}), "inner_lr": cfg.meta.inner_lr, "finetune": asdict(learner),

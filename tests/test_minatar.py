@@ -266,3 +266,18 @@ def test_learn_refuses_unknown_games_and_a_finished_directory(tmp_path, capsys):
     assert main([*base, "--games", "breakout", "--out", str(tmp_path / "b")]) == 2
     assert "already holds a learning check" in capsys.readouterr().err
     assert (tmp_path / "b" / "eval.json").read_text() == "{}"  # nothing overwritten
+
+
+def test_learn_takes_the_finetuners_own_rollout_length(tmp_path, capsys):
+    """finetune.rollout_len: one update per num_envs x T steps with T the fine-tuner's own."""
+    import csv
+
+    out = tmp_path / "l"
+    assert main(["learn", "--config", str(CONFIGS / "minatar.yaml"), "--set", "log.wandb_mode=disabled",
+                 "--set", "env.num_envs=4", "--set", "finetune.rollout_len=8", "--games", "breakout",
+                 "--budget", "96", "--seeds", "1", "--points", "3", "--local", "--out", str(out)]) == 0
+    steps = [int(r["env_steps"]) for r in csv.DictReader(open(out / "eval_curves.csv"))]
+    assert steps == [32, 64, 96]  # 4 envs x 8 steps per update, not env.rollout_len
+    assert main(["learn", "--config", str(CONFIGS / "minatar.yaml"), "--set", "finetune.rollout_len=-1",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "finetune.rollout_len = -1" in capsys.readouterr().err
