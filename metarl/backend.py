@@ -62,6 +62,12 @@ class LocalBackend:
     def kill(self, actor: Any) -> None:
         pass
 
+    def node_cpus(self) -> list[float]:
+        return [float(os.cpu_count() or 1)]
+
+    def node_memory(self) -> list[float]:
+        return [float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
+
     def pid_of(self, actor: Any) -> int:
         return os.getpid()
 
@@ -97,6 +103,10 @@ class RayBackend:
 
     def node_cpus(self) -> list[float]:
         return [n["Resources"].get("CPU", 0.0) for n in self.ray.nodes() if n["Alive"]]
+
+    def node_memory(self) -> list[float]:
+        """Bytes of memory Ray may hand to tasks and actors, node by node."""
+        return [n["Resources"].get("memory", 0.0) for n in self.ray.nodes() if n["Alive"]]
 
     def actor(self, cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0, restarts: int = 0,
               name: str | None = None, kwargs: dict[str, Any] | None = None) -> Any:

@@ -116,6 +116,25 @@ def plan_resources(cfg: Config, available_cpus: float, has_gpu: bool,
     return cpw, learner_cpus, learner_gpus, notes
 
 
+def check_fits(cfg: Config, family: Any, node_memory: list[float], node_cpus: list[float], stacked: bool) -> None:
+    """Refuse, before any actor starts, a config the cluster cannot hold: a worker's rollout
+    buffers (tasks it holds x env.num_envs x env.rollout_len observations) beyond the memory Ray
+    reports for its largest node, or more emulator threads per task than that node has cores."""
+    GB = 1024**3
+    per_task = cfg.env.num_envs * cfg.env.rollout_len * family.obs_bytes
+    tasks = cfg.num_tasks if stacked else math.ceil(cfg.num_tasks / max(cfg.num_workers, 1))
+    memory, cpus = max(node_memory, default=0.0), max(node_cpus, default=0.0)
+    if memory and tasks * per_task > memory:
+        raise config_mod.ConfigError(
+            f"env.num_envs x env.rollout_len = {cfg.env.num_envs:,} x {cfg.env.rollout_len:,} observations of "
+            f"{family.obs_bytes:,} bytes is {per_task / GB:,.1f} GB of rollout buffer per task, "
+            f"{tasks * per_task / GB:,.1f} GB for a worker's {tasks} task(s); the largest Ray node has "
+            f"{memory / GB:,.1f} GB: lower env.num_envs or env.rollout_len, or add ray.workers")
+    if cfg.tasks.family == "atari" and cpus and cfg.env.env_threads > cpus:
+        raise config_mod.ConfigError(f"env.env_threads = {cfg.env.env_threads} emulator threads per task, but the "
+                                     f"largest Ray node has {cpus:g} CPUs: use at most {int(cpus)}")
+
+
 def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type = TaskWorker,
                 learner_cls: type = Learner, learner_extra: tuple = (), family: Any = None) -> Fleet:
     """The learner and the task workers of a run. `backend` reuses a running one; worker_cls and
@@ -125,6 +144,7 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
     m = cfg.meta
     if backend is None:
         backend = LocalBackend() if local else RayBackend(cfg.ray.address, cfg.ray.num_cpus)
+    check_fits(cfg, family, backend.node_memory(), backend.node_cpus(), resolve_stacked(cfg))
     if local:
         cpw, lcpu, lgpu, notes = 0.0, 0.0, 0.0, []
     else:
@@ -505,9 +525,6 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
                 if was is not None and was != now[key][k]:
                     raise RunDirError(f"--resume: {key}.{k} was {was!r} in '{out}', now {now[key][k]!r}; "
                                       f"resume with the same settings")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config_mod.dump_yaml(cfg))
-
     N, k = cfg.num_tasks, cfg.meta.skip
     sizes = group_sizes(N, k)
     if N % k:
@@ -515,7 +532,9 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
     if cfg.meta.algo == "reptile" and k > 1:
         log("note: reptile ignores evaluation; with skip > 1 only the group leaders' directions are used")
 
-    fleet = start_fleet(cfg, local)
+    fleet = start_fleet(cfg, local)  # refuses a config the cluster cannot hold before the run dir is written
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config_mod.dump_yaml(cfg))
     for n in fleet.notes:
         log(f"note: {n}")
     write_actors_file(out, fleet)

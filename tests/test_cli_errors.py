@@ -146,3 +146,15 @@ def test_help_config_documents_every_key():
     for key in ("skip:", "inner_lr:", "num_envs:", "sticky_actions:", "learner_gpus:", "wandb_mode:"):
         assert key in p.stdout
     assert all("#" in ln for ln in p.stdout.splitlines() if ln.startswith("  ")), "every key has a doc"
+
+
+@pytest.mark.parametrize("setting, needles", [
+    ("env.num_envs=1e30", ("env.num_envs", "integer")),
+    ("env.num_envs=1000000000", ("env.num_envs x env.rollout_len", "GB of rollout buffer per task", "largest Ray node")),
+    ("env.env_threads=100000", ("env.env_threads = 100000", "CPUs")),
+])
+def test_a_config_beyond_the_machine_is_refused_before_anything_starts(tmp_path, setting, needles):
+    out = tmp_path / "run"
+    p = metarl("run", "--config", str(CONFIGS / "smoke.yaml"), "--local", "--set", setting, "--out", str(out))
+    assert_usage_error(p, *needles)
+    assert not out.exists()  # no run directory left behind

@@ -133,6 +133,8 @@ class AtariFamily(TaskFamily):
     def make_model(self) -> nn.Module:
         return NatureCNN(NUM_ATARI_ACTIONS)
 
+    obs_bytes = 4 * 84 * 84  # a 4-frame stack of 84 x 84 gray frames, uint8
+
     @property
     def frames_per_step(self) -> int:  # type: ignore[override]
         return self.env.frameskip

@@ -174,6 +174,10 @@ class TaskFamily(abc.ABC):
     frames_per_step: int = 1
     """Emulator frames per agent step (Atari: the frameskip)."""
 
+    obs_bytes: int = 4
+    """Bytes of one stored observation (Atari: 4 x 84 x 84 uint8): with env.num_envs x env.rollout_len
+    it sizes a task's rollout buffer, which a run checks against the memory of its Ray nodes."""
+
     def raw_stepper(self, name: str, seed: int):
         """The emulator limit `metarl bench` compares against: (step, close), where step(n) steps
         the task's B environments n times with uniformly random actions, no policy and no buffers."""

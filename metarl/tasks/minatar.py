@@ -145,6 +145,8 @@ class MinAtarFamily(TaskFamily):
     minatar: MinAtarConfig
     loss: LossConfig
 
+    obs_bytes = MINATAR_CHANNELS * 10 * 10  # binary channels, uint8
+
     def make_model(self) -> nn.Module:
         return MinAtarNet(NUM_MINATAR_ACTIONS)
 
