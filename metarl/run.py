@@ -194,19 +194,44 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
 # the meta-iteration
 
 
-def _gather(backend: Any, named_refs: dict[Any, Any], timeout: float) -> tuple[dict[Any, Any], dict[Any, str]]:
-    """Wait for every ref (one shared deadline); return (results, failures with a reason)."""
+class Failure(str):
+    """Why a call gave no result: the text the metrics show (`drop_reasons`) and its kind —
+    died (the actor or its node is gone), raised (the call threw), timed_out (no answer in time)."""
+
+    kind: str
+
+    def __new__(cls, text: str, kind: str) -> "Failure":
+        out = super().__new__(cls, text)
+        out.kind = kind
+        return out
+
+    def at(self, where: str) -> "Failure":
+        """The same failure, its text prefixed by the step it happened in."""
+        return Failure(f"{where}: {self}", self.kind)
+
+
+def failure_kind(e: BaseException) -> str:
+    try:
+        from ray.exceptions import RayActorError
+    except ImportError:  # --local without Ray installed: every failure is the call's own
+        return "raised"
+    return "died" if isinstance(e, RayActorError) else "raised"
+
+
+def _gather(backend: Any, named_refs: dict[Any, Any], timeout: float) -> tuple[dict[Any, Any], dict[Any, Failure]]:
+    """Wait for every ref (one shared deadline); return (results, failures with their kind and reason)."""
     ready, pending = backend.wait(list(named_refs.values()), timeout)
     pending_ids = {id(r) for r in pending}
     results, failed = {}, {}
     for key, ref in named_refs.items():
         if id(ref) in pending_ids:
-            failed[key] = f"no answer within {timeout:g}s"
+            failed[key] = Failure(f"no answer within {timeout:g}s", "timed_out")
             continue
         try:
             results[key] = backend.get(ref)
         except Exception as e:  # RayActorError (died), RayTaskError (raised), or a local exception
-            failed[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            failed[key] = Failure(f"{type(e).__name__}: {text}", failure_kind(e))
     return results, failed
 
 
@@ -234,7 +259,7 @@ def reduce_grads(fleet: Fleet, parts: list[GradPart], timeout: float,
     for level in levels:
         key = (lambda p: p.worker) if level == "worker" else (lambda p: fleet.nodes[p.worker] if fleet.nodes else "")
         parts, failed = _sum_parts(fleet, parts, key, timeout)
-        dropped.update({i: f"reduce ({level}): {why}" for i, why in failed.items()})
+        dropped.update({i: why.at(f"reduce ({level})") for i, why in failed.items()})
     return [p.ref for p in parts], sum(p.count for p in parts), dropped
 
 
@@ -291,7 +316,7 @@ def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], al
     eval_stats, eval_failed = _gather(b, eval_stat_refs, max(timeout - (time.perf_counter() - t_start), 1.0))
     if algo == "reptile":
         eval_stats = {i: s for i, s in adapt_stats.items()}
-    failed = {**{i: f"adapt: {r}" for i, r in adapt_failed.items()}, **{i: f"evaluate: {r}" for i, r in eval_failed.items()}}
+    failed = {**{i: r.at("adapt") for i, r in adapt_failed.items()}, **{i: r.at("evaluate") for i, r in eval_failed.items()}}
     nonfinite = sorted(tasks[j] for j, s in eval_stats.items() if not s.get("finite", True))
     usable = eval_stats if algo != "reptile" else adapt_stats
     members = (lambda g: g.members) if algo != "reptile" else (lambda g: (g.leader,))
@@ -303,7 +328,7 @@ def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], al
                      for g in groups if ok[g.leader]}
         _, corr_failed = _gather(b, corr_refs, timeout)
         for i, r in corr_failed.items():
-            failed[i] = f"maml_correct: {r}"
+            failed[i] = r.at("maml_correct")
             ok[i] = []
         parts = [GradPart(fleet.owner[tasks[i]], ok[i], corr_refs[i], len(ok[i])) for i in corr_refs if ok[i]]
     else:
@@ -327,7 +352,7 @@ def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], al
         lstats = b.get(b.call(fleet.learner, "step", n_ok, *step_refs), timeout=timeout)
     learner_s = time.perf_counter() - t_learn
     for i in failed:  # a hung worker is killed so that Ray restarts it
-        if "no answer" in failed[i]:
+        if failed[i].kind == "timed_out":
             b.kill(worker(i))
     return summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats,
                      time.perf_counter() - t_start, learner_s)
@@ -365,7 +390,7 @@ def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Gr
     for w, why in failed_w.items():
         for g in shares[w]:
             for i in g.members if algo != "reptile" else (g.leader,):
-                failed[i] = f"groups_step: {why}"
+                failed[i] = why.at("groups_step")
     nonfinite = sorted(tasks[j] for j, s in eval_stats.items() if not s_ok(s))  # reptile: eval_stats is adapt's
     if not nonfinite:  # every task finite, yet a worker's sum overflowed
         nonfinite = [f"sum of worker {w}" for w, st in stats.items() if not st["finite"]]
@@ -385,7 +410,7 @@ def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Gr
                   else b.get(b.call(fleet.learner, "skip_step")))
     learner_s = time.perf_counter() - t_learn
     for w, why in failed_w.items():
-        if "no answer" in why:
+        if why.kind == "timed_out":
             b.kill(fleet.workers[w])
     return summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats,
                      time.perf_counter() - t_start, learner_s)
@@ -475,7 +500,8 @@ def summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n
         "learner/ingest_messages": int(lstats.get("ingest_messages", 0)),
         "learner/ingest_bytes": int(lstats.get("ingest_bytes", 0)),
         **{k: v for k, v in lstats.items() if k.startswith("trust/")},
-        "tasks_dropped": sorted(tasks[i] for i in failed), "drop_reasons": {tasks[i]: r for i, r in failed.items()},
+        "tasks_dropped": sorted(tasks[i] for i in failed), "drop_reasons": {tasks[i]: str(r) for i, r in failed.items()},
+        "drop_kinds": {tasks[i]: r.kind for i, r in failed.items()},
         "nonfinite_tasks": nonfinite,
         "time/iteration_s": wall, "time/learner_s": learner_s,
         "time/adapt_s": float(sum(s["seconds"] for s in adapt_stats.values())),
@@ -629,6 +655,7 @@ def merge_window(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key in _SUMMED:
         out[key] = sorted({t for r in rows for t in r.get(key, [])})
     out["drop_reasons"] = {t: why for r in rows for t, why in r.get("drop_reasons", {}).items()}
+    out["drop_kinds"] = {t: kind for r in rows for t, kind in r.get("drop_kinds", {}).items()}
     out["update_skipped"] = any(r["update_skipped"] for r in rows)
     out["updates_skipped"] = sum(bool(r["update_skipped"]) for r in rows)
     out["iterations_in_row"] = len(rows)

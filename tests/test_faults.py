@@ -68,6 +68,9 @@ def test_killed_and_hung_workers_do_not_fail_the_run(tmp_path):
     dropped = [r for r in rs if r["tasks_dropped"]]
     assert any("pong" in r["tasks_dropped"] for r in dropped), output
     assert any("breakout" in r["tasks_dropped"] and "no answer" in r["drop_reasons"]["breakout"] for r in dropped), output
+    # failures carry a kind: the killed worker's task died, the stopped one's timed out
+    assert any(r["drop_kinds"].get("pong") == "died" for r in dropped), output
+    assert any(r["drop_kinds"].get("breakout") == "timed_out" for r in dropped), output
     for r in dropped:  # partial iterations say so, and use only the evaluations that completed
         assert r["evaluations_used"] < 3 or r["update_skipped"]
     assert all(r["tasks_dropped"] == [] for r in rs[-2:]), "restarted workers serve again"

@@ -77,5 +77,6 @@ def test_a_failed_sum_drops_exactly_its_tasks_and_the_rest_still_update():
     names = list(cfg.tasks.train)
     assert rec["tasks_dropped"] == sorted(names[i] for i in (0, 2, 4))
     assert all("reduce (worker)" in why and "injected reduce fault" in why for why in rec["drop_reasons"].values())
+    assert set(rec["drop_kinds"].values()) == {"raised"}
     assert rec["evaluations_used"] == 3 and rec["learner/ingest_messages"] == 1
     assert not rec["update_skipped"] and np.abs(fleet.learner.get_theta() - theta0).max() > 0
