@@ -371,7 +371,7 @@ def peak_tensor_bytes(fn) -> int:
 def cost(cfg: Config, iterations: int, log=print) -> list[dict[str, Any]]:
     """Seconds (median over `iterations`) and peak tensor memory of one meta-iteration of each
     algorithm, same family, tasks, skip and batch, all actors in this process (--local)."""
-    from metarl.run import iterate, start_fleet
+    from metarl.run import meta_iteration, start_fleet
 
     rows = []
     for algo in ("maml", "fomaml", "reptile"):
@@ -379,7 +379,7 @@ def cost(cfg: Config, iterations: int, log=print) -> list[dict[str, Any]]:
         c = config_mod.override(base, "meta.algo", algo)
         fleet = start_fleet(c, local=True)
         rng = np.random.default_rng(c.meta.seed)
-        step = lambda: iterate(fleet, c.tasks.train, meta.make_groups(c.num_tasks, c.meta.skip, rng),  # noqa: E731
+        step = lambda: meta_iteration(fleet, c.tasks.train, meta.make_groups(c.num_tasks, c.meta.skip, rng),  # noqa: E731
                                algo, c.ray.call_timeout_s, int(rng.integers(1 << 30)))
         step()  # warm-up
         secs = []

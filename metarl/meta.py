@@ -34,6 +34,31 @@ class Group:
     """Indices of the tasks that evaluate theta' (the leader included)."""
 
 
+@dataclass(frozen=True)
+class Algorithm:
+    """What the driver needs to know of an outer algorithm; the math is in the functions below."""
+
+    name: str
+    leader_call: str
+    """The worker method a group's leader runs on theta: adapt (-> theta') or reptile (-> theta - theta')."""
+    evaluates: bool
+    """Members evaluate the leader's theta' and send first-order gradients (fomaml, maml); Reptile
+    uses the leaders' directions alone."""
+    corrects: bool
+    """Each leader pulls its group's summed gradient back through its inner steps (maml)."""
+
+    def gradient_tasks(self, group: Group) -> tuple[int, ...]:
+        """The tasks whose results make the group's contribution to the meta-gradient."""
+        return group.members if self.evaluates else (group.leader,)
+
+
+ALGORITHMS = {
+    "fomaml": Algorithm("fomaml", "adapt", evaluates=True, corrects=False),
+    "maml": Algorithm("maml", "adapt", evaluates=True, corrects=True),
+    "reptile": Algorithm("reptile", "reptile", evaluates=False, corrects=False),
+}
+
+
 def make_groups(num_tasks: int, skip: int, rng: np.random.Generator) -> list[Group]:
     """Shuffle tasks 0..N-1 into ceil(N/k) groups of k (the last one smaller when k does not
     divide N) and pick a uniformly random leader inside each group."""

@@ -21,7 +21,7 @@ from metarl import checkpoint, config as config_mod, trust
 from metarl.backend import LocalBackend, RayBackend
 from metarl.config import Config
 from metarl.learner import Learner
-from metarl.meta import Group, group_sizes, make_groups
+from metarl.meta import ALGORITHMS, Algorithm, Group, group_sizes, make_groups
 from metarl.tasks import make_family
 from metarl.tracking import Progress, Tracker, read_metrics
 from metarl.worker import TaskWorker
@@ -70,7 +70,8 @@ def resolve_grad_on(cfg: Config, learner_gpus: float) -> str:
     (on CPU, `metarl bench` measured workers 1.76x faster than one learner core)."""
     if cfg.meta.grad_on != "auto":
         return cfg.meta.grad_on
-    shippable = cfg.meta.algo == "fomaml" and cfg.tasks.family == "atari"
+    a = ALGORITHMS[cfg.meta.algo]
+    shippable = a.evaluates and not a.corrects and cfg.tasks.family == "atari"  # first-order Atari batches
     return "learner" if shippable and learner_gpus > 0 and cfg.ray.gpus_per_worker == 0 else "worker"
 
 
@@ -167,7 +168,7 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
         owner[name] = i % W
     worker_device = "cuda" if cfg.ray.gpus_per_worker > 0 and not local else "cpu"
     workers = [
-        backend.actor(worker_cls, family, seeds, m.inner_lr, m.inner_steps, m.algo == "maml", 1, worker_device,
+        backend.actor(worker_cls, family, seeds, m.inner_lr, m.inner_steps, ALGORITHMS[m.algo].corrects, 1, worker_device,
                       num_cpus=cpw, num_gpus=0.0 if local else cfg.ray.gpus_per_worker,
                       restarts=cfg.ray.max_worker_restarts,
                       kwargs={"resample": cfg.tasks.resample, "step_loss": m.step_loss, "outer": m.outer,
@@ -244,6 +245,8 @@ class GradPart:
     tasks: list[int]
     ref: Any
     count: int
+    finite: bool = True
+    """False when a worker's own sum (stacked mode) is not finite although its tasks were"""
 
 
 def reduce_grads(fleet: Fleet, parts: list[GradPart], timeout: float,
@@ -272,7 +275,8 @@ def _sum_parts(fleet: Fleet, parts: list[GradPart], key: Any, timeout: float) ->
         groups.setdefault(key(p), []).append(p)
     out, status = [], {}
     for ps in groups.values():
-        merged = GradPart(ps[0].worker, [i for p in ps for i in p.tasks], ps[0].ref, sum(p.count for p in ps))
+        merged = GradPart(ps[0].worker, [i for p in ps for i in p.tasks], ps[0].ref, sum(p.count for p in ps),
+                          all(p.finite for p in ps))
         if len(ps) > 1:
             merged.ref, status[len(out)] = b.call(fleet.workers[ps[0].worker], "reduce", *[p.ref for p in ps],
                                                   num_returns=2)
@@ -282,80 +286,69 @@ def _sum_parts(fleet: Fleet, parts: list[GradPart], key: Any, timeout: float) ->
     return [p for k, p in enumerate(out) if k not in failed], dropped
 
 
-def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], algo: str,
-                   timeout: float) -> dict[str, Any]:
-    """One meta-iteration with task skipping. Rule for faults: a task whose call dies, raises or
-    hangs is dropped from this iteration (a dead leader drops its whole group); theta is updated
-    from the remaining finite gradients, averaged over the evaluations that completed, and the
-    metrics name every dropped task. A hung worker is killed so Ray restarts it."""
-    b, t_start = fleet.backend, time.perf_counter()
-    worker = lambda i: fleet.workers[fleet.owner[tasks[i]]]  # noqa: E731
-    theta_ref = b.call(fleet.learner, "get_theta")  # stays in the object store; passed by reference
+@dataclass
+class Collected:
+    """What the workers returned for one iteration, before the outer step. Stats are keyed by task
+    index; for Reptile `evals` holds the leaders' adaptation stats (their directions are the result)."""
 
-    # 1. leaders adapt (all adapt calls are submitted before any evaluate, so no actor waits on a
-    #    theta' that sits behind its own queued work)
-    tp_refs, adapt_stat_refs = {}, {}
+    adapts: dict[int, dict[str, Any]]
+    evals: dict[int, dict[str, Any]]
+    failed: dict[int, Failure]
+    parts: list[GradPart]
+    """the gradients (or sums) to reduce and step on, in a fixed order"""
+    worker_of: dict[int, int]
+    """task index -> the worker whose call answers for it (a timed-out one is killed)"""
+    shipped: list[Any] | None = None
+    """meta.grad_on = learner: alternating theta' and batch refs the learner scores itself"""
+    shipped_tasks: list[int] = field(default_factory=list)
+    region_workers: list[Any] = field(default_factory=list)
+    """meta.outer = trpo: the workers holding this iteration's trust region"""
+
+
+def s_ok(stats: dict[str, Any]) -> bool:
+    return bool(stats.get("finite", True))
+
+
+def collect_per_task(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], algo: Algorithm, theta_ref: Any,
+                     timeout: float, iteration: int) -> Collected:
+    """Task by task: one call per leader adaptation and per member evaluation (theta and theta' by
+    reference; every adapt is submitted before any evaluate, so no actor waits on a theta' queued
+    behind its own work), then MAML's corrections on the leaders."""
+    b, t_start = fleet.backend, time.perf_counter()
+    worker_of = {i: fleet.owner[name] for i, name in enumerate(tasks)}
+    on_learner = fleet.grad_on == "learner" and algo.evaluates and not algo.corrects
+    tp_refs, adapt_refs = {}, {}
     for g in groups:
-        method = "reptile" if algo == "reptile" else "adapt"
-        tp_refs[g.leader], adapt_stat_refs[g.leader] = b.call(worker(g.leader), method, tasks[g.leader], theta_ref,
-                                                              num_returns=2)
-    # 2. every member evaluates its leader's theta' (Ray passes theta' by reference)
-    #    (grad_on learner: the members ship their batches and the learner computes the gradients)
-    on_learner = fleet.grad_on == "learner" and algo == "fomaml"
-    grad_refs, eval_stat_refs, leader_of = {}, {}, {}
-    if algo == "reptile":
-        grad_refs = dict(tp_refs)
-    else:
-        for g in groups:
-            for j in g.members:
-                leader_of[j] = g.leader
-                grad_refs[j], eval_stat_refs[j] = b.call(worker(j), "rollout" if on_learner else "evaluate", tasks[j],
-                                                         tp_refs[g.leader], num_returns=2)
-    # 3. gather statistics (small); gradients stay in the object store
-    adapt_stats, adapt_failed = _gather(b, adapt_stat_refs, timeout)
-    eval_stats, eval_failed = _gather(b, eval_stat_refs, max(timeout - (time.perf_counter() - t_start), 1.0))
-    if algo == "reptile":
-        eval_stats = {i: s for i, s in adapt_stats.items()}
-    failed = {**{i: r.at("adapt") for i, r in adapt_failed.items()}, **{i: r.at("evaluate") for i, r in eval_failed.items()}}
-    nonfinite = sorted(tasks[j] for j, s in eval_stats.items() if not s.get("finite", True))
-    usable = eval_stats if algo != "reptile" else adapt_stats
-    members = (lambda g: g.members) if algo != "reptile" else (lambda g: (g.leader,))
-    ok = {g.leader: [j for j in members(g) if g.leader in adapt_stats and j in usable and s_ok(usable[j])]
+        tp_refs[g.leader], adapt_refs[g.leader] = b.call(fleet.workers[worker_of[g.leader]], algo.leader_call,
+                                                         tasks[g.leader], theta_ref, num_returns=2)
+    grad_refs, eval_refs, leader_of = ({}, {}, {}) if algo.evaluates else (dict(tp_refs), {}, {})
+    for g in groups if algo.evaluates else ():
+        for j in g.members:
+            leader_of[j] = g.leader
+            grad_refs[j], eval_refs[j] = b.call(fleet.workers[worker_of[j]], "rollout" if on_learner else "evaluate",
+                                                tasks[j], tp_refs[g.leader], num_returns=2)
+    adapts, adapt_failed = _gather(b, adapt_refs, timeout)
+    evals, eval_failed = _gather(b, eval_refs, max(timeout - (time.perf_counter() - t_start), 1.0))
+    if not algo.evaluates:
+        evals = dict(adapts)
+    failed = {**{i: r.at("adapt") for i, r in adapt_failed.items()},
+              **{i: r.at("evaluate") for i, r in eval_failed.items()}}
+    ok = {g.leader: [j for j in algo.gradient_tasks(g) if g.leader in adapts and j in evals and s_ok(evals[j])]
           for g in groups}
-    # 4. MAML: each leader pulls its group's summed gradient back through its inner steps
-    if algo == "maml":
-        corr_refs = {g.leader: b.call(worker(g.leader), "maml_correct", tasks[g.leader], *[grad_refs[j] for j in ok[g.leader]])
-                     for g in groups if ok[g.leader]}
+    if algo.corrects:  # each leader pulls its group's summed gradient back through its inner steps
+        corr_refs = {g.leader: b.call(fleet.workers[worker_of[g.leader]], "maml_correct", tasks[g.leader],
+                                      *[grad_refs[j] for j in ok[g.leader]]) for g in groups if ok[g.leader]}
         _, corr_failed = _gather(b, corr_refs, timeout)
         for i, r in corr_failed.items():
-            failed[i] = r.at("maml_correct")
-            ok[i] = []
-        parts = [GradPart(fleet.owner[tasks[i]], ok[i], corr_refs[i], len(ok[i])) for i in corr_refs if ok[i]]
+            failed[i], ok[i] = r.at("maml_correct"), []
+        parts = [GradPart(worker_of[i], ok[i], corr_refs[i], len(ok[i])) for i in corr_refs if ok[i]]
     else:
-        parts = [GradPart(fleet.owner[tasks[j]], [j], grad_refs[j], 1) for members in ok.values() for j in members]
-    n_ok = sum(len(v) for v in ok.values())
-    if not on_learner:  # 4b. summed where they lie (ray.grad_reduce), so the learner's ingest grows with workers
-        step_refs, n_ok, dropped = reduce_grads(fleet, parts, timeout)
-        failed.update(dropped)
-    # 5. guard, clip, Adam step on the learner (gradients go straight from workers to it)
-    t_learn = time.perf_counter()
-    if n_ok == 0 or nonfinite:
-        lstats = b.get(b.call(fleet.learner, "skip_step"))
-    elif on_learner:
-        used = [j for members in ok.values() for j in members]
-        pairs = [ref for j in used for ref in (tp_refs[leader_of[j]], grad_refs[j])]
-        lstats = b.get(b.call(fleet.learner, "step_on_batches", n_ok, *pairs), timeout=timeout)
-        for j, loss, norm in zip(used, lstats["losses"], lstats["grad_norms"]):
-            eval_stats[j].update(loss=loss, grad_norm=norm, finite=math.isfinite(norm))
-        nonfinite = sorted(tasks[used[p]] for p in lstats["nonfinite"])
-    else:
-        lstats = b.get(b.call(fleet.learner, "step", n_ok, *step_refs), timeout=timeout)
-    learner_s = time.perf_counter() - t_learn
-    for i in failed:  # a hung worker is killed so that Ray restarts it
-        if failed[i].kind == "timed_out":
-            b.kill(worker(i))
-    return summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats,
-                     time.perf_counter() - t_start, learner_s)
+        parts = [GradPart(worker_of[j], [j], grad_refs[j], 1) for members in ok.values() for j in members]
+    out = Collected(adapts, evals, failed, parts, worker_of)
+    if on_learner:  # members shipped their batches; the learner computes the gradients
+        out.shipped_tasks = [j for members in ok.values() for j in members]
+        out.shipped = [ref for j in out.shipped_tasks for ref in (tp_refs[leader_of[j]], grad_refs[j])]
+    return out
 
 
 def deal_groups(groups: list[Group], n_workers: int) -> list[list[Group]]:
@@ -370,50 +363,67 @@ def deal_groups(groups: list[Group], n_workers: int) -> list[list[Group]]:
     return shares
 
 
-def meta_iteration_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], algo: str,
-                           timeout: float, iteration: int) -> dict[str, Any]:
-    """meta_iteration when tasks are stacked: one call per worker, each computing whole groups
-    (leaders adapt, members evaluate, MAML corrections) and returning their summed meta-gradient.
-    Same fault rule at worker granularity: a worker call that dies, raises or hangs drops every task
-    of its groups; theta is updated from the other workers' sums, averaged over the evaluations
-    they completed."""
-    b, t_start = fleet.backend, time.perf_counter()
-    theta_ref = b.call(fleet.learner, "get_theta")
+def collect_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], algo: Algorithm, theta_ref: Any,
+                    timeout: float, iteration: int) -> Collected:
+    """Stacked tasks: one call per worker, each computing whole groups (leaders adapt, members
+    evaluate, MAML corrections) and returning their summed meta-gradient. A worker call that fails
+    drops every task of its groups."""
+    b = fleet.backend
     shares = deal_groups(groups, len(fleet.workers))
-    calls = {w: b.call(fleet.workers[w], "groups_step", theta_ref, iteration, share, algo, num_returns=2)
+    calls = {w: b.call(fleet.workers[w], "groups_step", theta_ref, iteration, share, algo.name, num_returns=2)
              for w, share in enumerate(shares) if share}
     stats, failed_w = _gather(b, {w: c[1] for w, c in calls.items()}, timeout)
-    adapt_stats, eval_stats, failed = {}, {}, {}
+    adapts, evals, failed, worker_of = {}, {}, {}, {}
+    for w, share in enumerate(shares):
+        for g in share:
+            worker_of.update({i: w for i in (g.leader, *g.members)})
+            for i in algo.gradient_tasks(g) if w in failed_w else ():
+                failed[i] = failed_w[w].at("groups_step")
+    parts = []
     for w, st in stats.items():
-        adapt_stats.update(st["adapt"])
-        eval_stats.update(st["eval"] if algo != "reptile" else st["adapt"])
-    for w, why in failed_w.items():
-        for g in shares[w]:
-            for i in g.members if algo != "reptile" else (g.leader,):
-                failed[i] = why.at("groups_step")
-    nonfinite = sorted(tasks[j] for j, s in eval_stats.items() if not s_ok(s))  # reptile: eval_stats is adapt's
-    if not nonfinite:  # every task finite, yet a worker's sum overflowed
-        nonfinite = [f"sum of worker {w}" for w, st in stats.items() if not st["finite"]]
-    n_ok = len(eval_stats)
+        adapts.update(st["adapt"])
+        mine = st["eval"] if algo.evaluates else st["adapt"]
+        evals.update(mine)
+        parts.append(GradPart(w, sorted(mine), calls[w][0], len(mine), finite=st["finite"]))
+    return Collected(adapts, evals, failed, parts, worker_of, region_workers=[fleet.workers[w] for w in stats])
+
+
+def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], algo: str,
+                   timeout: float, iteration: int = 0) -> dict[str, Any]:
+    """One meta-iteration with task skipping:
+    group -> theta by reference -> leaders adapt -> members evaluate -> gather -> reduce -> guard
+    -> outer step -> metrics. Stacked or task by task, only the collection differs. Rule for faults:
+    a task whose call dies, raises or hangs is dropped from this iteration (a dead leader drops its
+    whole group); theta is updated from the remaining finite gradients, averaged over the
+    evaluations that completed, and the metrics name every dropped task. A hung worker is killed
+    so Ray restarts it."""
+    b, a, t_start = fleet.backend, ALGORITHMS[algo], time.perf_counter()
+    theta_ref = b.call(fleet.learner, "get_theta")  # stays in the object store; passed by reference
+    collect = collect_stacked if fleet.stacked else collect_per_task
+    c = collect(fleet, tasks, groups, a, theta_ref, timeout, iteration)
+    nonfinite = (sorted(tasks[j] for j, s in c.evals.items() if not s_ok(s))
+                 or [f"sum of worker {p.worker}" for p in c.parts if not p.finite])  # all finite, yet a sum overflowed
     t_learn = time.perf_counter()
+    if c.shipped is None:  # summed where they lie (ray.grad_reduce): the learner's ingest grows with workers
+        refs, n_ok, dropped = reduce_grads(fleet, c.parts, timeout, per_worker_done=fleet.stacked)
+        c.failed.update(dropped)
+    else:
+        refs, n_ok = [], len(c.shipped_tasks)
     if n_ok == 0 or nonfinite:
         lstats = b.get(b.call(fleet.learner, "skip_step"))
-    elif fleet.outer == "trpo" and algo != "reptile":
-        lstats = trust_step(fleet, theta_ref, [fleet.workers[w] for w in stats], [calls[w][0] for w in stats], n_ok,
-                            timeout)
-    else:  # worker sums already; ray.grad_reduce = node sums them once more per node
-        parts = [GradPart(w, sorted(st["eval"] if algo != "reptile" else st["adapt"]), calls[w][0],
-                          len(st["eval"] if algo != "reptile" else st["adapt"])) for w, st in stats.items()]
-        refs, n_ok, dropped = reduce_grads(fleet, parts, timeout, per_worker_done=True)
-        failed.update(dropped)
-        lstats = (b.get(b.call(fleet.learner, "step", n_ok, *refs), timeout=timeout) if refs
-                  else b.get(b.call(fleet.learner, "skip_step")))
+    elif c.shipped is not None:
+        lstats = b.get(b.call(fleet.learner, "step_on_batches", n_ok, *c.shipped), timeout=timeout)
+        for j, loss, norm in zip(c.shipped_tasks, lstats["losses"], lstats["grad_norms"]):
+            c.evals[j].update(loss=loss, grad_norm=norm, finite=math.isfinite(norm))
+        nonfinite = sorted(tasks[c.shipped_tasks[p]] for p in lstats["nonfinite"])
+    elif fleet.outer == "trpo" and a.evaluates:
+        lstats = trust_step(fleet, theta_ref, c.region_workers, refs, n_ok, timeout)
+    else:
+        lstats = b.get(b.call(fleet.learner, "step", n_ok, *refs), timeout=timeout)
     learner_s = time.perf_counter() - t_learn
-    for w, why in failed_w.items():
-        if why.kind == "timed_out":
-            b.kill(fleet.workers[w])
-    return summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats,
-                     time.perf_counter() - t_start, learner_s)
+    for w in {c.worker_of[i] for i, why in c.failed.items() if why.kind == "timed_out"}:
+        b.kill(fleet.workers[w])  # Ray restarts it for the next iteration
+    return summarize(tasks, groups, a, c, n_ok, nonfinite, lstats, time.perf_counter() - t_start, learner_s)
 
 
 class WorkerFailed(RuntimeError):
@@ -457,42 +467,33 @@ def trust_step(fleet: Fleet, theta_ref: Any, workers: list[Any], grad_refs: list
                  timeout=timeout)
 
 
-def iterate(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], algo: str, timeout: float,
-            iteration: int) -> dict[str, Any]:
-    """One meta-iteration the way this fleet computes: stacked, or task by task."""
-    if fleet.stacked:
-        return meta_iteration_stacked(fleet, tasks, groups, algo, timeout, iteration)
-    return meta_iteration(fleet, tasks, groups, algo, timeout)
-
-
-def s_ok(stats: dict[str, Any]) -> bool:
-    return bool(stats.get("finite", True))
-
-
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
-def summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n_ok, lstats, wall, learner_s):
+def summarize(tasks: tuple[str, ...], groups: list[Group], a: Algorithm, c: Collected, n_ok: int,
+              nonfinite: list[str], lstats: dict[str, Any], wall: float, learner_s: float) -> dict[str, Any]:
+    """The metrics row of one iteration (see README: Metrics)."""
+    adapt_stats, eval_stats = c.adapts, (c.evals if a.evaluates else {})
+    failed, nan = c.failed, float("nan")
     rec: dict[str, Any] = {
-        "algo": algo, "groups": len(groups),
+        "algo": a.name, "groups": len(groups),
         # inner adaptations that took steps (meta.inner_steps = 0, joint pre-training, takes none)
         "adaptations": sum(1 for s in adapt_stats.values() if s["inner_losses"]),
-        "evaluations": len(eval_stats) if algo != "reptile" else 0,
+        "evaluations": len(eval_stats),
         "evaluations_used": n_ok,
         "group_sizes": [len(g.members) for g in groups],
         "env_steps/adapt": int(sum(s["env_steps"] for s in adapt_stats.values())),
-        "env_steps/eval": int(sum(s["env_steps"] for s in eval_stats.values())) if algo != "reptile" else 0,
+        "env_steps/eval": int(sum(s["env_steps"] for s in eval_stats.values())),
         "frames/adapt": int(sum(s["frames"] for s in adapt_stats.values())),
-        "frames/eval": int(sum(s["frames"] for s in eval_stats.values())) if algo != "reptile" else 0,
+        "frames/eval": int(sum(s["frames"] for s in eval_stats.values())),
         "return/pre": _mean([r for s in adapt_stats.values() for r in s["returns"]]),
-        "return/post": _mean([r for s in eval_stats.values() for r in s["returns"]]) if algo != "reptile" else float("nan"),
+        "return/post": _mean([r for s in eval_stats.values() for r in s["returns"]]),
         "reward_per_step/pre": _mean([s["reward_sum"] / max(s["env_steps"], 1) for s in adapt_stats.values()]),
-        "reward_per_step/post": (_mean([s["reward_sum"] / max(s["env_steps"], 1) for s in eval_stats.values()])
-                                 if algo != "reptile" else float("nan")),
+        "reward_per_step/post": _mean([s["reward_sum"] / max(s["env_steps"], 1) for s in eval_stats.values()]),
         "loss/inner": _mean([s["inner_losses"][0] for s in adapt_stats.values() if s["inner_losses"]]),
-        "loss/outer": _mean([s.get("loss", float("nan")) for s in eval_stats.values()]) if algo != "reptile" else float("nan"),
+        "loss/outer": _mean([s.get("loss", nan) for s in eval_stats.values()]),
         "grad/norm": lstats["grad_norm"], "grad/update_norm": lstats["update_norm"],
         "outer_lr": lstats.get("outer_lr", float("nan")), "theta_norm": lstats["theta_norm"],
         "update_skipped": bool(lstats["update_skipped"]),
@@ -505,17 +506,16 @@ def summarize(tasks, groups, algo, adapt_stats, eval_stats, failed, nonfinite, n
         "nonfinite_tasks": nonfinite,
         "time/iteration_s": wall, "time/learner_s": learner_s,
         "time/adapt_s": float(sum(s["seconds"] for s in adapt_stats.values())),
-        "time/eval_s": float(sum(s["seconds"] for s in eval_stats.values())) if algo != "reptile" else 0.0,
+        "time/eval_s": float(sum(s["seconds"] for s in eval_stats.values())),
     }
     # per task: the mean return of the episodes that ended in this iteration's rollouts, and the
     # episodes themselves (lists go to metrics.jsonl only; `metarl curve` draws them against frames)
     for i, s in adapt_stats.items():
         rec[f"return_pre/{tasks[i]}"] = _mean(s["returns"])
         rec[f"episodes_pre/{tasks[i]}"] = [float(r) for r in s["returns"]]
-    if algo != "reptile":
-        for j, s in eval_stats.items():
-            rec[f"return_post/{tasks[j]}"] = _mean(s["returns"])
-            rec[f"episodes_post/{tasks[j]}"] = [float(r) for r in s["returns"]]
+    for j, s in eval_stats.items():
+        rec[f"return_post/{tasks[j]}"] = _mean(s["returns"])
+        rec[f"episodes_post/{tasks[j]}"] = [float(r) for r in s["returns"]]
     return rec
 
 
@@ -555,7 +555,7 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
     sizes = group_sizes(N, k)
     if N % k:
         log(f"note: skip {k} does not divide {N} tasks: groups of sizes {sizes} (the last one smaller)")
-    if cfg.meta.algo == "reptile" and k > 1:
+    if not ALGORITHMS[cfg.meta.algo].evaluates and k > 1:
         log("note: reptile ignores evaluation; with skip > 1 only the group leaders' directions are used")
 
     fleet = start_fleet(cfg, local)  # refuses a config the cluster cannot hold before the run dir is written
@@ -574,7 +574,7 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
         _discard_rows_after(out, start_iter)
         log(f"resuming '{out}' from {ckpt_path.name} at iteration {start_iter}")
     log(f"metarl run: {N} tasks, algo {cfg.meta.algo}, skip {k} -> {len(sizes)} adaptations and "
-        f"{N if cfg.meta.algo != 'reptile' else 0} evaluations per iteration; {len(fleet.workers)} workers "
+        f"{N if ALGORITHMS[cfg.meta.algo].evaluates else 0} evaluations per iteration; {len(fleet.workers)} workers "
         f"({fleet.backend.name}), learner on {fleet.learner_info['device']}; writing to {out}")
 
     tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment, name=cfg.run_name,
@@ -588,7 +588,7 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
     try:
         for it in range(start_iter, cfg.meta.iterations):
             groups = make_groups(N, k, rng)
-            rec = iterate(fleet, cfg.tasks.train, groups, cfg.meta.algo, cfg.ray.call_timeout_s, it)
+            rec = meta_iteration(fleet, cfg.tasks.train, groups, cfg.meta.algo, cfg.ray.call_timeout_s, it)
             now = time.time()
             for name in cfg.tasks.train:
                 if name in rec["tasks_dropped"]:

@@ -261,7 +261,7 @@ def test_deal_groups_balances_whole_groups():
 
 
 def test_a_failing_stacked_worker_drops_its_groups_and_the_rest_updates(tmp_path):
-    from metarl.run import meta_iteration_stacked, start_fleet
+    from metarl.run import meta_iteration, start_fleet
     from metarl.worker import TaskWorker
 
     class Flaky(TaskWorker):
@@ -277,7 +277,7 @@ def test_a_failing_stacked_worker_drops_its_groups_and_the_rest_updates(tmp_path
     fleet = start_fleet(cfg, local=True, worker_cls=Flaky)
     groups = make_groups(6, 2, np.random.default_rng(1))
     theta0 = fleet.learner.get_theta()
-    rec = meta_iteration_stacked(fleet, cfg.tasks.train, groups, "maml", timeout=60, iteration=0)
+    rec = meta_iteration(fleet, cfg.tasks.train, groups, "maml", timeout=60, iteration=0)
     assert len(rec["tasks_dropped"]) in (2, 4) and rec["evaluations_used"] == 6 - len(rec["tasks_dropped"])
     assert all("injected fault" in why for why in rec["drop_reasons"].values())
     assert not rec["update_skipped"] and np.abs(fleet.learner.get_theta() - theta0).max() > 0

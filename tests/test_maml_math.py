@@ -22,7 +22,7 @@ from metarl import meta
 from metarl.config import Config, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
 from metarl.meta import Group
 from metarl.policy import ParamSpec, init_params
-from metarl.run import meta_iteration, meta_iteration_stacked, start_fleet, task_seed
+from metarl.run import meta_iteration, start_fleet, task_seed
 from metarl.tasks.nav2d import Nav2dFamily
 from metarl.tasks.sinusoid import SinusoidFamily, task_names
 from metarl.worker import TaskWorker, iteration_seed
@@ -316,7 +316,7 @@ def test_stacked_meta_iteration_feeds_the_learner_the_same_direction(algo, skip,
     b = fleet.backend
     theta0 = b.get(b.call(fleet.learner, "get_theta"))
     groups = meta.make_groups(cfg.num_tasks, skip, np.random.default_rng(11))
-    rec = meta_iteration_stacked(fleet, cfg.tasks.train, groups, algo, timeout=60, iteration=7)
+    rec = meta_iteration(fleet, cfg.tasks.train, groups, algo, timeout=60, iteration=7)
     theta1 = b.get(b.call(fleet.learner, "get_theta"))
     expected = reference_direction(cfg, groups, theta0, iteration=7)
     assert rec["tasks_dropped"] == [] and not rec["update_skipped"]
