@@ -41,8 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metarl import meta
-from metarl.config import Config, ConfigError
+from metarl import meta, scale
+from metarl.backend import RayBackend
+from metarl.cliargs import add_config_args, resolve_config
+from metarl.config import GAME_FAMILIES, Config, ConfigError
 from metarl.learner import Learner
 from metarl.run import Fleet, meta_iteration, start_fleet, task_seed
 from metarl.tasks import make_family
@@ -315,15 +317,11 @@ def scaled_down(cfg: Config, tasks: int, num_envs: int, rollout_len: int, worker
 
 def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print) -> tuple[dict[str, float], dict[str, Any]]:
     """Every figure, and the context they were measured in."""
-    from metarl.config import GAME_FAMILIES
-
     if cfg.tasks.family not in GAME_FAMILIES:
         raise ConfigError(f"metarl bench measures games against their emulator ({', '.join(GAME_FAMILIES)}); "
                           f"tasks.family is {cfg.tasks.family!r} (use `metarl fewshot cost`)")
     if cfg.num_tasks < 2:
         raise ConfigError(f"metarl bench needs at least 2 training tasks for the skip ratios; tasks.train has {cfg.num_tasks}")
-    from metarl.backend import RayBackend
-
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     small = scaled_down(cfg, min(max(SKIPS), cfg.num_tasks) if quick else cfg.num_tasks, 4, 16 if quick else 32,
                         2 if quick else None)
@@ -361,14 +359,10 @@ def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print) -> t
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from metarl.cli import resolve_config
-
     if args.config is None and os.path.exists("configs/atari12.yaml"):
         args.config = "configs/atari12.yaml"
     if args.scale:
-        from metarl.scale import cmd_scale
-
-        return cmd_scale(args)
+        return scale.cmd_scale(args)
     cfg = resolve_config(args)
     figures, context = run_bench(cfg, args.quick)
     for k, v in context.items():
@@ -382,8 +376,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from metarl.cli import add_config_args
-
     p = sub.add_parser("bench", help="measured ratios against the emulator limit (sampling, gradients, skip, "
                                      "end to end, memory)")
     add_config_args(p)

@@ -18,6 +18,10 @@ import torch
 CKPT_RE = re.compile(r"^ckpt_(\d{6})\.pt$")
 
 
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked; the CLI prints it as one line and exits 2."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the CLI prints it as one line and exits 2."""
 

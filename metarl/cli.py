@@ -1,55 +1,20 @@
-"""The `metarl` command. Bad input gets one line on stderr and exit code 2, never a traceback."""
+"""The `metarl` command. Bad input gets one line on stderr and exit code 2, never a traceback.
+
+`run` is defined here; every other subcommand's parser and handler live in its module (which
+imports metarl.cliargs for the shared flags, never this module)."""
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
 import sys
 from pathlib import Path
 
-from metarl import config as config_mod
+from metarl import bench, config as config_mod, curves, evaluate, fewshot, rllib_cli, sweep
+from metarl.cliargs import USAGE_ERRORS, add_cluster_args, add_config_args, default_out, resolve_config
+from metarl.run import run
 
-
-
-
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    from metarl.checkpoint import CheckpointError
-    from metarl.run import RunDirError
-
-    return (config_mod.ConfigError, CheckpointError, RunDirError)
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (configs/*.yaml); flags below override it")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config key, e.g. --set meta.inner_lr=0.05 (repeatable)")
-    p.add_argument("--seed", type=int, help="meta.seed")
-
-
-def resolve_config(args: argparse.Namespace) -> config_mod.Config:
-    cfg = config_mod.load(args.config)
-    for item in args.set:
-        if "=" not in item:
-            raise config_mod.ConfigError(f"--set {item!r} must look like section.key=value")
-        key, value = item.split("=", 1)
-        cfg = config_mod.override(cfg, key.strip(), value)
-    flag_map = {"workers": "ray.workers", "skip": "meta.skip", "algo": "meta.algo", "iterations": "meta.iterations",
-                "seed": "meta.seed", "address": "ray.address"}
-    for flag, key in flag_map.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            cfg = config_mod.override(cfg, key, v)
-    if getattr(args, "no_progress", False):
-        cfg = config_mod.override(cfg, "log.progress", False)
-    if getattr(args, "wandb", None):
-        cfg = config_mod.override(cfg, "log.wandb_mode", args.wandb)
-    return config_mod.validate(cfg)
-
-
-def default_out(cfg: config_mod.Config, root: str = "runs") -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{cfg.run_name}-{stamp}"
+SUBCOMMAND_MODULES = (evaluate, sweep, bench, fewshot, curves, rllib_cli)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -60,8 +25,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise config_mod.ConfigError("--resume needs --out DIR: the run directory to continue")
     out = Path(args.out) if args.out else default_out(cfg)
-    from metarl.run import run
-
     summary = run(cfg, out, resume=args.resume, local=args.local)
     last = summary["last"]
     print(f"done: {summary['iterations']} iterations, {summary['env_steps']:,} env steps, "
@@ -82,23 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="meta.iterations")
     p.add_argument("--out", help="run directory (default runs/<name>-<time>); reused only with --resume")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--local", action="store_true", help="run every actor in this process, without Ray")
-    p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--wandb", choices=config_mod.WANDB_MODES, help="log.wandb_mode")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-iteration lines")
+    add_cluster_args(p, "run every actor in this process, without Ray", progress=True)
     p.add_argument("--help-config", action="store_true", help="print every config key with its doc and exit")
     p.set_defaults(func=cmd_run)
-
-    import importlib
-
-    for extra in ("metarl.evaluate", "metarl.sweep", "metarl.bench", "metarl.fewshot", "metarl.curves",
-                  "metarl.rllib_cli"):
-        try:
-            mod = importlib.import_module(extra)
-        except ModuleNotFoundError as e:
-            if e.name != extra:  # a real missing dependency inside the module: say so
-                raise
-            continue
+    for mod in SUBCOMMAND_MODULES:
         mod.add_parser(sub)
     return parser
 
@@ -109,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except _usage_errors() as e:
+    except USAGE_ERRORS as e:
         print(f"metarl: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -533,7 +533,8 @@ def describe() -> str:
         docs = _field_docs(type(sub))
         lines.append(f"{f.name}:")
         for sf in fields(sub):
-            lines.append(f"  {sf.name}: {getattr(sub, sf.name)!r}  # {docs.get(sf.name, '')}")
+            doc = " ".join(docs.get(sf.name, "").split())  # a doc written over several lines prints as one
+            lines.append(f"  {sf.name}: {getattr(sub, sf.name)!r}  # {doc}")
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ import torch
 
 from metarl import checkpoint, config as config_mod, meta
 from metarl.backend import LocalBackend, RayBackend
-from metarl.cli import add_config_args, resolve_config
+from metarl.cliargs import add_cluster_args, add_config_args, resolve_config
 from metarl.config import Config, ConfigError
 from metarl.learner import Learner
 from metarl.plots import Panel, Series, save_grid, write_csv, write_json
@@ -568,10 +568,8 @@ def add_parser(subparsers: Any) -> None:
     q.add_argument("--optimizer", choices=config_mod.FINETUNE_OPTIMIZERS, help="finetune.optimizer")
     q.add_argument("--lr", type=float, help="finetune.lr (0: meta.inner_lr)")
     q.add_argument("--out", required=True, help="output directory")
-    q.add_argument("--local", action="store_true", help="fine-tune in this process, one job after another")
     q.add_argument("--workers", type=int, default=0, help="fine-tuning actors (default: one per cluster CPU)")
-    q.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
-    q.add_argument("--wandb", choices=config_mod.WANDB_MODES, help="log.wandb_mode")
+    add_cluster_args(q, "fine-tune in this process, one job after another")
     q.set_defaults(func=cmd_learn)
 
     p = subparsers.add_parser("eval", help="held-out learning speed of a checkpoint vs an un-pretrained network")
@@ -583,8 +581,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--learner", choices=("metarl", "rllib-ppo"), default="metarl",
                    help="the fine-tuner: metarl's (finetune.*) or RLlib's PPO from the exported module (README)")
     p.add_argument("--out", help="output directory (default <run>/eval-<iteration>)")
-    p.add_argument("--local", action="store_true", help="fine-tune in this process, one job after another")
     p.add_argument("--workers", type=int, default=0, help="fine-tuning actors (default: one per cluster CPU)")
-    p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--wandb", choices=config_mod.WANDB_MODES, help="log.wandb_mode")
+    add_cluster_args(p, "fine-tune in this process, one job after another")
     p.set_defaults(func=cmd_eval)

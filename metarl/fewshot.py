@@ -30,10 +30,13 @@ import numpy as np
 import torch
 
 from metarl import checkpoint, config as config_mod, meta
+from metarl.cliargs import add_config_args, resolve_config
 from metarl.config import Config, ConfigError
 from metarl.evaluate import t95
 from metarl.policy import ParamSpec, init_params
+from metarl.run import meta_iteration, prepare_run_dir, start_fleet, task_seed
 from metarl.tasks import make_family
+from metarl.worker import iteration_seed
 
 PAPER = {  # Finn et al. 2017: Table 2 (sinusoid, K = 5, after 1/5/10 steps) and Figure 4 (2D navigation)
     "sinusoid": {"MAML (paper)": {1: 0.67, 5: 0.38, 10: 0.35}, "pre-trained (paper)": {1: 2.41, 5: 2.23, 10: 2.19}},
@@ -323,9 +326,6 @@ def pretrain(cfg: Config, out: Path, iterations: int, lr: float, log=print) -> P
     """One network trained on every training task at once (no adaptation): Adam on the mean loss of
     a fresh batch from each task per iteration (with tasks.resample, fresh tasks too, as the
     meta-learners see them). Writes a checkpoint `fewshot eval` reads."""
-    from metarl.run import prepare_run_dir, task_seed
-    from metarl.worker import iteration_seed
-
     prepare_run_dir(out, resume=False)
     family = make_family(cfg)
     torch.manual_seed(cfg.meta.seed)
@@ -371,8 +371,6 @@ def peak_tensor_bytes(fn) -> int:
 def cost(cfg: Config, iterations: int, log=print) -> list[dict[str, Any]]:
     """Seconds (median over `iterations`) and peak tensor memory of one meta-iteration of each
     algorithm, same family, tasks, skip and batch, all actors in this process (--local)."""
-    from metarl.run import meta_iteration, start_fleet
-
     rows = []
     for algo in ("maml", "fomaml", "reptile"):
         base = config_mod.override(cfg, "meta.outer", "adam") if algo == "reptile" else cfg  # no surrogate to constrain
@@ -450,8 +448,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from metarl.cli import resolve_config
-
     cfg = resolve_config(args)
     if args.iterations < 1 or not args.lr > 0:
         raise ConfigError("--iterations must be >= 1 and --lr positive")
@@ -460,8 +456,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from metarl.cli import resolve_config
-
     cfg = resolve_config(args)
     rows = cost(cfg, args.iterations)
     print(f"\n{cfg.tasks.family}: {cfg.num_tasks} tasks, skip {cfg.meta.skip}, S = {cfg.meta.inner_steps}, --local")
@@ -475,8 +469,6 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    from metarl.cli import add_config_args
-
     p = subparsers.add_parser("fewshot", help="MAML-paper few-shot results (sinusoid, nav2d) and per-iteration cost")
     sub = p.add_subparsers(dest="fewshot_command", required=True)
     e = sub.add_parser("eval", help="adapt checkpoints on held-out tasks: score after 0..n SGD steps")

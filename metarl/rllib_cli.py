@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from metarl import config as config_mod
+from metarl.evaluate import initial_theta
+from metarl.tasks import make_family
 
 def cmd_export(args: argparse.Namespace) -> int:
     from metarl.rllib_module import export, load_theta, ray_version, require_empty
@@ -41,9 +43,6 @@ def cmd_ppo(args: argparse.Namespace) -> int:
     game = args.game
     cfg = config_mod.validate(config_mod.override(cfg, "tasks.heldout", game))  # validates the game name
     if args.init == "fresh":
-        from metarl.evaluate import initial_theta
-        from metarl.tasks import make_family
-
         theta = initial_theta(make_family(cfg), cfg.meta.seed)
     given = {"lr": args.lr, "epochs": args.epochs, "minibatches": args.minibatches, "env_runners": args.env_runners}
     learner = PPOLearner(**{k: v for k, v in given.items() if v is not None})

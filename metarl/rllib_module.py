@@ -42,6 +42,8 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from metarl import checkpoint, config as config_mod
 from metarl.config import Config, ConfigError, EnvConfig, LossConfig, MinAtarConfig
 from metarl.policy import MINATAR_CHANNELS, NUM_ATARI_ACTIONS, NUM_MINATAR_ACTIONS, ParamSpec
+from metarl.run import task_seed
+from metarl.tasks.atari import AtariFamily, make_vector_env
 
 RLLIB_FAMILIES = ("atari", "minatar")
 PPO_LEARNER = "rllib-ppo"
@@ -50,11 +52,9 @@ PPO_LEARNER = "rllib-ppo"
 def network(family: str) -> torch.nn.Module:
     """The family's own network (`TaskFamily.make_model`), freshly initialised."""
     if family == "atari":
-        from metarl.tasks.atari import AtariFamily
-
         return AtariFamily(EnvConfig(), LossConfig()).make_model()
     if family == "minatar":
-        from metarl.tasks.minatar import MinAtarFamily
+        from metarl.tasks.minatar import MinAtarFamily  # the optional minatar package: imported only when used
 
         return MinAtarFamily(EnvConfig(), MinAtarConfig(), LossConfig()).make_model()
     raise ConfigError(refusal(family))
@@ -167,8 +167,6 @@ class AtariGame(gym.Env):
     env_config: game, seed, env (EnvConfig fields)."""
 
     def __init__(self, env_config: dict[str, Any]):
-        from metarl.tasks.atari import make_vector_env
-
         self.cfg = EnvConfig(**env_config["env"])
         self.observation_space, self.action_space = spaces("atari")
         self.venv, obs = make_vector_env(env_config["game"], self.cfg, int(env_config.get("seed", 0)), num_envs=1)
@@ -344,8 +342,6 @@ def ppo_jobs(cfg: Config, learner: PPOLearner):
 
     def run(family, _learner, thetas: dict[str, np.ndarray], spec, local: bool, address: str = "",
             workers: int = 0, log: Callable[[str], None] = print) -> list[dict]:
-        from metarl.run import task_seed
-
         ray_init(address)
         jobs = [{"game": g, "init": init, "seed": s, "env_seed": task_seed(s, gi)}
                 for gi, g in enumerate(spec.games) for s in spec.seeds for init in thetas]

@@ -19,16 +19,13 @@ import numpy as np
 
 from metarl import checkpoint, config as config_mod, trust
 from metarl.backend import LocalBackend, RayBackend
+from metarl.checkpoint import RunDirError
 from metarl.config import Config
 from metarl.learner import Learner
 from metarl.meta import ALGORITHMS, Algorithm, Group, group_sizes, make_groups
 from metarl.tasks import make_family
 from metarl.tracking import Progress, Tracker, read_metrics
 from metarl.worker import TaskWorker
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used as asked; the CLI prints it as one line and exits 2."""
 
 
 def task_seed(seed: int, index: int) -> int:

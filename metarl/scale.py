@@ -30,6 +30,7 @@ from metarl import config as config_mod
 from metarl.backend import RayBackend
 from metarl.config import Config
 from metarl.meta import make_groups
+from metarl.plots import Panel, Series, markdown_table, save_grid, write_json
 from metarl.policy import NatureCNN, Params
 from metarl.run import Fleet, meta_iteration, start_fleet
 from metarl.tasks.base import Batch, Task, TaskFamily
@@ -191,8 +192,6 @@ COLUMNS = {"reduce": "ray.grad_reduce", "tasks": "N tasks", "wall_s": "iteration
 def report(results: list[dict[str, Any]], out: Any = None) -> str:
     """The table (Markdown), and with `out` a directory: scale.json and scale.png."""
     from pathlib import Path
-
-    from metarl.plots import Panel, Series, markdown_table, save_grid, write_json
 
     rows = [{**{k: r[k] for k in ("reduce", "tasks")}, "wall_s": f"{r['wall_s']:.2f}",
              "task_work_s": f"{r['task_work_s']:.2f}", "overhead_s": f"{r['overhead_s']:.2f}",

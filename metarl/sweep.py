@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from metarl import checkpoint, config as config_mod, folds as fold_summary
 from metarl.backend import RayBackend
-from metarl.cli import add_config_args, resolve_config
+from metarl.cliargs import add_cluster_args, add_config_args, resolve_config
 from metarl.config import Config, ConfigError
 from metarl.evaluate import (EvalSpec, FineTuneLearner, add_eval_args, assemble, checkpoint_theta, default_thresholds, evaluate,
                              initial_theta, mean_curves, spec_from_args)
@@ -525,8 +525,5 @@ def add_parser(subparsers: Any) -> None:
     add_eval_args(p, prefix="eval-")
     p.add_argument("--out", help="sweep directory (default runs/sweep-<experiment>-<time>); reused only with --resume")
     p.add_argument("--resume", action="store_true", help="continue the sweep in --out with its stored settings")
-    p.add_argument("--local", action="store_true", help="run every actor in this process, without Ray")
-    p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--wandb", choices=config_mod.WANDB_MODES, help="log.wandb_mode")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-iteration lines")
+    add_cluster_args(p, "run every actor in this process, without Ray", progress=True)
     p.set_defaults(func=cmd_sweep)
