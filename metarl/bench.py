@@ -46,7 +46,8 @@ from metarl.backend import RayBackend
 from metarl.cliargs import add_config_args, resolve_config
 from metarl.config import GAME_FAMILIES, Config, ConfigError
 from metarl.learner import Learner
-from metarl.run import Fleet, meta_iteration, start_fleet, task_seed
+from metarl.fleet import Fleet, start_fleet, task_seed
+from metarl.iteration import meta_iteration
 from metarl.tasks import make_family
 from metarl.tasks.base import batch_to_wire
 from metarl.worker import TaskWorker
@@ -135,7 +136,7 @@ class BenchLearner(Learner):
 
 
 def start_bench_fleet(cfg: Config, backend: Any) -> Fleet:
-    """The actors `run.start_fleet` starts (same resources, seeds and task assignment), as the
+    """The actors `fleet.start_fleet` starts (same resources, seeds and task assignment), as the
     bench classes above, on the running backend."""
     return start_fleet(cfg, False, backend, BenchWorker, BenchLearner)
 

@@ -42,7 +42,7 @@ from metarl.config import Config, ConfigError
 from metarl.learner import Learner
 from metarl.plots import Panel, Series, save_grid, write_csv, write_json
 from metarl.policy import Params, ParamSpec
-from metarl.run import task_seed
+from metarl.fleet import task_seed
 from metarl.tasks import make_family
 from metarl.tasks.base import Task, TaskFamily
 from metarl.tracking import Tracker

@@ -34,7 +34,9 @@ from metarl.cliargs import add_config_args, resolve_config
 from metarl.config import Config, ConfigError
 from metarl.evaluate import t95
 from metarl.policy import ParamSpec, init_params
-from metarl.run import meta_iteration, prepare_run_dir, start_fleet, task_seed
+from metarl.fleet import start_fleet, task_seed
+from metarl.iteration import meta_iteration
+from metarl.run import prepare_run_dir
 from metarl.tasks import make_family
 from metarl.worker import iteration_seed
 

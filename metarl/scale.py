@@ -32,7 +32,8 @@ from metarl.config import Config
 from metarl.meta import make_groups
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_json
 from metarl.policy import NatureCNN, Params
-from metarl.run import Fleet, meta_iteration, start_fleet
+from metarl.fleet import Fleet, start_fleet
+from metarl.iteration import meta_iteration
 from metarl.tasks.base import Batch, Task, TaskFamily
 
 

@@ -251,7 +251,7 @@ def test_log_every_writes_one_averaged_row_per_window(tmp_path):
 
 
 def test_deal_groups_balances_whole_groups():
-    from metarl.run import deal_groups
+    from metarl.iteration import deal_groups
 
     groups = make_groups(10, 3, np.random.default_rng(0))  # sizes 3, 3, 3, 1
     shares = deal_groups(groups, 2)
@@ -261,7 +261,8 @@ def test_deal_groups_balances_whole_groups():
 
 
 def test_a_failing_stacked_worker_drops_its_groups_and_the_rest_updates(tmp_path):
-    from metarl.run import meta_iteration, start_fleet
+    from metarl.fleet import start_fleet
+    from metarl.iteration import meta_iteration
     from metarl.worker import TaskWorker
 
     class Flaky(TaskWorker):

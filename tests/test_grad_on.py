@@ -10,7 +10,8 @@ import pytest
 from conftest import smoke
 from metarl import meta
 from metarl.config import ConfigError
-from metarl.run import meta_iteration, resolve_grad_on, start_fleet
+from metarl.fleet import resolve_grad_on, start_fleet
+from metarl.iteration import meta_iteration
 
 
 def one_iteration(grad_on: str, skip: int):

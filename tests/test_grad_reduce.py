@@ -11,7 +11,9 @@ import pytest
 from metarl import checkpoint, config as config_mod
 from metarl.config import Config, MetaConfig, SinusoidConfig, TasksConfig
 from metarl.meta import make_groups
-from metarl.run import meta_iteration, run, start_fleet
+from metarl.fleet import start_fleet
+from metarl.iteration import meta_iteration
+from metarl.run import run
 from metarl.tasks.sinusoid import task_names
 from metarl.tracking import read_metrics
 from metarl.worker import TaskWorker

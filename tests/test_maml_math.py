@@ -22,7 +22,8 @@ from metarl import meta
 from metarl.config import Config, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
 from metarl.meta import Group
 from metarl.policy import ParamSpec, init_params
-from metarl.run import meta_iteration, start_fleet, task_seed
+from metarl.fleet import start_fleet, task_seed
+from metarl.iteration import meta_iteration
 from metarl.tasks.nav2d import Nav2dFamily
 from metarl.tasks.sinusoid import SinusoidFamily, task_names
 from metarl.worker import TaskWorker, iteration_seed
