@@ -1,6 +1,6 @@
 """Typed, strict configuration: YAML -> frozen dataclasses, validated before anything starts.
 
-Every field carries a one-line doc (the string after it in `FIELD_DOCS`) that the README and
+Every field carries a one-line doc (the string written under it, read by `_field_docs`) that the README and
 `metarl run --help-config` print. Unknown keys, unknown games, a skip count that does not fit and
 non-positive step sizes are rejected with one line naming the key and the allowed values.
 """
@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -23,17 +23,30 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; the CLI prints it as one line and exits 2."""
 
 
-ALGOS = ("fomaml", "maml", "reptile")
-FAMILIES = ("atari", "minatar", "sinusoid", "nav2d")
+# Enumerations: typed on their fields (Literal) and checked in one place (`check_enums`); the
+# tuples of allowed values below are read off the types, for argparse choices and messages.
+Family = Literal["atari", "minatar", "sinusoid", "nav2d"]
+Algo = Literal["fomaml", "maml", "reptile"]
+LrDecay = Literal["constant", "linear", "cosine"]
+GradOn = Literal["auto", "worker", "learner"]
+GradReduce = Literal["task", "worker", "node"]
+TaskBatching = Literal["auto", "stacked", "per_task"]
+StepLoss = Literal["last", "mean"]
+Outer = Literal["adam", "trpo"]
+LearnerGpus = Literal["auto", "0", "1"]
+WandbMode = Literal["auto", "online", "offline", "disabled"]
+FinetuneOptimizer = Literal["sgd", "adam"]
+
+ALGOS, FAMILIES, LR_DECAYS = typing.get_args(Algo), typing.get_args(Family), typing.get_args(LrDecay)
+GRAD_ON, GRAD_REDUCE, TASK_BATCHING = typing.get_args(GradOn), typing.get_args(GradReduce), typing.get_args(TaskBatching)
+OUTERS, WANDB_MODES, FINETUNE_OPTIMIZERS = typing.get_args(Outer), typing.get_args(WandbMode), typing.get_args(FinetuneOptimizer)
 GAME_FAMILIES = ("atari", "minatar")  # episodic games: `metarl eval`, `sweep` and `bench` apply
 MINATAR_GAMES = ("asterix", "breakout", "freeway", "seaquest", "space_invaders")
-FINETUNE_OPTIMIZERS = ("sgd", "adam")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 @dataclass(frozen=True)
 class TasksConfig:
-    family: str = "atari"
+    family: Family = "atari"
     """Task family: atari (one ALE game per task), minatar (one MinAtar game per task: the CPU-scale Atari), sinusoid or nav2d (cheap MAML-paper families)."""
     train: tuple[str, ...] = ("pong", "breakout")
     """Training task names: ALE game ids for atari, MinAtar games for minatar, or 'task-<i>' style names for the cheap families."""
@@ -79,18 +92,13 @@ class LossConfig:
     """Samples per forward+backward of an Atari gradient (summed over chunks, same result): bounds a worker's memory; 0 = whole batch."""
 
 
-LR_DECAYS = ("constant", "linear", "cosine")
-GRAD_ON = ("auto", "worker", "learner")
-GRAD_REDUCE = ("task", "worker", "node")
-TASK_BATCHING = ("auto", "stacked", "per_task")
 STACKED_FAMILIES = ("sinusoid", "nav2d")
 POLICY_STACKED = ("nav2d",)  # stacked families with a policy distribution (meta.outer = trpo)
-OUTERS = ("adam", "trpo")
 
 
 @dataclass(frozen=True)
 class MetaConfig:
-    algo: str = "fomaml"
+    algo: Algo = "fomaml"
     """Meta-gradient: fomaml (first order), maml (second order via HVPs) or reptile."""
     skip: int = 1
     """Task skip count k: N tasks form ceil(N/k) groups; one leader per group adapts theta'."""
@@ -100,15 +108,15 @@ class MetaConfig:
     """S: inner SGD steps per adaptation, each on a fresh rollout; 0 (fomaml only): no inner loop, every task's loss at theta itself = joint multi-task pre-training."""
     outer_lr: float = 1e-4
     """beta: Adam step size of the meta-update."""
-    outer_lr_decay: str = "constant"
+    outer_lr_decay: LrDecay = "constant"
     """beta's schedule over meta.iterations: constant, linear or cosine (to 0 at the last)."""
     max_grad_norm: float = 1.0
     """Clip the averaged meta-gradient to this global norm."""
-    grad_on: str = "auto"
+    grad_on: GradOn = "auto"
     """Where evaluation gradients are computed: worker, learner (batches shipped; Atari fomaml), auto = learner iff it has a GPU the workers lack."""
-    step_loss: str = "last"
+    step_loss: StepLoss = "last"
     """last: the members' loss after all S inner steps (MAML); mean: averaged over the points after each of the S steps (multi-step loss, Antoniou et al. 2019; stacked tasks, maml/fomaml)."""
-    outer: str = "adam"
+    outer: Outer = "adam"
     """The outer optimiser: adam (outer_lr, outer_lr_decay, max_grad_norm) or trpo: a KL-constrained natural-gradient step on the post-update policies (the MAML paper's for RL; stacked policy families: nav2d; maml or fomaml)."""
     max_kl: float = 0.01
     """trpo: the step's bound on the mean KL between the post-update policies before and after it (delta)."""
@@ -116,7 +124,7 @@ class MetaConfig:
     """trpo: conjugate-gradient iterations per step."""
     fisher_fraction: float = 0.25
     """trpo: share of each batch's samples used for the curvature (KL-Hessian) products; 1 uses all."""
-    task_batching: str = "auto"
+    task_batching: TaskBatching = "auto"
     """stacked: each worker computes whole groups, all their tasks in one batched pass (sinusoid, nav2d); per_task: one worker call per task; auto: stacked where the family can."""
     iterations: int = 100
     """Meta-iterations to run (a resumed run stops at the same total)."""
@@ -134,7 +142,7 @@ class RayConfig:
     """Ray CPUs reserved per task worker (fractional, so 12 fit on a laptop)."""
     gpus_per_worker: float = 0.0
     """Ray GPUs per task worker (fractional) when the cluster has GPUs; 0 keeps workers on CPU."""
-    learner_gpus: str = "auto"
+    learner_gpus: LearnerGpus = "auto"
     """Learner GPU: 'auto' takes one when the cluster has any, '0' forces CPU, '1' requires one."""
     address: str = ""
     """Ray address to attach to; empty uses RAY_ADDRESS when set, else starts a local Ray."""
@@ -146,7 +154,7 @@ class RayConfig:
     """Times Ray restarts a dead task worker (a lost node or OOM kill restarts it elsewhere)."""
     task_downtime_s: float = 600.0
     """A task dropped from every iteration for this long stops the run (resume once fixed)."""
-    grad_reduce: str = "worker"
+    grad_reduce: GradReduce = "worker"
     """Where task gradients are summed before the learner: worker (one message per worker per
     iteration), node (then one per node), or task (every task's gradient goes to the learner)."""
 
@@ -157,7 +165,7 @@ class LogConfig:
     """Experiment name: the W&B group and the prefix of run names."""
     wandb_project: str = "metarl"
     """W&B project."""
-    wandb_mode: str = "auto"
+    wandb_mode: WandbMode = "auto"
     """auto (online with WANDB_API_KEY, else offline), online, offline or disabled."""
     progress: bool = True
     """Show a progress bar on stderr."""
@@ -209,7 +217,7 @@ class MinAtarConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    optimizer: str = "sgd"
+    optimizer: FinetuneOptimizer = "sgd"
     """The learner `metarl eval` and `sweep` fine-tune held-out tasks with: sgd (the inner loop's plain SGD, one step per rollout) or adam."""
     lr: float = 0.0
     """Its step size; 0 takes meta.inner_lr (alpha)."""
@@ -306,6 +314,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"config key '{key}' must have {len(args)} entries, got {list(value)!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is Literal:  # an enumeration of strings: coerced as a string, checked by check_enums
+        return _coerce(value, str, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -403,11 +413,22 @@ def atari_games() -> list[str]:
     return sorted(roms.get_all_rom_ids())
 
 
+def check_enums(cfg: Config) -> None:
+    """Every enumerated field (typed Literal) holds one of its values: the one place they are checked."""
+    for section in fields(cfg):
+        sub = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(sub))
+        for f in fields(sub):
+            allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None
+            if allowed and getattr(sub, f.name) not in allowed:
+                raise ConfigError(f"{section.name}.{f.name} '{getattr(sub, f.name)}' is unknown; "
+                                  f"allowed: {', '.join(allowed)}")
+
+
 def validate(cfg: Config) -> Config:
     """Check values that types alone cannot; raises ConfigError with one actionable line."""
+    check_enums(cfg)
     t, m, e, r = cfg.tasks, cfg.meta, cfg.env, cfg.ray
-    if t.family not in FAMILIES:
-        raise ConfigError(f"tasks.family '{t.family}' is unknown; allowed: {', '.join(FAMILIES)}")
     if not t.train:
         raise ConfigError("tasks.train is empty; list at least one training task")
     if len(set(t.train)) != len(t.train):
@@ -439,8 +460,6 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} = [{lo}, {hi}] must be [low, high] with low <= high")
     if not n.max_action > 0 or n.goal_tolerance < 0:
         raise ConfigError("nav2d.max_action must be positive and nav2d.goal_tolerance >= 0")
-    if m.algo not in ALGOS:
-        raise ConfigError(f"meta.algo '{m.algo}' is unknown; allowed: {', '.join(ALGOS)}")
     if m.skip < 1 or m.skip > len(t.train):
         raise ConfigError(
             f"meta.skip = {m.skip} does not fit {len(t.train)} training tasks; choose 1..{len(t.train)}"
@@ -448,25 +467,15 @@ def validate(cfg: Config) -> Config:
     for key, v in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr), ("meta.max_grad_norm", m.max_grad_norm)):
         if not v > 0:
             raise ConfigError(f"{key} = {v} must be positive")
-    if cfg.ray.grad_reduce not in GRAD_REDUCE:
-        raise ConfigError(f"ray.grad_reduce '{cfg.ray.grad_reduce}' is unknown; allowed: {', '.join(GRAD_REDUCE)}")
-    if m.grad_on not in GRAD_ON:
-        raise ConfigError(f"meta.grad_on '{m.grad_on}' is unknown; allowed: {', '.join(GRAD_ON)}")
     if m.grad_on == "learner" and (m.algo != "fomaml" or cfg.tasks.family != "atari"):
         raise ConfigError(f"meta.grad_on = learner ships Atari batches for first-order gradients; it does not apply to "
                           f"algo {m.algo} on {cfg.tasks.family} (use worker or auto)")
-    if m.task_batching not in TASK_BATCHING:
-        raise ConfigError(f"meta.task_batching '{m.task_batching}' is unknown; allowed: {', '.join(TASK_BATCHING)}")
     if m.task_batching == "stacked" and cfg.tasks.family not in STACKED_FAMILIES:
         raise ConfigError(f"meta.task_batching = stacked needs a family computed in stacks ({', '.join(STACKED_FAMILIES)}); "
                           f"{cfg.tasks.family} runs task by task: use auto or per_task")
-    if m.step_loss not in ("last", "mean"):
-        raise ConfigError(f"meta.step_loss '{m.step_loss}' is unknown; allowed: last, mean")
     if m.step_loss == "mean" and (m.algo == "reptile" or t.family not in STACKED_FAMILIES or m.task_batching == "per_task"):
         raise ConfigError(f"meta.step_loss = mean needs maml or fomaml on stacked {' or '.join(STACKED_FAMILIES)} tasks; "
                           f"got algo {m.algo} on {t.family} with meta.task_batching = {m.task_batching}")
-    if m.outer not in OUTERS:
-        raise ConfigError(f"meta.outer '{m.outer}' is unknown; allowed: {', '.join(OUTERS)}")
     if m.outer == "trpo":
         if t.family not in POLICY_STACKED or m.task_batching == "per_task":
             raise ConfigError(f"meta.outer = trpo needs a stacked policy family ({', '.join(POLICY_STACKED)}); "
@@ -480,14 +489,10 @@ def validate(cfg: Config) -> Config:
     if t.resample and (t.family not in STACKED_FAMILIES or m.task_batching == "per_task"):
         raise ConfigError(f"tasks.resample draws new {', '.join(STACKED_FAMILIES)} tasks each iteration in stacked mode; "
                           f"it does not apply to {t.family} with meta.task_batching = {m.task_batching}")
-    if m.outer_lr_decay not in LR_DECAYS:
-        raise ConfigError(f"meta.outer_lr_decay '{m.outer_lr_decay}' is unknown; allowed: {', '.join(LR_DECAYS)}")
     if m.inner_steps < 0 or (m.inner_steps == 0 and m.algo != "fomaml"):
         raise ConfigError(f"meta.inner_steps = {m.inner_steps}: use >= 1, or 0 with algo fomaml (joint pre-training, "
                           f"no inner loop); got algo {m.algo}")
     f = cfg.finetune
-    if f.optimizer not in FINETUNE_OPTIMIZERS:
-        raise ConfigError(f"finetune.optimizer '{f.optimizer}' is unknown; allowed: {', '.join(FINETUNE_OPTIMIZERS)}")
     if f.rollout_len < 0:
         raise ConfigError(f"finetune.rollout_len = {f.rollout_len} must be >= 0 (0: env.rollout_len)")
     if f.lr < 0 or f.max_grad_norm < 0:
@@ -514,14 +519,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("loss.gamma must be in (0, 1] and loss.gae_lambda in [0, 1]")
     if r.workers < 0 or r.cpus_per_worker < 0 or r.gpus_per_worker < 0:
         raise ConfigError("ray.workers, ray.cpus_per_worker and ray.gpus_per_worker must be >= 0")
-    if r.learner_gpus not in ("auto", "0", "1"):
-        raise ConfigError(f"ray.learner_gpus '{r.learner_gpus}' is unknown; allowed: auto, 0, 1")
     if r.call_timeout_s <= 0 or r.task_downtime_s <= 0:
         raise ConfigError("ray.call_timeout_s and ray.task_downtime_s must be positive")
     if cfg.log.every < 1:
         raise ConfigError(f"log.every must be a whole number >= 1 (iterations per logged row), got {cfg.log.every}")
-    if cfg.log.wandb_mode not in WANDB_MODES:
-        raise ConfigError(f"log.wandb_mode '{cfg.log.wandb_mode}' is unknown; allowed: {', '.join(WANDB_MODES)}")
     return cfg
 
 

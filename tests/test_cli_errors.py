@@ -158,3 +158,26 @@ def test_a_config_beyond_the_machine_is_refused_before_anything_starts(tmp_path,
     p = metarl("run", "--config", str(CONFIGS / "smoke.yaml"), "--local", "--set", setting, "--out", str(out))
     assert_usage_error(p, *needles)
     assert not out.exists()  # no run directory left behind
+
+
+def test_every_enumerated_field_is_checked_whatever_builds_the_config():
+    """Enumerations are typed (Literal) and checked in one place: also for a Config built in code."""
+    import dataclasses
+    import typing
+
+    from metarl import config as config_mod
+
+    cfg = config_mod.Config()
+    checked = 0
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            if typing.get_origin(typing.get_type_hints(type(sub))[f.name]) is not typing.Literal:
+                continue
+            bad = dataclasses.replace(cfg, **{section.name: dataclasses.replace(sub, **{f.name: "bogus"})})
+            with pytest.raises(config_mod.ConfigError, match=f"{section.name}.{f.name} 'bogus' is unknown; allowed: "):
+                config_mod.validate(bad)
+            checked += 1
+    assert checked >= 11
+    # YAML reads `learner_gpus: 0` as a number: coerced to the string the enumeration holds
+    assert config_mod.from_dict({"ray": {"learner_gpus": 0}}).ray.learner_gpus == "0"
