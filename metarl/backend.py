@@ -13,10 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 
-class CallFailed(RuntimeError):
-    """A worker call died, raised or hung; `task` names the task it was running."""
-
-
 @dataclass
 class LocalRef:
     value: Any = None
@@ -67,9 +63,6 @@ class LocalBackend:
 
     def node_memory(self) -> list[float]:
         return [float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
-
-    def pid_of(self, actor: Any) -> int:
-        return os.getpid()
 
     def shutdown(self) -> None:
         pass
@@ -133,9 +126,6 @@ class RayBackend:
     def kill(self, actor: Any) -> None:
         """Kill a hung actor; Ray restarts it (max_restarts) for the next iteration."""
         self.ray.kill(actor, no_restart=False)
-
-    def pid_of(self, actor: Any) -> int:
-        return self.ray.get(actor.pid.remote())
 
     def shutdown(self) -> None:
         if self.owns_ray:

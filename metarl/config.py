@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from metarl.families import TRAITS
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the CLI prints it as one line and exits 2."""
@@ -40,8 +42,10 @@ FinetuneOptimizer = Literal["sgd", "adam"]
 ALGOS, FAMILIES, LR_DECAYS = typing.get_args(Algo), typing.get_args(Family), typing.get_args(LrDecay)
 GRAD_ON, GRAD_REDUCE, TASK_BATCHING = typing.get_args(GradOn), typing.get_args(GradReduce), typing.get_args(TaskBatching)
 OUTERS, WANDB_MODES, FINETUNE_OPTIMIZERS = typing.get_args(Outer), typing.get_args(WandbMode), typing.get_args(FinetuneOptimizer)
-GAME_FAMILIES = ("atari", "minatar")  # episodic games: `metarl eval`, `sweep` and `bench` apply
-MINATAR_GAMES = ("asterix", "breakout", "freeway", "seaquest", "space_invaders")
+# what each family can do is declared in metarl.families (TRAITS); these tuples are read off it
+GAME_FAMILIES = tuple(n for n, t in TRAITS.items() if t.games)  # `metarl eval`, `sweep`, `bench` apply
+STACKED_FAMILIES = tuple(n for n, t in TRAITS.items() if t.stacked)
+POLICY_STACKED = tuple(n for n, t in TRAITS.items() if t.stacked and t.policy)  # meta.outer = trpo
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,6 @@ class LossConfig:
     """Samples per forward+backward of an Atari gradient (summed over chunks, same result): bounds a worker's memory; 0 = whole batch."""
 
 
-STACKED_FAMILIES = ("sinusoid", "nav2d")
-POLICY_STACKED = ("nav2d",)  # stacked families with a policy distribution (meta.outer = trpo)
 
 
 @dataclass(frozen=True)
@@ -407,12 +409,6 @@ def override(cfg: Config, dotted: str, raw: Any) -> Config:
 # semantic validation
 
 
-def atari_games() -> list[str]:
-    from ale_py import roms
-
-    return sorted(roms.get_all_rom_ids())
-
-
 def check_enums(cfg: Config) -> None:
     """Every enumerated field (typed Literal) holds one of its values: the one place they are checked."""
     for section in fields(cfg):
@@ -434,25 +430,14 @@ def validate(cfg: Config) -> Config:
     if len(set(t.train)) != len(t.train):
         dup = sorted({g for g in t.train if t.train.count(g) > 1})
         raise ConfigError(f"tasks.train lists {', '.join(dup)} more than once; each task once")
-    if t.family == "atari":
-        valid = set(atari_games())
-        for key, games in (("tasks.train", t.train), ("tasks.heldout", t.heldout)):
-            bad = [g for g in games if g not in valid]
-            if bad:
-                raise ConfigError(
-                    f"{key}: unknown Atari game '{bad[0]}'; valid games: {', '.join(sorted(valid))}"
-                )
-    if t.family == "minatar":
-        for key, games in (("tasks.train", t.train), ("tasks.heldout", t.heldout)):
-            bad = [g for g in games if g not in MINATAR_GAMES]
-            if bad:
-                raise ConfigError(f"{key}: unknown MinAtar game '{bad[0]}'; valid games: {', '.join(MINATAR_GAMES)}")
-    if t.family in ("sinusoid", "nav2d"):
-        prefix = "sine" if t.family == "sinusoid" else "goal"
-        for key, names in (("tasks.train", t.train), ("tasks.heldout", t.heldout)):
-            bad = [x for x in names if not (x.startswith(f"{prefix}-") and x[len(prefix) + 1:].isdigit())]
-            if bad:
-                raise ConfigError(f"{key}: {t.family} task '{bad[0]}' must be named {prefix}-<index>, e.g. {prefix}-0017")
+    traits = TRAITS[t.family]
+    for key, names in (("tasks.train", t.train), ("tasks.heldout", t.heldout)):
+        bad = traits.check_names(names)
+        if bad is not None and traits.games:
+            label = {"atari": "Atari game", "minatar": "MinAtar game"}[t.family]
+            raise ConfigError(f"{key}: unknown {label} '{bad}'; valid games: {', '.join(traits.valid_games())}")
+        if bad is not None:
+            raise ConfigError(f"{key}: {t.family} task '{bad}' must be named {traits.names}")
     s, n = cfg.sinusoid, cfg.nav2d
     for key, (lo, hi) in (("sinusoid.amp_range", s.amp_range), ("sinusoid.phase_range", s.phase_range),
                           ("sinusoid.x_range", s.x_range), ("nav2d.goal_range", n.goal_range)):

@@ -15,6 +15,7 @@ from metarl import config as config_mod
 from metarl.backend import LocalBackend, RayBackend
 from metarl.config import Config
 from metarl.learner import Learner
+from metarl.families import TRAITS
 from metarl.meta import ALGORITHMS
 from metarl.tasks import make_family
 from metarl.worker import TaskWorker
@@ -68,7 +69,7 @@ def resolve_stacked(cfg: Config) -> bool:
     """meta.task_batching auto: stacked wherever the family has a stacked form (cheap tasks, where
     one call per task costs more than the task itself)."""
     if cfg.meta.task_batching == "auto":
-        return cfg.tasks.family in config_mod.STACKED_FAMILIES
+        return TRAITS[cfg.tasks.family].stacked
     return cfg.meta.task_batching == "stacked"
 
 

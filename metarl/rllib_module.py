@@ -41,11 +41,12 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 
 from metarl import checkpoint, config as config_mod
 from metarl.config import Config, ConfigError, EnvConfig, LossConfig, MinAtarConfig
+from metarl.families import TRAITS
 from metarl.policy import MINATAR_CHANNELS, NUM_ATARI_ACTIONS, NUM_MINATAR_ACTIONS, ParamSpec
 from metarl.fleet import task_seed
 from metarl.tasks.atari import AtariFamily, make_vector_env
 
-RLLIB_FAMILIES = ("atari", "minatar")
+RLLIB_FAMILIES = tuple(n for n, t in TRAITS.items() if t.games)  # episodic games with a value head
 PPO_LEARNER = "rllib-ppo"
 
 

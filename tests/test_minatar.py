@@ -13,7 +13,7 @@ import torch
 
 from metarl import config as config_mod
 from metarl.cli import main
-from metarl.config import MINATAR_GAMES
+from metarl.families import MINATAR_GAMES
 from metarl.evaluate import EvalSpec, FineTuneLearner, assemble, finetune, initial_theta
 from metarl.policy import MINATAR_CHANNELS, NUM_MINATAR_ACTIONS, init_params
 from metarl.run import run

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metarl.families import TRAITS
 from metarl.config import EnvConfig, LossConfig
 from metarl.policy import NUM_ATARI_ACTIONS, NatureCNN, Params, forward
 from metarl.tasks.base import Batch, Task, TaskFamily
@@ -127,6 +128,7 @@ class AtariTask(ActorCriticTask):
 
 @dataclass(frozen=True)
 class AtariFamily(TaskFamily):
+    traits = TRAITS["atari"]
     env: EnvConfig
     loss: LossConfig
 

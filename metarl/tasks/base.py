@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metarl.families import Traits
 from metarl.policy import Params
 
 
@@ -170,6 +171,9 @@ class TaskFamily(abc.ABC):
         """A TaskStack over `tasks`, or None when the family only computes task by task (Atari:
         each game's emulators are its own)."""
         return None
+
+    traits: Traits
+    """What the family can do (metarl.families.TRAITS): stacked, policy, games, task names."""
 
     frames_per_step: int = 1
     """Emulator frames per agent step (Atari: the frameskip)."""

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from metarl.config import MINATAR_GAMES, EnvConfig, LossConfig, MinAtarConfig
+from metarl.families import MINATAR_GAMES, TRAITS
+from metarl.config import EnvConfig, LossConfig, MinAtarConfig
 from metarl.policy import MINATAR_CHANNELS, NUM_MINATAR_ACTIONS, MinAtarNet, Params, forward
 from metarl.tasks.base import Batch, Task, TaskFamily
 from metarl.tasks.rollout import ActorCriticTask
@@ -141,6 +142,7 @@ def raw_steps_per_second(game: str, cfg: MinAtarConfig, num_envs: int, steps: in
 
 @dataclass(frozen=True)
 class MinAtarFamily(TaskFamily):
+    traits = TRAITS["minatar"]
     env: EnvConfig
     minatar: MinAtarConfig
     loss: LossConfig

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metarl.families import TRAITS
 from metarl.config import ConfigError, LossConfig, Nav2dConfig
 from metarl.losses import gaussian_log_prob as log_prob, gaussian_pg_loss
 from metarl.policy import Params, linear
@@ -269,6 +270,7 @@ class Nav2dStack(TaskStack):
 
 @dataclass(frozen=True)
 class Nav2dFamily(TaskFamily):
+    traits = TRAITS["nav2d"]
     cfg: Nav2dConfig
     loss_cfg: LossConfig
 

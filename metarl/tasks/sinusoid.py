@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metarl.families import TRAITS
 from metarl.config import ConfigError, SinusoidConfig
 from metarl.losses import mse
 from metarl.policy import MLP, Params, forward, mlp_forward
@@ -126,6 +127,7 @@ class SinusoidStack(TaskStack):
 
 @dataclass(frozen=True)
 class SinusoidFamily(TaskFamily):
+    traits = TRAITS["sinusoid"]
     cfg: SinusoidConfig
 
     def make_model(self) -> nn.Module:
