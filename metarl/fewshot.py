@@ -1,4 +1,6 @@
-"""`metarl fewshot`: the MAML paper's few-shot numbers (sinusoids, 2D navigation) and their cost.
+"""The MAML paper's few-shot numbers (sinusoids, 2D navigation): adaptation curves, step-size
+tuning and the report. The `metarl fewshot` commands are in metarl.fewshot_cli; the joint
+pre-training baseline in metarl.pretrain, the cost per meta-iteration in metarl.profiling.
 
   metarl fewshot pretrain --config configs/sinusoid.yaml --out DIR    joint training on all tasks
   metarl fewshot eval --checkpoint maml=RUN --checkpoint fomaml=RUN ... --pretrained DIR --out DIR
@@ -17,9 +19,6 @@ baselines get one step size for all steps, tuned on separate validation tasks (t
 
 from __future__ import annotations
 
-import dataclasses
-
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -30,15 +29,10 @@ import numpy as np
 import torch
 
 from metarl import checkpoint, config as config_mod, meta
-from metarl.cliargs import add_config_args, resolve_config
 from metarl.config import Config, ConfigError
 from metarl.evaluate import t95
 from metarl.policy import ParamSpec, init_params
-from metarl.fleet import start_fleet, task_seed
-from metarl.iteration import meta_iteration
-from metarl.run import prepare_run_dir
 from metarl.tasks import make_family
-from metarl.worker import iteration_seed
 
 PAPER = {  # Finn et al. 2017: Table 2 (sinusoid, K = 5, after 1/5/10 steps) and Figure 4 (2D navigation)
     "sinusoid": {"MAML (paper)": {1: 0.67, 5: 0.38, 10: 0.35}, "pre-trained (paper)": {1: 2.41, 5: 2.23, 10: 2.19}},
@@ -319,184 +313,3 @@ def write_report(result: dict[str, Any], out: Path) -> list[Path]:
     paths[1].write_text(json.dumps(result, indent=1, default=str) + "\n")
     plot(result, paths[2])
     return paths
-
-
-# ---- joint pre-training baseline -------------------------------------------------------------------
-
-
-def pretrain(cfg: Config, out: Path, iterations: int, lr: float, log=print) -> Path:
-    """One network trained on every training task at once (no adaptation): Adam on the mean loss of
-    a fresh batch from each task per iteration (with tasks.resample, fresh tasks too, as the
-    meta-learners see them). Writes a checkpoint `fewshot eval` reads."""
-    prepare_run_dir(out, resume=False)
-    family = make_family(cfg)
-    torch.manual_seed(cfg.meta.seed)
-    model = family.make_model()
-    theta = {k: v.requires_grad_(True) for k, v in init_params(model).items()}
-    opt = torch.optim.Adam(list(theta.values()), lr=lr)
-    tasks = [family.make_task(n, task_seed(cfg.meta.seed, i)) for i, n in enumerate(cfg.tasks.train)]
-    t0 = time.perf_counter()
-    for it in range(iterations):
-        if cfg.tasks.resample:
-            for i, t in enumerate(tasks):
-                t.reseed(iteration_seed(task_seed(cfg.meta.seed, i), it), redraw=True)
-        losses = [t.loss(model, theta, t.sample(model, theta))[0] for t in tasks]
-        loss = torch.stack(losses).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (it + 1) % max(iterations // 10, 1) == 0:
-            log(f"pretrain {it + 1}/{iterations}: mean loss {float(loss.detach()):.4f} ({time.perf_counter() - t0:.0f}s)")
-    flat = torch.from_numpy(ParamSpec.of(model).flatten(theta))
-    return checkpoint.save(out, {"theta": flat, "optimizer": opt.state_dict(), "iteration": iterations,
-                                 "config": config_mod.to_dict(cfg), "kind": "pretrained"})
-
-
-# ---- cost per meta-iteration ---------------------------------------------------------------------------
-
-
-def peak_tensor_bytes(fn) -> int:
-    """Peak tensor memory the CPU allocator holds during fn() above its level at the start (torch
-    profiler allocation events, replayed in time order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    level = peak = 0
-    for _, delta in events:
-        level += delta
-        peak = max(peak, level)
-    return peak
-
-
-def cost(cfg: Config, iterations: int, log=print) -> list[dict[str, Any]]:
-    """Seconds (median over `iterations`) and peak tensor memory of one meta-iteration of each
-    algorithm, same family, tasks, skip and batch, all actors in this process (--local)."""
-    rows = []
-    for algo in ("maml", "fomaml", "reptile"):
-        base = config_mod.override(cfg, "meta.outer", "adam") if algo == "reptile" else cfg  # no surrogate to constrain
-        c = config_mod.override(base, "meta.algo", algo)
-        fleet = start_fleet(c, local=True)
-        rng = np.random.default_rng(c.meta.seed)
-        step = lambda: meta_iteration(fleet, c.tasks.train, meta.make_groups(c.num_tasks, c.meta.skip, rng),  # noqa: E731
-                               algo, c.ray.call_timeout_s, int(rng.integers(1 << 30)))
-        step()  # warm-up
-        secs = []
-        for _ in range(iterations):
-            t0 = time.perf_counter()
-            step()
-            secs.append(time.perf_counter() - t0)
-        peak = peak_tensor_bytes(step)
-        rows.append({"algo": algo, "outer": c.meta.outer, "seconds": float(np.median(secs)), "peak_mb": peak / 2**20})
-        log(f"{algo:>7} ({c.meta.outer}): {rows[-1]['seconds']:.3f} s/iteration (median of {iterations}), "
-            f"peak tensor memory {rows[-1]['peak_mb']:.2f} MiB")
-    maml_s = rows[0]["seconds"]
-    for r in rows:
-        r["vs_maml"] = r["seconds"] / maml_s
-    return rows
-
-
-# ---- CLI -----------------------------------------------------------------------------------------------
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"'{text}' must be comma-separated integers, e.g. 0,1,5,10") from None
-    if not vals or min(vals) < 0:
-        raise ConfigError(f"'{text}' must list non-negative integers")
-    return vals
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    inits, groups = [], {}
-    for item in args.checkpoint:
-        if "=" not in item:
-            raise ConfigError(f"--checkpoint {item!r} must look like LABEL=RUN_DIR_OR_FILE, e.g. maml=runs/sine-maml")
-        label, paths = item.split("=", 1)
-        paths = [p for p in paths.split(",") if p]
-        if len(paths) == 1:
-            inits.append(load_init(label, paths[0]))
-            continue
-        groups[label] = [f"{label} [{Path(p).name}]" for p in paths]  # one training run per path
-        inits += [load_init(name, p) for name, p in zip(groups[label], paths)]
-    if args.pretrained:
-        inits.append(load_init("pre-trained", args.pretrained))
-    if not inits:
-        raise ConfigError("fewshot eval needs at least one --checkpoint LABEL=DIR or --pretrained DIR")
-    if not args.no_random:
-        inits.append(random_init(inits[0].cfg))
-    if args.tasks < 2:
-        raise ConfigError(f"--tasks {args.tasks} must be at least 2")
-    if getattr(args, "episodes", None) is not None:
-        if args.episodes < 2:
-            raise ConfigError(f"--episodes {args.episodes} must be at least 2")
-        inits = [dataclasses.replace(i, cfg=config_mod.override(i.cfg, "nav2d.episodes", args.episodes)) for i in inits]
-    later = getattr(args, "later_lr", "same")
-    if later not in ("same", "tune"):
-        try:
-            if not 0 < float(later) < float("inf"):
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"--later-lr {later!r} must be same, tune or a positive step size, e.g. 0.1") from None
-    result = evaluate(inits, args.tasks, _ints(args.shots), _ints(args.steps), args.query, later_lr=later)
-    result["rows"] += over_training_runs(result["rows"], groups)
-    for p in write_report(result, Path(args.out)):
-        print(f"wrote {p}")
-    print(markdown(result))
-    return 0
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
-    if args.iterations < 1 or not args.lr > 0:
-        raise ConfigError("--iterations must be >= 1 and --lr positive")
-    print(f"wrote {pretrain(cfg, Path(args.out), args.iterations, args.lr)}")
-    return 0
-
-
-def cmd_cost(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
-    rows = cost(cfg, args.iterations)
-    print(f"\n{cfg.tasks.family}: {cfg.num_tasks} tasks, skip {cfg.meta.skip}, S = {cfg.meta.inner_steps}, --local")
-    print("| algo | s / meta-iteration | vs MAML | peak tensor MiB |\n| --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['algo']} | {r['seconds']:.3f} | {r['vs_maml']:.2f} | {r['peak_mb']:.2f} |")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "cost.json").write_text(json.dumps(rows, indent=1) + "\n")
-    return 0
-
-
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("fewshot", help="MAML-paper few-shot results (sinusoid, nav2d) and per-iteration cost")
-    sub = p.add_subparsers(dest="fewshot_command", required=True)
-    e = sub.add_parser("eval", help="adapt checkpoints on held-out tasks: score after 0..n SGD steps")
-    e.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
-                   help="a run directory or checkpoint file, e.g. maml=runs/sine-maml (repeatable)")
-    e.add_argument("--pretrained", help="directory written by `metarl fewshot pretrain`")
-    e.add_argument("--no-random", action="store_true", help="leave out the randomly initialised network")
-    e.add_argument("--tasks", type=int, default=100, help="held-out tasks (sine-100000..., goal-100000...)")
-    e.add_argument("--shots", default="5,10", help="sinusoid K values, comma-separated")
-    e.add_argument("--steps", default="0,1,5,10", help="report after these SGD steps (nav2d: e.g. 0,1,2,3)")
-    e.add_argument("--query", type=int, default=100, help="sinusoid query points per task for the MSE")
-    e.add_argument("--episodes", type=int, default=None,
-                   help="nav2d episodes per rollout and step (default: the checkpoint's nav2d.episodes; the paper's test: 40)")
-    e.add_argument("--later-lr", default="same", metavar="same|tune|LR",
-                   help="meta-trained checkpoints: step size after the meta.inner_steps they were trained for; same = "
-                        "their inner_lr, tune = each step's best of alpha/2^k (k = 0..7) on validation tasks, or a number")
-    e.add_argument("--out", required=True, help="directory for fewshot.md, fewshot.json and fewshot.png")
-    e.set_defaults(func=cmd_eval)
-    t = sub.add_parser("pretrain", help="train one network on all training tasks jointly (the baseline)")
-    add_config_args(t)
-    t.add_argument("--iterations", type=int, default=2000, help="Adam steps, each on a fresh batch of every task")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam step size")
-    t.add_argument("--out", required=True, help="output directory (a checkpoint as `metarl run` writes)")
-    t.set_defaults(func=cmd_pretrain)
-    c = sub.add_parser("cost", help="seconds and peak memory per meta-iteration: MAML vs FOMAML vs Reptile")
-    add_config_args(c)
-    c.add_argument("--iterations", type=int, default=5, help="timed iterations per algorithm (median reported)")
-    c.add_argument("--out", help="also write cost.json here")
-    c.set_defaults(func=cmd_cost)

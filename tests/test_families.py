@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO, assert_png
-from metarl import config as config_mod, fewshot
+from metarl import config as config_mod, fewshot, fewshot_cli, pretrain
 from metarl.config import Config, ConfigError, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
 from metarl.losses import gae
 from metarl.meta import make_groups
@@ -111,7 +111,7 @@ def sine_runs(tmp_path_factory):
         log=dataclasses.replace(Config().log, wandb_mode="disabled", progress=False),
     ))
     run(cfg, root / "maml", local=True, log=lambda *_: None)
-    fewshot.pretrain(cfg, root / "pretrained", iterations=150, lr=0.01, log=lambda *_: None)
+    pretrain.pretrain(cfg, root / "pretrained", iterations=150, lr=0.01, log=lambda *_: None)
     return root
 
 
@@ -134,7 +134,7 @@ def test_meta_trained_init_adapts_far_better_than_pretrained(sine_runs):
 
 def test_fewshot_eval_writes_table_json_and_plot(sine_runs, tmp_path):
     out = tmp_path / "fs"
-    code = fewshot.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=str(sine_runs / "pretrained"),
+    code = fewshot_cli.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=str(sine_runs / "pretrained"),
                                   no_random=False, tasks=4, shots="5", steps="0,1", query=20, out=str(out)))
     assert code == 0
     result = json.loads((out / "fewshot.json").read_text())
@@ -143,10 +143,10 @@ def test_fewshot_eval_writes_table_json_and_plot(sine_runs, tmp_path):
     assert "| maml | 5 | 0.01 |" in (out / "fewshot.md").read_text()
     assert_png(out / "fewshot.png")
     with pytest.raises(ConfigError, match="--episodes 1"):
-        fewshot.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
+        fewshot_cli.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
                                shots="5", steps="0", query=20, episodes=1, out=str(out)))
     for later in ("tune", "0.003"):  # a step size after the trained steps: tuned on validation tasks, or given
-        fewshot.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
+        fewshot_cli.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
                                shots="5", steps="0,2", query=20, later_lr=later, out=str(out)))
         row = json.loads((out / "fewshot.json").read_text())["rows"][0]
         assert row["inner_lr"] == 0.01 and row["later_from_step"] == 2
@@ -158,10 +158,10 @@ def test_fewshot_eval_writes_table_json_and_plot(sine_runs, tmp_path):
     assert fewshot.schedule(0.5, (0.1,), 1, 3) == (0.5, 0.1, 0.1) and fewshot.schedule(0.5, (0.1,), 2, 3) == (0.5, 0.5, 0.1)
     assert fewshot.schedule(0.5, (0.2, 0.1), 1, 4) == (0.5, 0.2, 0.1, 0.1)
     with pytest.raises(ConfigError, match="--later-lr"):
-        fewshot.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
+        fewshot_cli.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
                                shots="5", steps="0", query=20, later_lr="fast", out=str(out)))
     with pytest.raises(ConfigError, match="LABEL="):
-        fewshot.cmd_eval(_args(checkpoint=["nonsense"], pretrained=None, no_random=True, tasks=4, shots="5",
+        fewshot_cli.cmd_eval(_args(checkpoint=["nonsense"], pretrained=None, no_random=True, tasks=4, shots="5",
                                steps="0", query=20, out=str(out)))
 
 
