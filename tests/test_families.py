@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO, assert_png
-from metarl import config as config_mod, fewshot, fewshot_cli, pretrain
+from metarl import config as config_mod, fewshot, fewshot_cli, pretrain, profiling
 from metarl.config import Config, ConfigError, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
 from metarl.losses import gae
 from metarl.meta import make_groups
@@ -53,6 +53,7 @@ def test_nav2d_moves_are_clipped_rewards_are_minus_distance_and_episodes_end_at_
     cfg = Nav2dConfig(episodes=6, horizon=30, init_log_std=0.5)  # many actions saturate
     fam = Nav2dFamily(cfg, LossConfig())
     task = fam.make_task("goal-0003", 0)
+    torch.manual_seed(0)  # the network's draw decides whether an episode reaches the goal early (fewer rows)
     model = fam.make_model()
     batch = task.sample(model, init_params(model))
     obs, actions = batch.data["obs"].reshape(30, 6, 2), batch.data["actions"].reshape(30, 6, 2)
@@ -174,7 +175,7 @@ def _args(**kw):
 def test_fewshot_cost_reports_every_algorithm():
     cfg = config_mod.validate(Config(tasks=TasksConfig(family="sinusoid", train=task_names(0, 4)),
                                      meta=MetaConfig(skip=2, inner_steps=2)))
-    rows = fewshot.cost(cfg, iterations=2, log=lambda *_: None)
+    rows = profiling.cost(cfg, iterations=2, log=lambda *_: None)
     assert [r["algo"] for r in rows] == ["maml", "fomaml", "reptile"]
     assert all(r["seconds"] > 0 and r["peak_mb"] > 0 for r in rows)
     assert rows[0]["vs_maml"] == 1.0
@@ -186,7 +187,7 @@ def test_fewshot_cost_times_the_trust_region_step_on_nav2d():
     cfg = config_mod.load(CONFIGS / "nav2d.yaml")
     for key, value in (("tasks.train", "[goal-0, goal-1, goal-2]"), ("nav2d.episodes", 3), ("nav2d.horizon", 6)):
         cfg = config_mod.override(cfg, key, value)
-    rows = fewshot.cost(config_mod.validate(cfg), iterations=1, log=lambda *_: None)
+    rows = profiling.cost(config_mod.validate(cfg), iterations=1, log=lambda *_: None)
     assert [(r["algo"], r["outer"]) for r in rows] == [("maml", "trpo"), ("fomaml", "trpo"), ("reptile", "adam")]
     assert all(r["seconds"] > 0 for r in rows)
 
