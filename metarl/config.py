@@ -421,10 +421,16 @@ def check_enums(cfg: Config) -> None:
                                   f"allowed: {', '.join(allowed)}")
 
 
-def validate(cfg: Config) -> Config:
-    """Check values that types alone cannot; raises ConfigError with one actionable line."""
-    check_enums(cfg)
-    t, m, e, r = cfg.tasks, cfg.meta, cfg.env, cfg.ray
+def _positive(*pairs: tuple[str, float], at_least_one: bool = False) -> None:
+    for key, v in pairs:
+        if at_least_one and v < 1:
+            raise ConfigError(f"{key} = {v} must be at least 1")
+        if not at_least_one and not v > 0:
+            raise ConfigError(f"{key} = {v} must be positive")
+
+
+def _check_tasks(cfg: Config) -> None:
+    t = cfg.tasks
     if not t.train:
         raise ConfigError("tasks.train is empty; list at least one training task")
     if len(set(t.train)) != len(t.train):
@@ -438,6 +444,64 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: unknown {label} '{bad}'; valid games: {', '.join(traits.valid_games())}")
         if bad is not None:
             raise ConfigError(f"{key}: {t.family} task '{bad}' must be named {traits.names}")
+
+
+def _check_env(cfg: Config) -> None:
+    e = cfg.env
+    _positive(("env.num_envs", e.num_envs), ("env.rollout_len", e.rollout_len), ("env.env_threads", e.env_threads),
+              ("env.frameskip", e.frameskip), at_least_one=True)
+    if not 0.0 <= e.sticky_actions <= 1.0:
+        raise ConfigError(f"env.sticky_actions = {e.sticky_actions} must be a probability in [0, 1]")
+    if e.noop_max < 0:
+        raise ConfigError(f"env.noop_max = {e.noop_max} must be >= 0")
+
+
+def _check_loss(cfg: Config) -> None:
+    if cfg.loss.grad_chunk < 0:
+        raise ConfigError(f"loss.grad_chunk = {cfg.loss.grad_chunk} must be >= 0 (0: the whole batch at once)")
+    if not 0.0 < cfg.loss.gamma <= 1.0 or not 0.0 <= cfg.loss.gae_lambda <= 1.0:
+        raise ConfigError("loss.gamma must be in (0, 1] and loss.gae_lambda in [0, 1]")
+
+
+def _check_meta(cfg: Config) -> None:
+    m = cfg.meta
+    _positive(("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr), ("meta.max_grad_norm", m.max_grad_norm))
+    _positive(("meta.iterations", m.iterations), ("meta.checkpoint_every", m.checkpoint_every), at_least_one=True)
+    if m.inner_steps < 0 or (m.inner_steps == 0 and m.algo != "fomaml"):
+        raise ConfigError(f"meta.inner_steps = {m.inner_steps}: use >= 1, or 0 with algo fomaml (joint pre-training, "
+                          f"no inner loop); got algo {m.algo}")
+    if m.outer == "trpo":
+        if m.algo == "reptile" or m.step_loss != "last":
+            raise ConfigError(f"meta.outer = trpo constrains the post-update policy of maml or fomaml with "
+                              f"meta.step_loss = last; got algo {m.algo}, step_loss {m.step_loss} (use meta.outer = adam)")
+        if not (0 < m.max_kl < math.inf) or m.cg_iters < 1 or not 0 < m.fisher_fraction <= 1:
+            raise ConfigError(f"meta.max_kl must be positive, meta.cg_iters >= 1 and meta.fisher_fraction in (0, 1]; "
+                              f"got {m.max_kl}, {m.cg_iters}, {m.fisher_fraction}")
+
+
+def _check_ray(cfg: Config) -> None:
+    r = cfg.ray
+    if r.workers < 0 or r.cpus_per_worker < 0 or r.gpus_per_worker < 0:
+        raise ConfigError("ray.workers, ray.cpus_per_worker and ray.gpus_per_worker must be >= 0")
+    if r.call_timeout_s <= 0 or r.task_downtime_s <= 0:
+        raise ConfigError("ray.call_timeout_s and ray.task_downtime_s must be positive")
+
+
+def _check_log(cfg: Config) -> None:
+    if cfg.log.every < 1:
+        raise ConfigError(f"log.every must be a whole number >= 1 (iterations per logged row), got {cfg.log.every}")
+
+
+def _check_finetune(cfg: Config) -> None:
+    f = cfg.finetune
+    if f.rollout_len < 0:
+        raise ConfigError(f"finetune.rollout_len = {f.rollout_len} must be >= 0 (0: env.rollout_len)")
+    if f.lr < 0 or f.max_grad_norm < 0:
+        raise ConfigError(f"finetune.lr and finetune.max_grad_norm must be >= 0 (0: alpha / no clipping); got {f.lr}, {f.max_grad_norm}")
+
+
+def _check_families(cfg: Config) -> None:
+    """The sections of the cheap families and MinAtar (checked whatever tasks.family is)."""
     s, n = cfg.sinusoid, cfg.nav2d
     for key, (lo, hi) in (("sinusoid.amp_range", s.amp_range), ("sinusoid.phase_range", s.phase_range),
                           ("sinusoid.x_range", s.x_range), ("nav2d.goal_range", n.goal_range)):
@@ -445,69 +509,63 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} = [{lo}, {hi}] must be [low, high] with low <= high")
     if not n.max_action > 0 or n.goal_tolerance < 0:
         raise ConfigError("nav2d.max_action must be positive and nav2d.goal_tolerance >= 0")
-    if m.skip < 1 or m.skip > len(t.train):
-        raise ConfigError(
-            f"meta.skip = {m.skip} does not fit {len(t.train)} training tasks; choose 1..{len(t.train)}"
-        )
-    for key, v in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr), ("meta.max_grad_norm", m.max_grad_norm)):
-        if not v > 0:
-            raise ConfigError(f"{key} = {v} must be positive")
-    if m.grad_on == "learner" and (m.algo != "fomaml" or cfg.tasks.family != "atari"):
-        raise ConfigError(f"meta.grad_on = learner ships Atari batches for first-order gradients; it does not apply to "
-                          f"algo {m.algo} on {cfg.tasks.family} (use worker or auto)")
-    if m.task_batching == "stacked" and cfg.tasks.family not in STACKED_FAMILIES:
-        raise ConfigError(f"meta.task_batching = stacked needs a family computed in stacks ({', '.join(STACKED_FAMILIES)}); "
-                          f"{cfg.tasks.family} runs task by task: use auto or per_task")
-    if m.step_loss == "mean" and (m.algo == "reptile" or t.family not in STACKED_FAMILIES or m.task_batching == "per_task"):
-        raise ConfigError(f"meta.step_loss = mean needs maml or fomaml on stacked {' or '.join(STACKED_FAMILIES)} tasks; "
-                          f"got algo {m.algo} on {t.family} with meta.task_batching = {m.task_batching}")
-    if m.outer == "trpo":
-        if t.family not in POLICY_STACKED or m.task_batching == "per_task":
-            raise ConfigError(f"meta.outer = trpo needs a stacked policy family ({', '.join(POLICY_STACKED)}); "
-                              f"{t.family} with meta.task_batching = {m.task_batching} uses meta.outer = adam")
-        if m.algo == "reptile" or m.step_loss != "last":
-            raise ConfigError(f"meta.outer = trpo constrains the post-update policy of maml or fomaml with "
-                              f"meta.step_loss = last; got algo {m.algo}, step_loss {m.step_loss} (use meta.outer = adam)")
-        if not (0 < m.max_kl < math.inf) or m.cg_iters < 1 or not 0 < m.fisher_fraction <= 1:
-            raise ConfigError(f"meta.max_kl must be positive, meta.cg_iters >= 1 and meta.fisher_fraction in (0, 1]; "
-                              f"got {m.max_kl}, {m.cg_iters}, {m.fisher_fraction}")
-    if t.resample and (t.family not in STACKED_FAMILIES or m.task_batching == "per_task"):
-        raise ConfigError(f"tasks.resample draws new {', '.join(STACKED_FAMILIES)} tasks each iteration in stacked mode; "
-                          f"it does not apply to {t.family} with meta.task_batching = {m.task_batching}")
-    if m.inner_steps < 0 or (m.inner_steps == 0 and m.algo != "fomaml"):
-        raise ConfigError(f"meta.inner_steps = {m.inner_steps}: use >= 1, or 0 with algo fomaml (joint pre-training, "
-                          f"no inner loop); got algo {m.algo}")
-    f = cfg.finetune
-    if f.rollout_len < 0:
-        raise ConfigError(f"finetune.rollout_len = {f.rollout_len} must be >= 0 (0: env.rollout_len)")
-    if f.lr < 0 or f.max_grad_norm < 0:
-        raise ConfigError(f"finetune.lr and finetune.max_grad_norm must be >= 0 (0: alpha / no clipping); got {f.lr}, {f.max_grad_norm}")
+    _positive(("sinusoid.k_shot", s.k_shot), ("nav2d.episodes", n.episodes), ("nav2d.horizon", n.horizon),
+              at_least_one=True)
     if not 0.0 <= cfg.minatar.sticky_actions <= 1.0 or cfg.minatar.max_episode_steps < 0:
         raise ConfigError("minatar.sticky_actions must be a probability in [0, 1] and minatar.max_episode_steps >= 0")
-    positive_ints = (
-        ("meta.iterations", m.iterations),
-        ("meta.checkpoint_every", m.checkpoint_every), ("env.num_envs", e.num_envs),
-        ("env.rollout_len", e.rollout_len), ("env.env_threads", e.env_threads), ("env.frameskip", e.frameskip),
-        ("sinusoid.k_shot", cfg.sinusoid.k_shot), ("nav2d.episodes", cfg.nav2d.episodes),
-        ("nav2d.horizon", cfg.nav2d.horizon),
-    )
-    for key, v in positive_ints:
-        if v < 1:
-            raise ConfigError(f"{key} = {v} must be at least 1")
-    if not 0.0 <= e.sticky_actions <= 1.0:
-        raise ConfigError(f"env.sticky_actions = {e.sticky_actions} must be a probability in [0, 1]")
-    if e.noop_max < 0:
-        raise ConfigError(f"env.noop_max = {e.noop_max} must be >= 0")
-    if cfg.loss.grad_chunk < 0:
-        raise ConfigError(f"loss.grad_chunk = {cfg.loss.grad_chunk} must be >= 0 (0: the whole batch at once)")
-    if not 0.0 < cfg.loss.gamma <= 1.0 or not 0.0 <= cfg.loss.gae_lambda <= 1.0:
-        raise ConfigError("loss.gamma must be in (0, 1] and loss.gae_lambda in [0, 1]")
-    if r.workers < 0 or r.cpus_per_worker < 0 or r.gpus_per_worker < 0:
-        raise ConfigError("ray.workers, ray.cpus_per_worker and ray.gpus_per_worker must be >= 0")
-    if r.call_timeout_s <= 0 or r.task_downtime_s <= 0:
-        raise ConfigError("ray.call_timeout_s and ray.task_downtime_s must be positive")
-    if cfg.log.every < 1:
-        raise ConfigError(f"log.every must be a whole number >= 1 (iterations per logged row), got {cfg.log.every}")
+
+
+SECTION_CHECKS = (_check_tasks, _check_env, _check_loss, _check_meta, _check_ray, _check_log, _check_finetune,
+                  _check_families)
+
+
+# Cross-field rules: each returns None or the one line that says what does not fit and how to fix it.
+def _skip_fits(cfg: Config) -> str | None:
+    n = len(cfg.tasks.train)
+    if not 1 <= cfg.meta.skip <= n:
+        return f"meta.skip = {cfg.meta.skip} does not fit {n} training tasks; choose 1..{n}"
+    return None
+
+
+def _grad_on_learner(cfg: Config) -> str | None:
+    m = cfg.meta
+    if m.grad_on == "learner" and (m.algo != "fomaml" or cfg.tasks.family != "atari"):
+        return (f"meta.grad_on = learner ships Atari batches for first-order gradients; it does not apply to "
+                f"algo {m.algo} on {cfg.tasks.family} (use worker or auto)")
+    return None
+
+
+def _stacking(cfg: Config) -> str | None:
+    m, fam = cfg.meta, cfg.tasks.family
+    stacked = TRAITS[fam].stacked and m.task_batching != "per_task"
+    if m.task_batching == "stacked" and not TRAITS[fam].stacked:
+        return (f"meta.task_batching = stacked needs a family computed in stacks ({', '.join(STACKED_FAMILIES)}); "
+                f"{fam} runs task by task: use auto or per_task")
+    if m.step_loss == "mean" and (m.algo == "reptile" or not stacked):
+        return (f"meta.step_loss = mean needs maml or fomaml on stacked {' or '.join(STACKED_FAMILIES)} tasks; "
+                f"got algo {m.algo} on {fam} with meta.task_batching = {m.task_batching}")
+    if m.outer == "trpo" and not (stacked and TRAITS[fam].policy):
+        return (f"meta.outer = trpo needs a stacked policy family ({', '.join(POLICY_STACKED)}); "
+                f"{fam} with meta.task_batching = {m.task_batching} uses meta.outer = adam")
+    if cfg.tasks.resample and not stacked:
+        return (f"tasks.resample draws new {', '.join(STACKED_FAMILIES)} tasks each iteration in stacked mode; "
+                f"it does not apply to {fam} with meta.task_batching = {m.task_batching}")
+    return None
+
+
+CROSS_RULES = (_skip_fits, _grad_on_learner, _stacking)
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone cannot: the enumerations, each section, then the cross-field
+    rules; raises ConfigError with one actionable line."""
+    check_enums(cfg)
+    for check in SECTION_CHECKS:
+        check(cfg)
+    for rule in CROSS_RULES:
+        problem = rule(cfg)
+        if problem:
+            raise ConfigError(problem)
     return cfg
 
 
