@@ -57,6 +57,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))
 
 
+def resolve(path: Path | str) -> Path:
+    """A checkpoint file as given, or a run directory's latest checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        latest_ckpt = latest(path)
+        if latest_ckpt is None:
+            raise CheckpointError(f"'{path}' holds no checkpoint; pass <run>/checkpoints/ckpt_*.pt")
+        return latest_ckpt
+    return path
+
+
 def load(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

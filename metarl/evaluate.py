@@ -477,12 +477,7 @@ def spec_from_args(args: argparse.Namespace, cfg: Config, prefix: str = "") -> E
 
 def load_checkpoint(path: Path) -> tuple[Path, dict[str, Any], Config]:
     """A checkpoint file, or a run directory (its latest checkpoint), with its validated config."""
-    path = Path(path)
-    if path.is_dir():
-        latest = checkpoint.latest(path)
-        if latest is None:
-            raise checkpoint.CheckpointError(f"'{path}' holds no checkpoint; pass <run>/checkpoints/ckpt_*.pt")
-        path = latest
+    path = checkpoint.resolve(path)
     state = checkpoint.load(path)
     if "config" not in state:
         raise checkpoint.CheckpointError(f"checkpoint '{path}' carries no config; it predates metarl eval")

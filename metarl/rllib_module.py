@@ -119,12 +119,7 @@ def build_module(family: str, theta: np.ndarray) -> MetarlModule:
 
 def load_theta(path: Path) -> tuple[Path, dict[str, Any], Config, np.ndarray]:
     """A metarl checkpoint (file or run directory) whose family can leave: path, state, config, theta."""
-    path = Path(path)
-    if path.is_dir():
-        latest = checkpoint.latest(path)
-        if latest is None:
-            raise checkpoint.CheckpointError(f"'{path}' holds no checkpoint; pass <run>/checkpoints/ckpt_*.pt")
-        path = latest
+    path = checkpoint.resolve(path)
     state = checkpoint.load(path)
     if not isinstance(state.get("config"), dict):
         raise checkpoint.CheckpointError(f"checkpoint '{path}' carries no config; its family is unknown")

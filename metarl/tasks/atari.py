@@ -128,6 +128,8 @@ class AtariTask(ActorCriticTask):
 
 @dataclass(frozen=True)
 class AtariFamily(TaskFamily):
+    """One ALE game per task, under the protocol of EnvConfig; the Nature CNN."""
+
     traits = TRAITS["atari"]
     env: EnvConfig
     loss: LossConfig
