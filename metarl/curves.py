@@ -174,10 +174,11 @@ def cmd_curve(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     points, table = summary_rows(episodes, at, args.window)
     write_csv(out / "curve_points.csv", points)
-    for r in refs:
-        if any(e.game == r["game"] for e in episodes):
-            table.append({"game": r["game"], "learner": f"reference: {r['source']}",
-                          **{f"{f:g}": (f"{r['value']:g}" if math.isclose(r["frames"], f) else "")
+    for game, source in dict.fromkeys((r["game"], r["source"]) for r in refs):
+        if any(e.game == game for e in episodes):  # one row per published learner, its values where frames match
+            mine = [r for r in refs if r["game"] == game and r["source"] == source]
+            table.append({"game": game, "learner": f"reference: {source}",
+                          **{f"{f:g}": next((f"{r['value']:g}" for r in mine if math.isclose(r["frames"], f)), "")
                              for f in at}})
     table = [r for r in table if any(v for k, v in r.items() if k not in ("game", "learner"))]
     table.sort(key=lambda r: r["game"])
