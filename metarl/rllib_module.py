@@ -312,7 +312,8 @@ def finetune_ppo(cfg: Config, game: str, start: Path, learner: PPOLearner, budge
             runners = result["env_runners"]
             steps = int(runners["num_env_steps_sampled_lifetime"])
             loss = float(result["learners"]["default_policy"]["total_loss"])
-            trace["episodes"] += [[len(trace["env_steps"]), float(r)] for r in runners.get("metarl/raw_return", [])]
+            returns = runners.get("metarl/raw_return", [])  # RLlib reports an empty series as NaN, not []
+            trace["episodes"] += [[len(trace["env_steps"]), float(r)] for r in (returns if isinstance(returns, (list, tuple)) else [])]
             trace["env_steps"].append(steps)
             trace["frames"].append(steps * frameskip)
             trace["reward_sum"].append(float(runners.get("metarl/raw_reward", 0.0)))
