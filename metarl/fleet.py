@@ -50,8 +50,13 @@ class Fleet:
     """meta.outer = trpo: max_kl, cg_iters"""
     reduce: str = "task"
     """ray.grad_reduce: where gradients are summed before the learner (task: not at all)"""
-    nodes: list[str] = field(default_factory=list)
-    """the Ray node of each worker at start-up (ray.grad_reduce = node groups workers by it)"""
+    worker_info: list[dict[str, Any]] = field(default_factory=list)
+    """each worker's `info()` at start-up: pid, host, Ray node, tasks (actors.json is written from it)"""
+
+    @property
+    def nodes(self) -> list[str]:
+        """The Ray node of each worker at start-up (ray.grad_reduce = node groups workers by it)."""
+        return [w["node"] for w in self.worker_info]
 
 
 def resolve_grad_on(cfg: Config, learner_gpus: float) -> str:
@@ -173,9 +178,10 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
     if m.outer == "trpo":
         notes.append(f"outer step: trpo (mean KL <= {m.max_kl}, {m.cg_iters} CG iterations on "
                      f"{m.fisher_fraction:.0%} of the samples), searched by the driver with the workers' products")
-    nodes = [w["node"] for w in backend.get([backend.call(w, "info") for w in workers])]
+    worker_info = backend.get([backend.call(w, "info") for w in workers])
     if cfg.ray.grad_reduce != "task" and grad_on == "worker":
+        nodes = len({w["node"] for w in worker_info})
         notes.append(f"gradients summed per {cfg.ray.grad_reduce} before the learner "
-                     f"({len(workers) if cfg.ray.grad_reduce == 'worker' else len(set(nodes))} messages per iteration)")
+                     f"({len(workers) if cfg.ray.grad_reduce == 'worker' else nodes} messages per iteration)")
     return Fleet(backend, learner, workers, owner, info, notes, grad_on, stacked, m.outer,
-                 {"max_kl": m.max_kl, "cg_iters": m.cg_iters}, cfg.ray.grad_reduce, nodes)
+                 {"max_kl": m.max_kl, "cg_iters": m.cg_iters}, cfg.ray.grad_reduce, worker_info)

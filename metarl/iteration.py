@@ -20,8 +20,6 @@ from metarl.fleet import Fleet
 from metarl.meta import ALGORITHMS, Algorithm, Group
 
 
-
-
 class Failure(str):
     """Why a call gave no result: the text the metrics show (`drop_reasons`) and its kind —
     died (the actor or its node is gone), raised (the call threw), timed_out (no answer in time)."""
@@ -77,14 +75,14 @@ class GradPart:
 
 
 def reduce_grads(fleet: Fleet, parts: list[GradPart], timeout: float,
-                 per_worker_done: bool = False) -> tuple[list[Any], int, dict[int, str]]:
+                 per_worker_done: bool = False) -> tuple[list[Any], int, dict[int, Failure]]:
     """Sum the parts where they lie (ray.grad_reduce): one sum per worker, then, with `node`, one
     per node (summed by one of its workers), so the learner receives one message per worker or
     node instead of one per task. Returns (refs for the learner, evaluations they count, tasks
     dropped because their sum failed, with the reason): a failed sum drops exactly its tasks."""
     if fleet.reduce == "task" or not parts:
         return [p.ref for p in parts], sum(p.count for p in parts), {}
-    dropped: dict[int, str] = {}
+    dropped: dict[int, Failure] = {}
     levels = (["worker"] if not per_worker_done else []) + (["node"] if fleet.reduce == "node" else [])
     for level in levels:
         key = (lambda p: p.worker) if level == "worker" else (lambda p: fleet.nodes[p.worker] if fleet.nodes else "")
@@ -93,7 +91,7 @@ def reduce_grads(fleet: Fleet, parts: list[GradPart], timeout: float,
     return [p.ref for p in parts], sum(p.count for p in parts), dropped
 
 
-def _sum_parts(fleet: Fleet, parts: list[GradPart], key: Any, timeout: float) -> tuple[list[GradPart], dict[int, str]]:
+def _sum_parts(fleet: Fleet, parts: list[GradPart], key: Any, timeout: float) -> tuple[list[GradPart], dict[int, Failure]]:
     """One `reduce` call per key (on the first part's worker) over the parts sharing that key;
     only the calls' small statuses come back to the driver, the sums stay in the object store."""
     b = fleet.backend

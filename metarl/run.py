@@ -190,9 +190,8 @@ def merge_window(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def write_actors_file(out: Path, fleet: Fleet) -> None:
     """actors.json: pid and host of the learner and of every worker with its tasks (operators use
     it to find the process behind a task; the fault-injection tests kill workers by these pids)."""
-    infos = [fleet.backend.get(fleet.backend.call(w, "info")) for w in fleet.workers]
     (out / "actors.json").write_text(json.dumps({"backend": fleet.backend.name, "learner": fleet.learner_info,
-                                                 "workers": infos}, indent=1))
+                                                 "workers": fleet.worker_info}, indent=1))
 
 
 def _discard_rows_after(out: Path, iteration: int) -> None:
