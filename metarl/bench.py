@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metarl import meta, scale
+from metarl import learner_bench, meta, scale
 from metarl.backend import RayBackend
 from metarl.cliargs import add_config_args, resolve_config
 from metarl.config import GAME_FAMILIES, Config, ConfigError
@@ -364,6 +364,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.config = "configs/atari12.yaml"
     if args.scale:
         return scale.cmd_scale(args)
+    if args.learner:
+        return learner_bench.main_args(args)
     cfg = resolve_config(args)
     figures, context = run_bench(cfg, args.quick)
     for k, v in context.items():
@@ -392,4 +394,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--scale-iterations", type=int, default=2, help="measured iterations per size, after one warm-up")
     s.add_argument("--work-ms", type=float, default=0.0, help="sleep per fixture rollout (default 0: overhead only)")
     s.add_argument("--out-dir", help="write scale.json, scale.md and scale.png here")
+    g = p.add_argument_group("learner benchmark (--learner): the learner's work on each device, CPU beside GPU")
+    g.add_argument("--learner", action="store_true", help="time the outer step, learner-side gradients, the "
+                                                          "fine-tuning PPO update and acting (metarl.learner_bench)")
+    learner_bench.add_args(g, json_flag=False)
     p.set_defaults(func=cmd_bench)

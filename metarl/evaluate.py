@@ -39,7 +39,7 @@ from metarl import checkpoint, config as config_mod, meta
 from metarl.backend import LocalBackend, RayBackend
 from metarl.cliargs import add_cluster_args, add_config_args, resolve_config
 from metarl.config import Config, ConfigError
-from metarl.learner import Learner
+from metarl.learner import Learner, lr_factor
 from metarl.plots import Panel, Series, save_grid, write_csv, write_json
 from metarl.policy import Params, ParamSpec
 from metarl.fleet import task_seed
@@ -72,43 +72,84 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class FineTuneLearner:
-    """How held-out tasks are fine-tuned: one update per fresh rollout of T x B env steps.
-    sgd with alpha is the inner loop of meta-training (meta.adapt with S = 1, repeated): what a
-    MAML theta is trained for; adam is the standard learner of the field (CleanRL's A2C/PPO)."""
+    """How held-out tasks are fine-tuned, each update on a fresh rollout of T x B env steps:
+    one gradient step per rollout (epochs = minibatches = 1), or PPO's clipped updates, `epochs`
+    passes of `minibatches` steps each. sgd with alpha, one step per rollout, is the inner loop of
+    meta-training (meta.adapt with S = 1, repeated): what a MAML theta is trained for; adam with
+    PPO's epochs is the standard learner of the field (CleanRL's PPO)."""
 
     optimizer: str = "sgd"
     lr: float = 0.01
     max_grad_norm: float = 0.0
     """0: no clipping."""
+    epochs: int = 1
+    minibatches: int = 1
+    clip: float = 0.1
+    lr_decay: str = "constant"
+    bf16: bool = False
 
     @staticmethod
     def of(cfg: Config) -> "FineTuneLearner":
-        return FineTuneLearner(cfg.finetune.optimizer, cfg.finetune_lr, cfg.finetune.max_grad_norm)
+        f = cfg.finetune
+        return FineTuneLearner(f.optimizer, cfg.finetune_lr, f.max_grad_norm, f.epochs, f.minibatches, f.clip,
+                               f.lr_decay, f.bf16)
+
+    @property
+    def ppo(self) -> bool:
+        return self.epochs * self.minibatches > 1
 
     @property
     def label(self) -> str:
-        clip = f", clip {self.max_grad_norm:g}" if self.max_grad_norm else ""
-        return f"{self.optimizer} lr {self.lr:g}{clip}"
+        ppo = f"PPO {self.epochs} epochs x {self.minibatches} minibatches, clip {self.clip:g}, " if self.ppo else ""
+        decay = f" ({self.lr_decay})" if self.lr_decay != "constant" else ""
+        clip = f", grad clip {self.max_grad_norm:g}" if self.max_grad_norm else ""
+        return f"{ppo}{self.optimizer} lr {self.lr:g}{decay}{clip}{', bf16' if self.bf16 else ''}"
 
 
 @torch.no_grad()
 def update(params: Params, grads: tuple[torch.Tensor, ...], learner: FineTuneLearner,
-           opt: torch.optim.Optimizer | None) -> None:
+           opt: torch.optim.Optimizer | None, lr: float | None = None) -> None:
     """One fine-tuning update of `params` in place: clip to learner.max_grad_norm (if set), then an
-    SGD step of learner.lr, or `opt`'s step (Adam over the same tensors)."""
+    SGD step of `lr` (default learner.lr), or `opt`'s step (Adam over the same tensors, its own lr)."""
     for p, g in zip(params.values(), grads):
         p.grad = g
     if learner.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(list(params.values()), learner.max_grad_norm)
     if opt is None:
+        step = learner.lr if lr is None else lr
         for p in params.values():
-            p -= learner.lr * p.grad
+            p -= step * p.grad
     else:
         opt.step()
 
 
 def make_optimizer(params: Params, learner: FineTuneLearner) -> torch.optim.Optimizer | None:
     return torch.optim.Adam(list(params.values()), lr=learner.lr) if learner.optimizer == "adam" else None
+
+
+def finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def ppo_updates(task: Task, model: torch.nn.Module, params: Params, batch: Any, learner: FineTuneLearner,
+                opt: torch.optim.Optimizer | None, lr: float, gen: torch.Generator) -> tuple[float, dict[str, float]]:
+    """learner.epochs passes over one rollout, each in learner.minibatches random minibatches, one
+    update per minibatch (PPO). Returns the mean loss and stats (nan loss: a non-finite loss or
+    gradient stopped it, params untouched by that minibatch). One host sync per minibatch."""
+    adv, ret = task.advantages(batch)
+    n, updates = adv.numel(), learner.epochs * learner.minibatches
+    total: torch.Tensor | float = 0.0
+    sums: dict[str, torch.Tensor] = {}
+    for _ in range(learner.epochs):
+        for idx in torch.randperm(n, generator=gen).to(adv.device).tensor_split(learner.minibatches):
+            grads, loss, parts = task.ppo_grad(model, params, batch, adv, ret, idx, learner.clip)
+            if not bool(torch.stack([torch.isfinite(loss), *(torch.isfinite(g).all() for g in grads)]).all()):
+                return math.nan, {}
+            update(params, grads, learner, opt, lr)
+            total = total + loss
+            for k, x in parts.items():
+                sums[k] = sums[k] + x if k in sums else x
+    return float(total) / updates, {k: float(x) / updates for k, x in sums.items()}
 
 
 def finetune(task: Task, model: torch.nn.Module, theta: Params, learner: FineTuneLearner,
@@ -122,32 +163,49 @@ def finetune(task: Task, model: torch.nn.Module, theta: Params, learner: FineTun
     return of the last 10 finished episodes."""
     params = meta.detached(theta, requires_grad=True)
     opt = make_optimizer(params, learner)
+    gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     trace: dict[str, Any] = {"env_steps": [], "frames": [], "reward_sum": [], "loss": [], "episodes": [],
                              "diverged": False}
     steps = frames = 0
     shown = t0
+    stats: dict[str, float] = {}
     while steps < budget:
         if progress is not None and time.perf_counter() - shown >= progress_every_s:
             shown = time.perf_counter()
             last = [r for _, r in trace["episodes"][-10:]]
             mean = f"{sum(last) / len(last):.2f}" if last else "n/a"
+            kl = f", approx KL {stats['approx_kl']:.4f}, clipped {stats['clipfrac']:.2f}" if "approx_kl" in stats else ""
             progress(f"{steps:,}/{budget:,} env steps ({steps / (shown - t0):.0f}/s), "
-                     f"mean return of the last {len(last)} episodes {mean}")
-        with torch.no_grad():
-            batch = task.sample(model, params)
-        grads, loss, _ = task.grad(model, params, batch)
-        steps, frames = steps + batch.env_steps, frames + (batch.frames or batch.env_steps)
-        trace["episodes"] += [[len(trace["env_steps"]), float(r)] for r in batch.episode_returns]
-        trace["env_steps"].append(steps)
-        trace["frames"].append(frames)
-        trace["reward_sum"].append(float(batch.reward_sum))
-        trace["loss"].append(loss)
-        if not math.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
-            trace["diverged"] = True
-            break
-        update(params, grads, learner, opt)
-        if not all(torch.isfinite(p).all() for p in params.values()):
+                     f"mean return of the last {len(last)} episodes {mean}{kl}")
+        lr = learner.lr * lr_factor(learner.lr_decay, steps, budget)
+        if opt is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        # no weight cache: autocast would otherwise reuse the bf16 copies it made before the first
+        # of PPO's updates for every later one (stale weights, ratio stuck at 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=learner.bf16, cache_enabled=False):
+            with torch.no_grad():
+                batch = task.sample(model, params)
+            steps, frames = steps + batch.env_steps, frames + (batch.frames or batch.env_steps)
+            trace["episodes"] += [[len(trace["env_steps"]), float(r)] for r in batch.episode_returns]
+            trace["env_steps"].append(steps)
+            trace["frames"].append(frames)
+            trace["reward_sum"].append(float(batch.reward_sum))
+            if learner.ppo:
+                loss, stats = ppo_updates(task, model, params, batch, learner, opt, lr, gen)
+                trace["loss"].append(loss)
+                if not math.isfinite(loss):
+                    trace["diverged"] = True
+                    break
+            else:
+                grads, loss, _ = task.grad(model, params, batch)
+                trace["loss"].append(loss)
+                if not math.isfinite(loss) or not finite(*grads):
+                    trace["diverged"] = True
+                    break
+                update(params, grads, learner, opt, lr)
+        if not finite(*params.values()):
             trace["diverged"] = True
             break
     trace["seconds"] = time.perf_counter() - t0

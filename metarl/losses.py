@@ -73,3 +73,31 @@ def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.
 def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error, the MAML paper's regression loss."""
     return (pred - target).pow(2).mean()
+
+
+def ppo_loss(logits: torch.Tensor, values: torch.Tensor, actions: torch.Tensor, logp_old: torch.Tensor,
+             values_old: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, clip: float,
+             vf_coef: float, ent_coef: float, norm_adv: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017) with a clipped value loss:
+    -E[min(r A, clip(r, 1-c, 1+c) A)] + vf_coef * E[max((V-R)^2, (V_old + clip(V-V_old, -c, c) - R)^2)] / 2
+    - ent_coef * E[H(pi)], r = pi(a|s) / pi_old(a|s).
+
+    All inputs N (logits N x A); logp_old and values_old are what the policy recorded while sampling.
+    At the sampling parameters (r = 1, V = V_old) its gradient is actor_critic_loss's."""
+    if norm_adv and advantages.numel() > 1:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    logp_all = F.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    log_ratio = logp - logp_old
+    ratio = log_ratio.exp()
+    pg_loss = -torch.min(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages).mean()
+    values = values.float()
+    v_clipped = values_old + (values - values_old).clamp(-clip, clip)
+    v_loss = 0.5 * torch.max((values - returns).pow(2), (v_clipped - returns).pow(2)).mean()
+    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+    loss = pg_loss + vf_coef * v_loss - ent_coef * entropy
+    with torch.no_grad():
+        approx_kl = ((ratio - 1.0) - log_ratio).mean()  # Schulman's low-variance KL estimator
+        clipfrac = ((ratio - 1.0).abs() > clip).float().mean()
+    return loss, {"pg_loss": pg_loss.detach(), "v_loss": v_loss.detach(), "entropy": entropy.detach(),
+                  "approx_kl": approx_kl, "clipfrac": clipfrac}

@@ -60,3 +60,26 @@ def test_quick_bench_prints_every_figure(tmp_path):
     assert set(printed) == set(written["figures"])
     # about a minute on an idle 2-core machine; generous here because other suites may share it
     assert seconds < 180, f"metarl bench --quick took {seconds:.0f}s"
+
+
+def test_learner_bench_times_every_piece_of_work_and_refuses_a_missing_device(tmp_path, capsys):
+    """`metarl bench --learner` on the CPU: every piece of work timed (positive, finite), the table
+    printed, the JSON written; asking for a device torch does not see is one line and exit 2."""
+    import torch
+
+    from metarl.cli import main
+    from metarl.learner_bench import LABELS
+
+    out = tmp_path / "learner.json"
+    assert main(["bench", "--learner", "--devices", "cpu", "--evaluations", "1", "--min-seconds", "0",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    figures = result["devices"]["cpu"]
+    assert set(figures) == set(LABELS)
+    assert all(math.isfinite(v) and v > 0 for v in figures.values()), figures
+    assert all(label.format(n=1) in printed for label in LABELS.values())
+    if not torch.cuda.is_available():
+        assert main(["bench", "--learner", "--devices", "cpu,cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "torch sees no CUDA device" in err and len(err.strip().splitlines()) == 1

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from metarl.losses import actor_critic_loss, gae, mse
+from metarl.losses import actor_critic_loss, gae, mse, ppo_loss
 
 
 def gae_reference(r, v, done, v_last, gamma, lam):
@@ -89,3 +89,50 @@ def test_policy_gradient_points_towards_advantaged_action():
 
 def test_mse():
     assert float(mse(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0]))) == 5.0
+
+
+def ppo_inputs(seed: int = 2, N: int = 16, A: int = 6):
+    rng = np.random.default_rng(seed)
+    logits = torch.tensor(rng.normal(size=(N, A)), requires_grad=True)
+    values = torch.tensor(rng.normal(size=N), requires_grad=True)
+    actions = torch.tensor(rng.integers(A, size=N))
+    adv, ret = torch.tensor(rng.normal(size=N)), torch.tensor(rng.normal(size=N))
+    return logits, values, actions, adv, ret
+
+
+def test_ppo_loss_at_the_sampling_parameters_has_the_actor_critic_gradient():
+    """r = 1 and V = V_old: no clip is active, and the clipped surrogate's gradient is the
+    actor-critic surrogate's (both for the logits and the values)."""
+    logits, values, actions, adv, ret = ppo_inputs()
+    logp_old = torch.log_softmax(logits.detach(), -1).gather(-1, actions[:, None]).squeeze(-1)
+    loss, parts = ppo_loss(logits, values, actions, logp_old, values.detach(), adv, ret, 0.1, 0.5, 0.01)
+    g_ppo = torch.autograd.grad(loss, (logits, values))
+    ac, _ = actor_critic_loss(logits, values, actions, adv, ret, 0.5, 0.01)
+    g_ac = torch.autograd.grad(ac, (logits, values))
+    for a, b in zip(g_ppo, g_ac):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert abs(float(parts["approx_kl"])) < 1e-12 and float(parts["clipfrac"]) == 0.0
+
+
+def test_ppo_clip_stops_the_policy_gradient_past_the_trust_region():
+    """A sample whose ratio already left [1 - c, 1 + c] in its advantage's direction contributes no
+    policy gradient; one that moved against its advantage still does."""
+    logits = torch.zeros(2, 3, requires_grad=True)
+    actions, adv = torch.tensor([0, 0]), torch.tensor([1.0, -1.0])
+    logp_now = float(torch.log_softmax(torch.zeros(3), -1)[0])
+    logp_old = torch.tensor([logp_now - 0.5, logp_now - 0.5])  # both ratios e^0.5 ~ 1.65 > 1.1
+    loss, parts = ppo_loss(logits, torch.zeros(2), actions, logp_old, torch.zeros(2), adv, torch.zeros(2),
+                           clip=0.1, vf_coef=0.0, ent_coef=0.0, norm_adv=False)
+    loss.backward()
+    assert torch.all(logits.grad[0] == 0)  # positive advantage, ratio above 1 + c: clipped
+    assert logits.grad[1, 0] > 0  # negative advantage, ratio above 1: still pushed down
+    assert float(parts["clipfrac"]) == 1.0 and float(parts["approx_kl"]) > 0
+
+
+def test_ppo_value_clip_takes_the_larger_error():
+    """The value term is max((V-R)^2, (V_old + clip(V - V_old) - R)^2) / 2."""
+    values, values_old, ret = torch.tensor([1.0, 0.05]), torch.tensor([0.0, 0.0]), torch.tensor([2.0, 0.0])
+    _, parts = ppo_loss(torch.zeros(2, 3), values, torch.tensor([0, 1]), torch.full((2,), -math.log(3)), values_old,
+                        torch.zeros(2), ret, clip=0.1, vf_coef=1.0, ent_coef=0.0, norm_adv=False)
+    # sample 0: unclipped (1-2)^2 = 1, clipped (0.1-2)^2 = 3.61; sample 1: both 0.0025
+    assert math.isclose(float(parts["v_loss"]), 0.5 * (3.61 + 0.0025) / 2, rel_tol=1e-6)

@@ -75,7 +75,8 @@ class AtariTask(ActorCriticTask):
         T, B = self.T, self.B
         buf = {"obs": np.empty((T + 1, B, *self.obs.shape[1:]), dtype=np.uint8),
                "actions": np.empty((T, B), dtype=np.int64), "rewards": np.empty((T, B), dtype=np.float32),
-               "dones": np.empty((T, B), dtype=np.float32), "values": np.empty((T + 1, B), dtype=np.float32)}
+               "dones": np.empty((T, B), dtype=np.float32), "values": np.empty((T + 1, B), dtype=np.float32),
+               "logp": np.empty((T, B), dtype=np.float32)}
         buf["obs"][0] = self.obs
         finished: list[float] = []
         order = [(t, part) for t in range(T) for part in range(len(self.parts))]
@@ -92,7 +93,7 @@ class AtariTask(ActorCriticTask):
                     self._act(model, params, buf, *nxt)
                 self._send(buf, *nxt)
         self.obs = buf["obs"][T].copy()
-        buf["values"][T] = forward(model, params, torch.from_numpy(self.obs))[1].numpy()  # bootstrap
+        buf["values"][T] = forward(model, params, torch.from_numpy(self.obs))[1].float().numpy()  # bootstrap
         raw_sum = float(buf["rewards"].sum())
         if self.env_cfg.reward_clip:
             np.sign(buf["rewards"], out=buf["rewards"])
@@ -104,8 +105,11 @@ class AtariTask(ActorCriticTask):
         """Draw step t's actions for one part from the policy."""
         s = self.parts[part]
         logits, values = forward(model, params, torch.from_numpy(buf["obs"][t, s]))
-        buf["values"][t, s] = values.numpy()
-        buf["actions"][t, s] = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.gen).squeeze(-1).numpy()
+        logits = logits.float()
+        actions = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.gen)
+        buf["values"][t, s] = values.float().numpy()
+        buf["actions"][t, s] = actions.squeeze(-1).numpy()
+        buf["logp"][t, s] = torch.log_softmax(logits, -1).gather(-1, actions).squeeze(-1).numpy()
 
     def _send(self, buf: dict[str, np.ndarray], t: int, part: int) -> None:
         self.venvs[part].send(buf["actions"][t, self.parts[part]])

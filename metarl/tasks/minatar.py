@@ -84,16 +84,20 @@ class MinAtarTask(ActorCriticTask):
         rewards = np.zeros((T, B), dtype=np.float32)
         dones = np.zeros((T, B), dtype=np.float32)
         values = np.empty((T + 1, B), dtype=np.float32)
+        logps = np.empty((T, B), dtype=np.float32)
         obs[0] = self.obs
         finished: list[float] = []
         ep_return, ep_len, games = self.ep_return, self.ep_len, self.games
         for t in range(T):
             logits, v = forward(model, params, torch.from_numpy(obs[t]))
-            values[t] = v.numpy()
+            values[t] = v.float().numpy()
             # inverse-CDF draw from the softmax (one uniform per game): as torch.multinomial, cheaper
+            logits = logits.float()
             cdf = torch.softmax(logits, -1).cumsum(-1)
             u = torch.rand(B, 1, generator=self.gen) * cdf[:, -1:]
-            actions[t] = torch.searchsorted(cdf, u).clamp_(max=NUM_MINATAR_ACTIONS - 1).squeeze(-1).numpy()
+            a = torch.searchsorted(cdf, u).clamp_(max=NUM_MINATAR_ACTIONS - 1)
+            actions[t] = a.squeeze(-1).numpy()
+            logps[t] = torch.log_softmax(logits, -1).gather(-1, a).squeeze(-1).numpy()
             r_t, d_t, next_obs = rewards[t], dones[t], obs[t + 1]
             for i, (g, a) in enumerate(zip(games, actions[t].tolist())):
                 r, terminal = g.act(a)
@@ -107,10 +111,10 @@ class MinAtarTask(ActorCriticTask):
                     g.reset()
                 write_state(next_obs[i], g)
         self.obs = obs[T].copy()
-        values[T] = forward(model, params, torch.from_numpy(self.obs))[1].numpy()  # bootstrap
+        values[T] = forward(model, params, torch.from_numpy(self.obs))[1].float().numpy()  # bootstrap
         data = {"obs": torch.from_numpy(obs), "actions": torch.from_numpy(actions),
                 "rewards": torch.from_numpy(rewards), "dones": torch.from_numpy(dones),
-                "values": torch.from_numpy(values)}
+                "values": torch.from_numpy(values), "logp": torch.from_numpy(logps)}
         return Batch(data, env_steps=T * B, episode_returns=finished, reward_sum=float(rewards.sum()),
                      frames=T * B)
 

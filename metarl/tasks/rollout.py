@@ -1,9 +1,9 @@
 """What every rollout task of an episodic game shares (Atari, MinAtar): the actor-critic loss of a
 T x B rollout with GAE, and its gradient accumulated over chunks of whole time steps.
 
-A subclass fills `Batch.data` with obs (T+1, B, ...), actions, rewards (training rewards), dones
-(T, B) and values (T+1, B: what the policy predicted while sampling, the last one the bootstrap), and
-sets `self.loss_cfg`.
+A subclass fills `Batch.data` with obs (T+1, B, ...), actions, rewards (training rewards), dones,
+logp (T, B: the log-probability of each action taken) and values (T+1, B: what the policy predicted
+while sampling, the last one the bootstrap), and sets `self.loss_cfg`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from metarl.config import LossConfig
-from metarl.losses import actor_critic_loss, gae
+from metarl.losses import actor_critic_loss, gae, ppo_loss
 from metarl.policy import Params, forward
 from metarl.tasks.base import Batch, Task
 
@@ -47,8 +47,7 @@ class ActorCriticTask(Task):
         steps = T if c.grad_chunk == 0 else max(1, c.grad_chunk // B)
         if steps >= T or "values" not in d:
             return super().grad(model, params, batch)
-        values = d["values"]
-        adv, ret = gae(d["rewards"], values[:-1], d["dones"], values[-1], c.gamma, c.gae_lambda)
+        adv, ret = self.advantages(batch)
         if c.norm_adv and adv.numel() > 1:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         keys = tuple(params)
@@ -66,3 +65,24 @@ class ActorCriticTask(Task):
             for k, x in parts.items():
                 stats[k] = stats.get(k, 0.0) + share * float(x)
         return tuple(grads), total, stats
+
+    def advantages(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAE advantages and returns (T x B) from the values the policy recorded while sampling."""
+        c, d = self.loss_cfg, batch.data
+        return gae(d["rewards"], d["values"][:-1], d["dones"], d["values"][-1], c.gamma, c.gae_lambda)
+
+    def ppo_grad(self, model: nn.Module, params: Params, batch: Batch, adv: torch.Tensor, ret: torch.Tensor,
+                 idx: torch.Tensor, clip: float) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, dict[str, torch.Tensor]]:
+        """The gradient of PPO's clipped loss (losses.ppo_loss) on the samples `idx` of the batch
+        (flat indices t * B + b into its T x B steps), advantages normalised within them; `adv` and
+        `ret` from `advantages` (computed once per batch, before any update). The loss and stats stay
+        tensors on the batch's device: a GPU is not made to wait for them minibatch by minibatch."""
+        c, d = self.loss_cfg, batch.data
+        if "logp" not in d:
+            raise ValueError(f"{type(self).__name__} batches carry no sampling log-probabilities (logp)")
+        T, B = d["actions"].shape
+        t, b = idx // B, idx % B
+        logits, v = forward(model, params, d["obs"][t, b])
+        loss, parts = ppo_loss(logits, v, d["actions"][t, b], d["logp"][t, b], d["values"][t, b], adv[t, b],
+                               ret[t, b], clip, c.vf_coef, c.ent_coef, c.norm_adv)
+        return torch.autograd.grad(loss, tuple(params.values())), loss.detach(), parts
