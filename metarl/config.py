@@ -240,6 +240,9 @@ class FinetuneConfig:
     bf16: bool = False
     """Run the network's matrix work in bfloat16 (torch.autocast; weights and optimizer stay float32):
     about 2x faster training on CPUs with AVX-512 BF16 or AMX, and on GPUs."""
+    gpus: float = 0.0
+    """GPU share of each fine-tuning job (Ray num_gpus, e.g. 0.25: four jobs per GPU); > 0 runs the
+    fine-tuner's network on cuda, acting and updates alike (emulators stay on the CPU)."""
 
 
 @dataclass(frozen=True)
@@ -510,6 +513,8 @@ def _check_finetune(cfg: Config) -> None:
         raise ConfigError(f"finetune.rollout_len = {f.rollout_len} must be >= 0 (0: env.rollout_len)")
     if f.lr < 0 or f.max_grad_norm < 0:
         raise ConfigError(f"finetune.lr and finetune.max_grad_norm must be >= 0 (0: alpha / no clipping); got {f.lr}, {f.max_grad_norm}")
+    if f.gpus < 0:
+        raise ConfigError(f"finetune.gpus = {f.gpus} must be >= 0 (0: the CPU)")
     if f.epochs < 1 or f.minibatches < 1:
         raise ConfigError(f"finetune.epochs and finetune.minibatches must be >= 1; got {f.epochs}, {f.minibatches}")
     if f.epochs * f.minibatches > 1:

@@ -41,7 +41,7 @@ from metarl.cliargs import add_cluster_args, add_config_args, resolve_config
 from metarl.config import Config, ConfigError
 from metarl.learner import Learner, lr_factor
 from metarl.plots import Panel, Series, save_grid, write_csv, write_json
-from metarl.policy import Params, ParamSpec
+from metarl.policy import Params, ParamSpec, params_device
 from metarl.fleet import task_seed
 from metarl.tasks import make_family
 from metarl.tasks.base import Task, TaskFamily
@@ -87,12 +87,18 @@ class FineTuneLearner:
     clip: float = 0.1
     lr_decay: str = "constant"
     bf16: bool = False
+    gpus: float = 0.0
+    """GPU share of each fine-tuning job; > 0: its network acts and learns on cuda."""
 
     @staticmethod
     def of(cfg: Config) -> "FineTuneLearner":
         f = cfg.finetune
         return FineTuneLearner(f.optimizer, cfg.finetune_lr, f.max_grad_norm, f.epochs, f.minibatches, f.clip,
-                               f.lr_decay, f.bf16)
+                               f.lr_decay, f.bf16, f.gpus)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus > 0 else "cpu"
 
     @property
     def ppo(self) -> bool:
@@ -103,7 +109,8 @@ class FineTuneLearner:
         ppo = f"PPO {self.epochs} epochs x {self.minibatches} minibatches, clip {self.clip:g}, " if self.ppo else ""
         decay = f" ({self.lr_decay})" if self.lr_decay != "constant" else ""
         clip = f", grad clip {self.max_grad_norm:g}" if self.max_grad_norm else ""
-        return f"{ppo}{self.optimizer} lr {self.lr:g}{decay}{clip}{', bf16' if self.bf16 else ''}"
+        return (f"{ppo}{self.optimizer} lr {self.lr:g}{decay}{clip}{', bf16' if self.bf16 else ''}"
+                f"{', on cuda' if self.gpus else ''}")
 
 
 @torch.no_grad()
@@ -184,7 +191,8 @@ def finetune(task: Task, model: torch.nn.Module, theta: Params, learner: FineTun
                 group["lr"] = lr
         # no weight cache: autocast would otherwise reuse the bf16 copies it made before the first
         # of PPO's updates for every later one (stale weights, ratio stuck at 1)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=learner.bf16, cache_enabled=False):
+        with torch.autocast(params_device(params).type, dtype=torch.bfloat16, enabled=learner.bf16,
+                            cache_enabled=False):
             with torch.no_grad():
                 batch = task.sample(model, params)
             steps, frames = steps + batch.env_steps, frames + (batch.frames or batch.env_steps)
@@ -218,13 +226,13 @@ class FineTuner:
     def __init__(self, family: TaskFamily, learner: FineTuneLearner, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
         self.family, self.learner = family, learner
-        self.model = family.make_model()
+        self.model = family.make_model().to(learner.device)
         self.spec = ParamSpec.of(self.model)
 
     def run(self, game: str, env_seed: int, theta: np.ndarray, budget: int) -> dict[str, Any]:
         task = self.family.make_task(game, env_seed)
         try:
-            trace, _ = finetune(task, self.model, self.spec.unflatten(theta), self.learner, budget,
+            trace, _ = finetune(task, self.model, self.spec.unflatten(theta, device=self.learner.device), self.learner, budget,
                                 progress=lambda line: print(f"fine-tune {game} (env seed {env_seed}): {line}", flush=True))
         finally:
             task.close()
@@ -244,7 +252,14 @@ def run_jobs(family: TaskFamily, learner: FineTuneLearner, thetas: dict[str, np.
     backend = LocalBackend() if local else RayBackend(address)
     try:
         n = workers or (1 if local else int(backend.resources().get("CPU", 1.0)))
-        actors = [backend.actor(FineTuner, family, learner, num_cpus=1.0) for _ in range(max(1, min(n, len(jobs))))]
+        if learner.gpus and not local:
+            fit = int(backend.resources().get("GPU", 0.0) / learner.gpus + 1e-9)  # actors that can hold their share
+            if fit < 1:
+                raise ConfigError(f"finetune.gpus = {learner.gpus:g}, but the cluster has "
+                                  f"{backend.resources().get('GPU', 0.0):g} GPUs; set finetune.gpus=0 or add a GPU node")
+            n = min(n, fit)
+        actors = [backend.actor(FineTuner, family, learner, num_cpus=1.0, num_gpus=0.0 if local else learner.gpus)
+                  for _ in range(max(1, min(n, len(jobs))))]
         refs = {name: backend.put(theta) for name, theta in thetas.items()}
         calls = [backend.call(actors[i % len(actors)], "run", j["game"], j["env_seed"], refs[j["init"]], spec.budget)
                  for i, j in enumerate(jobs)]
@@ -467,9 +482,12 @@ def evaluate(cfg: Config, thetas: dict[str, np.ndarray], spec: EvalSpec, out: Pa
     `learner` and `run` replace the fine-tuner (default: FineTuneLearner.of(cfg), run_jobs), e.g.
     with RLlib's PPO (metarl.rllib_module)."""
     out = Path(out)
+    learner = learner or FineTuneLearner.of(cfg)
+    if getattr(learner, "gpus", 0) and local and not torch.cuda.is_available():
+        raise ConfigError(f"finetune.gpus = {learner.gpus:g} asks for a GPU, but torch sees no CUDA device here; "
+                          f"set finetune.gpus=0")
     out.mkdir(parents=True, exist_ok=True)
     family = make_family(cfg.finetuning)  # finetune.rollout_len, if set
-    learner = learner or FineTuneLearner.of(cfg)
     jobs = run(family, learner, thetas, spec, local, cfg.ray.address, workers, log)
     result = {**(info or {}), "inner_lr": cfg.meta.inner_lr, "finetune": asdict(learner),
               "learner": learner.label, **assemble(jobs, spec)}

@@ -122,6 +122,11 @@ def mlp_forward(params: Params, x: torch.Tensor, prefix: str = "net") -> torch.T
     return h
 
 
+def params_device(params: Params) -> torch.device:
+    """Where a parameter set lives (a task's rollout acts there and leaves its batch there)."""
+    return next(iter(params.values())).device
+
+
 def forward(model: nn.Module, params: Params, *args: torch.Tensor):
     """Run `model` with `params` instead of its own tensors (differentiable w.r.t. params)."""
     return functional_call(model, params, args)

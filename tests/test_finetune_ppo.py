@@ -120,3 +120,15 @@ def test_ppo_needs_a_rollout_family():
     cfg = config_mod.override(config_mod.load(CONFIGS / "sinusoid.yaml"), "finetune.epochs", 4)
     with pytest.raises(config_mod.ConfigError, match="need a rollout family"):
         config_mod.validate(cfg)
+
+
+def test_a_gpu_finetuner_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys):
+    base = ["learn", "--config", str(CONFIGS / "minatar.yaml"), "--set", "log.wandb_mode=disabled",
+            "--games", "breakout", "--budget", "64", "--seeds", "1", "--local"]
+    assert main([*base, "--set", "finetune.gpus=-1", "--out", str(tmp_path / "a")]) == 2
+    assert "finetune.gpus = -1.0 must be >= 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*base, "--set", "finetune.gpus=0.25", "--out", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err
+        assert "torch sees no CUDA device" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "b").exists()

@@ -17,7 +17,7 @@ from torch import nn
 
 from metarl.families import TRAITS
 from metarl.config import EnvConfig, LossConfig
-from metarl.policy import NUM_ATARI_ACTIONS, NatureCNN, Params, forward
+from metarl.policy import NUM_ATARI_ACTIONS, NatureCNN, Params, forward, params_device
 from metarl.tasks.base import Batch, Task, TaskFamily
 from metarl.tasks.rollout import ActorCriticTask
 
@@ -93,21 +93,22 @@ class AtariTask(ActorCriticTask):
                     self._act(model, params, buf, *nxt)
                 self._send(buf, *nxt)
         self.obs = buf["obs"][T].copy()
-        buf["values"][T] = forward(model, params, torch.from_numpy(self.obs))[1].float().numpy()  # bootstrap
+        device = params_device(params)
+        buf["values"][T] = forward(model, params, torch.from_numpy(self.obs).to(device))[1].float().cpu().numpy()  # bootstrap
         raw_sum = float(buf["rewards"].sum())
         if self.env_cfg.reward_clip:
             np.sign(buf["rewards"], out=buf["rewards"])
-        data = {k: torch.from_numpy(v) for k, v in buf.items()}
+        data = {k: torch.from_numpy(v).to(device) for k, v in buf.items()}
         return Batch(data, env_steps=T * B, episode_returns=finished, reward_sum=raw_sum,
                      frames=T * B * self.env_cfg.frameskip)
 
     def _act(self, model: nn.Module, params: Params, buf: dict[str, np.ndarray], t: int, part: int) -> None:
         """Draw step t's actions for one part from the policy."""
         s = self.parts[part]
-        logits, values = forward(model, params, torch.from_numpy(buf["obs"][t, s]))
-        logits = logits.float()
+        logits, values = forward(model, params, torch.from_numpy(buf["obs"][t, s]).to(params_device(params)))
+        logits = logits.float().cpu()  # actions drawn on the CPU from the task's generator, whatever the device
         actions = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.gen)
-        buf["values"][t, s] = values.float().numpy()
+        buf["values"][t, s] = values.float().cpu().numpy()
         buf["actions"][t, s] = actions.squeeze(-1).numpy()
         buf["logp"][t, s] = torch.log_softmax(logits, -1).gather(-1, actions).squeeze(-1).numpy()
 

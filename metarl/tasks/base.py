@@ -45,7 +45,7 @@ class Batch:
 
 def batch_to_wire(batch: Batch) -> dict[str, Any]:
     """A batch as numpy arrays (zero-copy through Ray's object store) and plain numbers."""
-    return {"data": {k: v.numpy() for k, v in batch.data.items()}, "env_steps": batch.env_steps,
+    return {"data": {k: v.cpu().numpy() for k, v in batch.data.items()}, "env_steps": batch.env_steps,
             "frames": batch.frames}
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from metarl.families import MINATAR_GAMES, TRAITS
 from metarl.config import EnvConfig, LossConfig, MinAtarConfig
-from metarl.policy import MINATAR_CHANNELS, NUM_MINATAR_ACTIONS, MinAtarNet, Params, forward
+from metarl.policy import MINATAR_CHANNELS, NUM_MINATAR_ACTIONS, MinAtarNet, Params, forward, params_device
 from metarl.tasks.base import Batch, Task, TaskFamily
 from metarl.tasks.rollout import ActorCriticTask
 
@@ -88,11 +88,12 @@ class MinAtarTask(ActorCriticTask):
         obs[0] = self.obs
         finished: list[float] = []
         ep_return, ep_len, games = self.ep_return, self.ep_len, self.games
+        device = params_device(params)  # the batch lives where the parameters that collected it do
         for t in range(T):
-            logits, v = forward(model, params, torch.from_numpy(obs[t]))
-            values[t] = v.float().numpy()
+            logits, v = forward(model, params, torch.from_numpy(obs[t]).to(device))
+            values[t] = v.float().cpu().numpy()
             # inverse-CDF draw from the softmax (one uniform per game): as torch.multinomial, cheaper
-            logits = logits.float()
+            logits = logits.float().cpu()  # actions drawn on the CPU from the task's generator
             cdf = torch.softmax(logits, -1).cumsum(-1)
             u = torch.rand(B, 1, generator=self.gen) * cdf[:, -1:]
             a = torch.searchsorted(cdf, u).clamp_(max=NUM_MINATAR_ACTIONS - 1)
@@ -111,10 +112,9 @@ class MinAtarTask(ActorCriticTask):
                     g.reset()
                 write_state(next_obs[i], g)
         self.obs = obs[T].copy()
-        values[T] = forward(model, params, torch.from_numpy(self.obs))[1].float().numpy()  # bootstrap
-        data = {"obs": torch.from_numpy(obs), "actions": torch.from_numpy(actions),
-                "rewards": torch.from_numpy(rewards), "dones": torch.from_numpy(dones),
-                "values": torch.from_numpy(values), "logp": torch.from_numpy(logps)}
+        values[T] = forward(model, params, torch.from_numpy(self.obs).to(device))[1].float().cpu().numpy()  # bootstrap
+        data = {k: torch.from_numpy(v).to(device) for k, v in (("obs", obs), ("actions", actions), ("rewards", rewards),
+                                                                ("dones", dones), ("values", values), ("logp", logps))}
         return Batch(data, env_steps=T * B, episode_returns=finished, reward_sum=float(rewards.sum()),
                      frames=T * B)
 
