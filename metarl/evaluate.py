@@ -232,7 +232,8 @@ class FineTuner:
     def run(self, game: str, env_seed: int, theta: np.ndarray, budget: int) -> dict[str, Any]:
         task = self.family.make_task(game, env_seed)
         try:
-            trace, _ = finetune(task, self.model, self.spec.unflatten(theta, device=self.learner.device), self.learner, budget,
+            params = self.spec.unflatten(theta, device=self.learner.device)
+            trace, _ = finetune(task, self.model, params, self.learner, budget,
                                 progress=lambda line: print(f"fine-tune {game} (env seed {env_seed}): {line}", flush=True))
         finally:
             task.close()
