@@ -239,7 +239,7 @@ class FinetuneConfig:
     """The fine-tuning step size over the budget: constant, or falling to 0 (linear, cosine)."""
     bf16: bool = False
     """Run the network's matrix work in bfloat16 (torch.autocast; weights and optimizer stay float32):
-    about 2x faster training on CPUs with AVX-512 BF16 or AMX, and on GPUs."""
+    a PPO update 1.5-2x faster on one core of CPUs with AVX-512 BF16 or AMX (README: the learner on a GPU)."""
     gpus: float = 0.0
     """GPU share of each fine-tuning job (Ray num_gpus, e.g. 0.25: four jobs per GPU); > 0 runs the
     fine-tuner's network on cuda, acting and updates alike (emulators stay on the CPU)."""
