@@ -135,7 +135,8 @@ def make_optimizer(params: Params, learner: FineTuneLearner) -> torch.optim.Opti
 
 
 def finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    """Every value of every tensor is finite (one host sync, whatever the device)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def ppo_updates(task: Task, model: torch.nn.Module, params: Params, batch: Any, learner: FineTuneLearner,
@@ -150,7 +151,7 @@ def ppo_updates(task: Task, model: torch.nn.Module, params: Params, batch: Any, 
     for _ in range(learner.epochs):
         for idx in torch.randperm(n, generator=gen).to(adv.device).tensor_split(learner.minibatches):
             grads, loss, parts = task.ppo_grad(model, params, batch, adv, ret, idx, learner.clip)
-            if not bool(torch.stack([torch.isfinite(loss), *(torch.isfinite(g).all() for g in grads)]).all()):
+            if not finite(loss, *grads):
                 return math.nan, {}
             update(params, grads, learner, opt, lr)
             total = total + loss
@@ -254,10 +255,11 @@ def run_jobs(family: TaskFamily, learner: FineTuneLearner, thetas: dict[str, np.
     try:
         n = workers or (1 if local else int(backend.resources().get("CPU", 1.0)))
         if learner.gpus and not local:
-            fit = int(backend.resources().get("GPU", 0.0) / learner.gpus + 1e-9)  # actors that can hold their share
+            gpus = backend.resources().get("GPU", 0.0)
+            fit = int(gpus / learner.gpus + 1e-9)  # actors that can hold their share
             if fit < 1:
-                raise ConfigError(f"finetune.gpus = {learner.gpus:g}, but the cluster has "
-                                  f"{backend.resources().get('GPU', 0.0):g} GPUs; set finetune.gpus=0 or add a GPU node")
+                raise ConfigError(f"finetune.gpus = {learner.gpus:g}, but the cluster has {gpus:g} GPUs; "
+                                  f"set finetune.gpus=0 or add a GPU node")
             n = min(n, fit)
         actors = [backend.actor(FineTuner, family, learner, num_cpus=1.0, num_gpus=0.0 if local else learner.gpus)
                   for _ in range(max(1, min(n, len(jobs))))]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from metarl import config as config_mod
-from metarl.evaluate import FineTuneLearner, ppo_updates
+from metarl.evaluate import FineTuneLearner, make_optimizer, ppo_updates
 from metarl.learner import Learner
 from metarl.policy import NUM_ATARI_ACTIONS, ParamSpec
 from metarl.tasks import make_family
@@ -85,8 +85,8 @@ def bench_device(device: str, evaluations: int, min_s: float, seed: int = 0) -> 
     obs8 = rollout.data["obs"][0, :8]
     for precision in ("fp32", "bf16"):
         ft = FineTuneLearner("adam", 2.5e-4, 0.5, epochs=4, minibatches=4, clip=0.1)
-        params = {k: v.requires_grad_(True) for k, v in spec.unflatten(theta, device=device).items()}
-        opt = torch.optim.Adam(list(params.values()), lr=ft.lr)
+        params = spec.unflatten(theta, device=device, requires_grad=True)
+        opt = make_optimizer(params, ft)
         gen = torch.Generator().manual_seed(seed)
         autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16",
                                   cache_enabled=False)
