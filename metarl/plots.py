@@ -29,6 +29,9 @@ class Series:
     """Half-width of the shaded band (lines) or error bar (points, bars); None draws none."""
     style: str = "line"
     """In a mixed panel: line, points, or dots (small faint markers, e.g. single episodes)."""
+    color: str | None = None
+    """A matplotlib colour (e.g. "C0"); None takes the next of the cycle."""
+    linestyle: str = "-"
 
 
 @dataclass
@@ -41,6 +44,9 @@ class Panel:
     """line, points or bars for every series; mixed: each series draws as its own `style`."""
     empty_note: str = "no finite values"
     """Written across the panel when no series has a finite y value."""
+    xscale: str = "linear"
+    yscale: str = "linear"
+    """matplotlib axis scales: linear or log."""
 
 
 def _finite(values: Sequence[float] | None) -> np.ndarray | None:
@@ -51,7 +57,8 @@ def _finite(values: Sequence[float] | None) -> np.ndarray | None:
 
 def _draw_line(ax, s: Series) -> None:
     x, y, spread = np.asarray(s.x, dtype=float), _finite(s.y), _finite(s.spread)
-    line, = ax.plot(x, y, label=s.label, marker="o" if len(x) <= 12 else None, markersize=3)
+    line, = ax.plot(x, y, label=s.label, marker="o" if len(x) <= 12 and s.linestyle == "-" else None, markersize=3,
+                    color=s.color, linestyle=s.linestyle)
     if spread is not None:
         ax.fill_between(x, y - spread, y + spread, color=line.get_color(), alpha=0.2, linewidth=0)
 
@@ -99,6 +106,8 @@ def save_grid(path: Path, panels: list[Panel], ncols: int, title: str = "") -> P
                 _DRAW[s.style if panel.kind == "mixed" else panel.kind](ax, s)
         if not any(np.isfinite(_finite(s.y)).any() for s in panel.series):
             ax.text(0.5, 0.5, panel.empty_note, ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_xscale(panel.xscale)
+        ax.set_yscale(panel.yscale)
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
