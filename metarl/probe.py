@@ -184,6 +184,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds = {args.seeds} must be at least 1")
     if args.checkpoint:
+        if args.config:
+            raise ConfigError("--checkpoint brings its run's config; drop --config and change keys with --set")
         path, state, cfg = load_checkpoint(Path(args.checkpoint))
         for item in args.set:
             key, _, value = item.partition("=")

@@ -56,6 +56,8 @@ def test_probe_refuses_bad_input_and_keeps_an_earlier_probe(tmp_path, capsys):
     assert "breakot" in capsys.readouterr().err
     assert main(["probe", "--config", str(CONFIGS / "sinusoid.yaml"), "--out", str(tmp_path / "a")]) == 2
     assert "policy and a value" in capsys.readouterr().err
+    assert main(["probe", "--config", cfg, "--checkpoint", str(tmp_path), "--out", str(tmp_path / "a")]) == 2
+    assert "--set" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     kept = tmp_path / "kept"
     kept.mkdir()
