@@ -112,16 +112,18 @@ def kl_match(alphas: list[float], kls: list[float], target: float) -> float:
     return math.nan
 
 
-def summarise(rows: list[dict[str, Any]], alphas: list[float]) -> list[dict[str, Any]]:
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and 95% t-interval over seeds of each metric, per game and learner (and alpha)."""
     out = []
     for game in dict.fromkeys(r["game"] for r in rows):
         mine = [r for r in rows if r["game"] == game]
-        keys = list(dict.fromkeys((r["learner"], r["alpha"]) for r in mine))
+        # the update's rows have no alpha (nan, which equals nothing): keyed by None instead
+        keys = list(dict.fromkeys((r["learner"], None if math.isnan(r["alpha"]) else r["alpha"]) for r in mine))
         ref = [r for r in mine if r["learner"] != "inner SGD step"]
         for learner, alpha in keys:
-            sel = [r for r in mine if r["learner"] == learner and (r["alpha"] == alpha or math.isnan(alpha))]
-            row: dict[str, Any] = {"game": game, "learner": learner, "alpha": alpha, "seeds": len(sel)}
+            sel = [r for r in mine if r["learner"] == learner and (alpha is None or r["alpha"] == alpha)]
+            row: dict[str, Any] = {"game": game, "learner": learner, "alpha": math.nan if alpha is None else alpha,
+                                   "seeds": len(sel)}
             for m in METRICS:
                 vals = [r[m] for r in sel]
                 row[m] = float(np.mean(vals))
@@ -225,7 +227,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             print(f"  {game} seed {s}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "probe.csv", rows)
-    summary = summarise(rows, alphas)
+    summary = summarise(rows)
     text = report(summary)
     (out / "probe_summary.md").write_text(f"θ: {source}; {cfg.env.num_envs} x {cfg.env.rollout_len} rollouts\n\n{text}")
     draw(out, summary)
