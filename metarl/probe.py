@@ -54,14 +54,16 @@ METRICS = ("kl", "surrogate", "dv", "dv_err", "rel_step")
 @torch.no_grad()
 def compare(model: torch.nn.Module, before: Params, after: Params, batch: Any, adv: torch.Tensor,
             ret: torch.Tensor, norm_adv: bool) -> dict[str, float]:
-    """The four changes from `before` to `after` on the rollout's T x B states (see module doc)."""
+    """The four changes from `before` to `after` on the rollout's T x B states (see module doc), in
+    float64: a small step's KL is second order in the logits' change (~1e-9 at a fresh network), below
+    what float32 log-probabilities resolve."""
     obs, actions = batch.data["obs"][:-1].flatten(0, 1), batch.data["actions"].flatten().long()
-    a, r = adv.flatten(), ret.flatten()
+    a, r = adv.flatten().double(), ret.flatten().double()
     if norm_adv and a.numel() > 1:
         a = (a - a.mean()) / (a.std() + 1e-8)
-    l0, v0 = forward(model, before, obs)
-    l1, v1 = forward(model, after, obs)
-    lp0, lp1 = torch.log_softmax(l0.float(), -1), torch.log_softmax(l1.float(), -1)
+    l0, v0 = (x.double() for x in forward(model, before, obs))
+    l1, v1 = (x.double() for x in forward(model, after, obs))
+    lp0, lp1 = torch.log_softmax(l0, -1), torch.log_softmax(l1, -1)
     ratio = (lp1 - lp0).gather(-1, actions.unsqueeze(-1)).squeeze(-1).exp()
     return {"kl": float((lp0.exp() * (lp0 - lp1)).sum(-1).mean()),
             "surrogate": float(((ratio - 1.0) * a).mean()),
@@ -86,16 +88,15 @@ def probe_task(task: Any, model: torch.nn.Module, theta: Params, alphas: list[fl
         after = detached(sgd_step(theta, grads, alpha))
         rows.append({"learner": "inner SGD step", "alpha": alpha, "rel_step": alpha * gnorm / size,
                      **compare(model, theta, after, batch, adv, ret, norm_adv)})
-    params = detached(theta, requires_grad=True)
+    params = detached(theta, requires_grad=True)  # a copy: theta itself stays as it was
     opt = make_optimizer(params, learner)
-    before = detached(theta)
     if learner.ppo:
         ppo_updates(task, model, params, batch, learner, opt, learner.lr, torch.Generator().manual_seed(seed))
     else:
         update(params, task.grad(model, params, batch)[0], learner, opt)
-    step = norm([p.detach() - b for p, b in zip(params.values(), before.values())])
+    step = norm([p.detach() - t for p, t in zip(params.values(), theta.values())])
     rows.append({"learner": f"fine-tuner update ({learner.label})", "alpha": math.nan, "rel_step": step / size,
-                 **compare(model, before, detached(params), batch, adv, ret, norm_adv)})
+                 **compare(model, theta, detached(params), batch, adv, ret, norm_adv)})
     for r in rows:
         r.update(grad_norm=gnorm, inner_loss=loss, samples=batch.env_steps)
     return rows
