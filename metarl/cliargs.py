@@ -31,14 +31,19 @@ def add_cluster_args(p: argparse.ArgumentParser, local_help: str, progress: bool
         p.add_argument("--no-progress", action="store_true", help="no progress bar or per-iteration lines")
 
 
-def resolve_config(args: argparse.Namespace) -> config_mod.Config:
-    """The config file, then --set overrides, then the named flags; validated."""
-    cfg = config_mod.load(args.config)
-    for item in args.set:
+def with_sets(cfg: config_mod.Config, items: list[str]) -> config_mod.Config:
+    """`cfg` with each --set section.key=value applied in order (not yet validated)."""
+    for item in items:
         if "=" not in item:
             raise config_mod.ConfigError(f"--set {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
         cfg = config_mod.override(cfg, key.strip(), value)
+    return cfg
+
+
+def resolve_config(args: argparse.Namespace) -> config_mod.Config:
+    """The config file, then --set overrides, then the named flags; validated."""
+    cfg = with_sets(config_mod.load(args.config), args.set)
     flag_map = {"workers": "ray.workers", "skip": "meta.skip", "algo": "meta.algo", "iterations": "meta.iterations",
                 "seed": "meta.seed", "address": "ray.address"}
     for flag, key in flag_map.items():

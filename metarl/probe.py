@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from metarl import config as config_mod
-from metarl.cliargs import add_config_args, resolve_config
+from metarl.cliargs import add_config_args, resolve_config, with_sets
 from metarl.config import ConfigError
 from metarl.evaluate import (FineTuneLearner, checkpoint_theta, ci95, initial_theta, load_checkpoint, make_optimizer,
                              ppo_updates, update)
@@ -190,10 +190,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         if args.config:
             raise ConfigError("--checkpoint brings its run's config; drop --config and change keys with --set")
         path, state, cfg = load_checkpoint(Path(args.checkpoint))
-        for item in args.set:
-            key, _, value = item.partition("=")
-            cfg = config_mod.override(cfg, key.strip(), value)
-        cfg = config_mod.validate(cfg)
+        cfg = config_mod.validate(with_sets(cfg, args.set))
     else:
         cfg = resolve_config(args)
     if cfg.tasks.family not in config_mod.GAME_FAMILIES:
