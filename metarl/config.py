@@ -35,6 +35,7 @@ GradReduce = Literal["task", "worker", "node"]
 TaskBatching = Literal["auto", "stacked", "per_task"]
 StepLoss = Literal["last", "mean"]
 Outer = Literal["adam", "trpo"]
+Follow = Literal["shift", "exact"]
 LearnerGpus = Literal["auto", "0", "1"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 FinetuneOptimizer = Literal["sgd", "adam"]
@@ -126,6 +127,14 @@ class MetaConfig:
     """trpo: conjugate-gradient iterations per step."""
     fisher_fraction: float = 0.25
     """trpo: share of each batch's samples used for the curvature (KL-Hessian) products; 1 uses all."""
+    outer_epochs: int = 1
+    """Passes over each iteration's evaluation rollouts (PPO's epochs in the outer loop); 1 with outer_minibatches 1 and outer_clip 0 is one actor-critic step per iteration."""
+    outer_minibatches: int = 1
+    """Adam steps on theta per pass, each on a random 1/outer_minibatches of every member's rollout (all members' gradients summed)."""
+    outer_clip: float = 0.0
+    """PPO's ratio and value clip of the outer loss, the ratio against the log-probabilities recorded when the rollout was sampled; 0: no clipping."""
+    follow: Follow = "shift"
+    """How theta' follows theta between the outer steps of one iteration: shift (theta' moves by theta's own displacement, dtheta'/dtheta = I, no extra gradient) or exact (the leader's inner steps redone from the current theta on its stored adaptation batches)."""
     task_batching: TaskBatching = "auto"
     """stacked: each worker computes whole groups, all their tasks in one batched pass (sinusoid, nav2d); per_task: one worker call per task; auto: stacked where the family can."""
     iterations: int = 100
@@ -134,6 +143,17 @@ class MetaConfig:
     """Write an atomic checkpoint every C iterations (and always after the last)."""
     seed: int = 0
     """Seed for grouping, network initialisation and every worker's RNG."""
+
+    @property
+    def outer_updates(self) -> int:
+        """Adam steps on theta per meta-iteration (outer_epochs x outer_minibatches)."""
+        return self.outer_epochs * self.outer_minibatches
+
+    @property
+    def reused_outer(self) -> bool:
+        """The outer loop is PPO's (several clipped or reused steps per iteration), not one
+        actor-critic step."""
+        return self.outer_updates > 1 or self.outer_clip > 0
 
 
 @dataclass(frozen=True)
@@ -485,6 +505,9 @@ def _check_meta(cfg: Config) -> None:
     if m.inner_steps < 0 or (m.inner_steps == 0 and m.algo != "fomaml"):
         raise ConfigError(f"meta.inner_steps = {m.inner_steps}: use >= 1, or 0 with algo fomaml (joint pre-training, "
                           f"no inner loop); got algo {m.algo}")
+    if m.outer_epochs < 1 or m.outer_minibatches < 1 or not 0 <= m.outer_clip < math.inf:
+        raise ConfigError(f"meta.outer_epochs and meta.outer_minibatches must be >= 1 and meta.outer_clip >= 0 "
+                          f"(0: no clipping); got {m.outer_epochs}, {m.outer_minibatches}, {m.outer_clip}")
     if m.outer == "trpo":
         if m.algo == "reptile" or m.step_loss != "last":
             raise ConfigError(f"meta.outer = trpo constrains the post-update policy of maml or fomaml with "
@@ -558,8 +581,8 @@ def _skip_fits(cfg: Config) -> str | None:
 
 def _grad_on_learner(cfg: Config) -> str | None:
     m = cfg.meta
-    if m.grad_on == "learner" and (m.algo != "fomaml" or cfg.tasks.family != "atari"):
-        return (f"meta.grad_on = learner ships Atari batches for first-order gradients; it does not apply to "
+    if m.grad_on == "learner" and (m.algo != "fomaml" or not TRAITS[cfg.tasks.family].games):
+        return (f"meta.grad_on = learner ships game batches (atari, minatar) for first-order gradients; it does not apply to "
                 f"algo {m.algo} on {cfg.tasks.family} (use worker or auto)")
     return None
 
@@ -582,7 +605,18 @@ def _stacking(cfg: Config) -> str | None:
     return None
 
 
-CROSS_RULES = (_skip_fits, _grad_on_learner, _stacking)
+def _outer_rounds(cfg: Config) -> str | None:
+    m, fam = cfg.meta, cfg.tasks.family
+    if not m.reused_outer:
+        return None
+    if m.algo != "fomaml" or m.outer != "adam" or not TRAITS[fam].games or m.task_batching == "stacked":
+        return (f"meta.outer_epochs x outer_minibatches > 1 or meta.outer_clip > 0 (PPO's outer loop) runs fomaml "
+                f"with meta.outer = adam on per-task game families ({', '.join(GAME_FAMILIES)}); got algo {m.algo}, "
+                f"outer {m.outer} on {fam}: set meta.outer_epochs=1 meta.outer_minibatches=1 meta.outer_clip=0")
+    return None
+
+
+CROSS_RULES = (_skip_fits, _grad_on_learner, _stacking, _outer_rounds)
 
 
 def validate(cfg: Config) -> Config:

@@ -17,6 +17,7 @@ from metarl.config import Config
 from metarl.learner import Learner
 from metarl.families import TRAITS
 from metarl.meta import ALGORITHMS
+from metarl.outer import Plan
 from metarl.tasks import make_family
 from metarl.worker import TaskWorker
 
@@ -52,6 +53,8 @@ class Fleet:
     """ray.grad_reduce: where gradients are summed before the learner (task: not at all)"""
     worker_info: list[dict[str, Any]] = field(default_factory=list)
     """each worker's `info()` at start-up: pid, host, Ray node, tasks (actors.json is written from it)"""
+    plan: Plan | None = None
+    """PPO's outer loop (meta.outer_epochs x outer_minibatches clipped steps); None: one step per iteration"""
 
     @property
     def nodes(self) -> list[str]:
@@ -66,8 +69,17 @@ def resolve_grad_on(cfg: Config, learner_gpus: float) -> str:
     if cfg.meta.grad_on != "auto":
         return cfg.meta.grad_on
     a = ALGORITHMS[cfg.meta.algo]
-    shippable = a.evaluates and not a.corrects and cfg.tasks.family == "atari"  # first-order Atari batches
+    shippable = a.evaluates and not a.corrects and TRAITS[cfg.tasks.family].games  # first-order game batches
     return "learner" if shippable and learner_gpus > 0 and cfg.ray.gpus_per_worker == 0 else "worker"
+
+
+def outer_plan(cfg: Config) -> Plan | None:
+    """PPO's outer loop for this config, or None for one actor-critic step per iteration (with
+    outer_epochs = outer_minibatches = 1 and no clip: the update is exactly that step)."""
+    m = cfg.meta
+    if not m.reused_outer:
+        return None
+    return Plan(m.outer_epochs, m.outer_minibatches, m.outer_clip, m.follow, m.inner_lr, m.seed)
 
 
 def resolve_stacked(cfg: Config) -> bool:
@@ -162,12 +174,14 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
             assignment[w][name] = task_seed(m.seed, i)
         owner[name] = i % W
     worker_device = "cuda" if cfg.ray.gpus_per_worker > 0 and not local else "cpu"
+    plan = outer_plan(cfg)
+    keep = ALGORITHMS[m.algo].corrects or (plan is not None and plan.follow == "exact")
     workers = [
-        backend.actor(worker_cls, family, seeds, m.inner_lr, m.inner_steps, ALGORITHMS[m.algo].corrects, 1, worker_device,
+        backend.actor(worker_cls, family, seeds, m.inner_lr, m.inner_steps, keep, 1, worker_device,
                       num_cpus=cpw, num_gpus=0.0 if local else cfg.ray.gpus_per_worker,
                       restarts=cfg.ray.max_worker_restarts,
                       kwargs={"resample": cfg.tasks.resample, "step_loss": m.step_loss, "outer": m.outer,
-                              "fisher_fraction": m.fisher_fraction})
+                              "fisher_fraction": m.fisher_fraction, "plan": plan})
         for seeds in assignment
     ]
     info = backend.get(backend.call(learner, "info"))
@@ -175,6 +189,10 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
     notes.append(f"evaluation gradients on the {grad_on}" + (" (batches shipped to it)" if grad_on == "learner" else "s"))
     if stacked:
         notes.append(f"stacked tasks: each of the {W} workers computes whole groups in one batched call per iteration")
+    if plan is not None:
+        where = "on the learner, no round trip" if grad_on == "learner" else f"{plan.updates} round trips to the workers"
+        notes.append(f"outer loop: PPO, {plan.epochs} epochs x {plan.minibatches} minibatches = {plan.updates} Adam steps "
+                     f"per iteration, clip {plan.clip:g}, theta' follows theta by the {plan.follow} rule ({where})")
     if m.outer == "trpo":
         notes.append(f"outer step: trpo (mean KL <= {m.max_kl}, {m.cg_iters} CG iterations on "
                      f"{m.fisher_fraction:.0%} of the samples), searched by the driver with the workers' products")
@@ -184,4 +202,4 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
         notes.append(f"gradients summed per {cfg.ray.grad_reduce} before the learner "
                      f"({len(workers) if cfg.ray.grad_reduce == 'worker' else nodes} messages per iteration)")
     return Fleet(backend, learner, workers, owner, info, notes, grad_on, stacked, m.outer,
-                 {"max_kl": m.max_kl, "cg_iters": m.cg_iters}, cfg.ray.grad_reduce, worker_info)
+                 {"max_kl": m.max_kl, "cg_iters": m.cg_iters}, cfg.ray.grad_reduce, worker_info, plan)

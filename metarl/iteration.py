@@ -18,6 +18,7 @@ import numpy as np
 from metarl import trust
 from metarl.fleet import Fleet
 from metarl.meta import ALGORITHMS, Algorithm, Group
+from metarl.ppo import STAT_KEYS
 
 
 class Failure(str):
@@ -126,6 +127,8 @@ class Collected:
     shipped: list[Any] | None = None
     """meta.grad_on = learner: alternating theta' and batch refs the learner scores itself"""
     shipped_tasks: list[int] = field(default_factory=list)
+    shipped_groups: list[int] = field(default_factory=list)
+    """PPO's outer loop on the learner: the group (place in the iteration's list) of each shipped member"""
     region_workers: list[Any] = field(default_factory=list)
     """meta.outer = trpo: the workers holding this iteration's trust region"""
 
@@ -142,16 +145,25 @@ def collect_per_task(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], 
     b, t_start = fleet.backend, time.perf_counter()
     worker_of = {i: fleet.owner[name] for i, name in enumerate(tasks)}
     on_learner = fleet.grad_on == "learner" and algo.evaluates and not algo.corrects
-    tp_refs, adapt_refs = {}, {}
+    plan = fleet.plan  # PPO's outer loop: members keep their rollouts for the later outer steps
+    tp_refs, adapt_refs, kept_refs = {}, {}, {}
     for g in groups:
         tp_refs[g.leader], adapt_refs[g.leader] = b.call(fleet.workers[worker_of[g.leader]], algo.leader_call,
                                                          tasks[g.leader], theta_ref, num_returns=2)
+        if on_learner and plan is not None and plan.follow == "exact":  # the learner redoes the inner steps
+            kept_refs[g.leader] = b.call(fleet.workers[worker_of[g.leader]], "adaptation_batches", tasks[g.leader])
     grad_refs, eval_refs, leader_of = ({}, {}, {}) if algo.evaluates else (dict(tp_refs), {}, {})
     for g in groups if algo.evaluates else ():
         for j in g.members:
             leader_of[j] = g.leader
-            grad_refs[j], eval_refs[j] = b.call(fleet.workers[worker_of[j]], "rollout" if on_learner else "evaluate",
-                                                tasks[j], tp_refs[g.leader], num_returns=2)
+            w = fleet.workers[worker_of[j]]
+            if on_learner:
+                grad_refs[j], eval_refs[j] = b.call(w, "rollout", tasks[j], tp_refs[g.leader], num_returns=2)
+            elif plan is not None:
+                grad_refs[j], eval_refs[j] = b.call(w, "evaluate_rounds", tasks[j], tp_refs[g.leader], theta_ref,
+                                                    iteration, num_returns=2)
+            else:
+                grad_refs[j], eval_refs[j] = b.call(w, "evaluate", tasks[j], tp_refs[g.leader], num_returns=2)
     adapts, adapt_failed = _gather(b, adapt_refs, timeout)
     evals, eval_failed = _gather(b, eval_refs, max(timeout - (time.perf_counter() - t_start), 1.0))
     if not algo.evaluates:
@@ -172,7 +184,13 @@ def collect_per_task(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], 
     out = Collected(adapts, evals, failed, parts, worker_of)
     if on_learner:  # members shipped their batches; the learner computes the gradients
         out.shipped_tasks = [j for members in ok.values() for j in members]
-        out.shipped = [ref for j in out.shipped_tasks for ref in (tp_refs[leader_of[j]], grad_refs[j])]
+        if plan is None:
+            out.shipped = [ref for j in out.shipped_tasks for ref in (tp_refs[leader_of[j]], grad_refs[j])]
+        else:  # every group's theta', the leaders' adaptation batches (exact rule), the members' rollouts
+            place = {g.leader: n for n, g in enumerate(groups)}
+            out.shipped_groups = [place[leader_of[j]] for j in out.shipped_tasks]
+            out.shipped = ([tp_refs[g.leader] for g in groups] + [kept_refs[g.leader] for g in groups if kept_refs]
+                           + [grad_refs[j] for j in out.shipped_tasks])
     return out
 
 
@@ -237,18 +255,73 @@ def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], al
     if n_ok == 0 or nonfinite:
         lstats = b.get(b.call(fleet.learner, "skip_step"))
     elif c.shipped is not None:
-        lstats = b.get(b.call(fleet.learner, "step_on_batches", n_ok, *c.shipped), timeout=timeout)
+        if fleet.plan is None:
+            lstats = b.get(b.call(fleet.learner, "step_on_batches", n_ok, *c.shipped), timeout=timeout)
+        else:
+            lstats = b.get(b.call(fleet.learner, "step_rounds", fleet.plan, iteration, c.shipped_groups, len(groups),
+                                  *c.shipped), timeout=timeout)
         for j, loss, norm in zip(c.shipped_tasks, lstats["losses"], lstats["grad_norms"]):
             c.evals[j].update(loss=loss, grad_norm=norm, finite=math.isfinite(norm))
         nonfinite = sorted(tasks[c.shipped_tasks[p]] for p in lstats["nonfinite"])
     elif fleet.outer == "trpo" and a.evaluates:
         lstats = trust_step(fleet, theta_ref, c.region_workers, refs, n_ok, timeout)
+    elif fleet.plan is not None:
+        lstats = worker_rounds(fleet, tasks, groups, c, refs, n_ok, timeout, iteration)
+        nonfinite = lstats.pop("nonfinite_tasks", [])
     else:
         lstats = b.get(b.call(fleet.learner, "step", n_ok, *refs), timeout=timeout)
     learner_s = time.perf_counter() - t_learn
     for w in {c.worker_of[i] for i, why in c.failed.items() if why.kind == "timed_out"}:
         b.kill(fleet.workers[w])  # Ray restarts it for the next iteration
     return summarize(tasks, groups, a, c, n_ok, nonfinite, lstats, time.perf_counter() - t_start, learner_s)
+
+
+def worker_rounds(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], c: Collected, refs: list[Any],
+                  n_ok: int, timeout: float, iteration: int) -> dict[str, Any]:
+    """PPO's outer loop with gradients on the workers (metarl.outer): the first outer step on the
+    gradients the members returned with their rollouts, then one round per further step: theta by
+    reference -> (exact rule) each leader redoes its inner steps from it -> every member still in
+    the iteration returns its next minibatch's gradient at theta' -> reduce -> one Adam step. The
+    fault rule holds per round: a task whose call dies, raises or hangs is dropped for the rest of
+    the iteration (and named); a non-finite gradient ends the iteration's steps there."""
+    b, plan, learner = fleet.backend, fleet.plan, fleet.learner
+    total = plan.updates
+    leader_of = {j: g.leader for g in groups for j in g.members}
+    alive = sorted({j for p in c.parts for j in p.tasks} - set(c.failed))
+    steps = [b.get(b.call(learner, "round_step", n_ok, 0, total, *refs), timeout=timeout)]
+    parts = [{k: s[k] for k in STAT_KEYS if k in s} for j, s in c.evals.items() if j in alive]
+    nonfinite: list[str] = []
+    for r in range(1, total):
+        theta_ref = b.call(learner, "get_theta")
+        tp = ({i: b.call(fleet.workers[c.worker_of[i]], "readapt", tasks[i], theta_ref) for i in {leader_of[j] for j in alive}}
+              if plan.follow == "exact" else {})
+        calls = {j: b.call(fleet.workers[c.worker_of[j]], "round_grad", tasks[j], r, theta_ref,
+                           tp.get(leader_of[j]), num_returns=2) for j in alive}
+        got, failed = _gather(b, {j: call[1] for j, call in calls.items()}, timeout)
+        c.failed.update({j: why.at(f"outer step {r + 1}") for j, why in failed.items()})
+        nonfinite = sorted(tasks[j] for j, s in got.items() if not s_ok(s))
+        alive = [j for j in alive if j in got]
+        if nonfinite or not alive:
+            break
+        parts += [{k: s[k] for k in STAT_KEYS if k in s} for s in got.values()]
+        reduced, n, dropped = reduce_grads(fleet, [GradPart(c.worker_of[j], [j], calls[j][0], 1) for j in alive], timeout)
+        c.failed.update(dropped)
+        alive = [j for j in alive if j not in dropped]
+        if not alive:
+            break
+        steps.append(b.get(b.call(learner, "round_step", n, r, total, *reduced), timeout=timeout))
+    if len(steps) < total:  # the steps stopped early: the iteration still counts once
+        steps[-1] = {**steps[-1], **b.get(b.call(learner, "finish_iteration"))}
+    out = {**steps[-1], "grad_norm": steps[0]["grad_norm"], "outer_lr": steps[0]["outer_lr"],
+           "update_skipped": all(s["update_skipped"] for s in steps), "outer/steps": sum(not s["update_skipped"] for s in steps),
+           "outer/grad_norm_last": steps[-1]["grad_norm"], "outer/round_trips": len(steps),
+           "ingest_messages": sum(s["ingest_messages"] for s in steps), "ingest_bytes": sum(s["ingest_bytes"] for s in steps),
+           "nonfinite_tasks": nonfinite}
+    for k in STAT_KEYS:
+        vals = [p[k] for p in parts if k in p]
+        if vals:
+            out[f"outer/{k}"] = float(sum(vals) / len(vals))
+    return out
 
 
 class WorkerFailed(RuntimeError):
@@ -325,7 +398,7 @@ def summarize(tasks: tuple[str, ...], groups: list[Group], a: Algorithm, c: Coll
         # what reached the learner this iteration (ray.grad_reduce decides how many messages)
         "learner/ingest_messages": int(lstats.get("ingest_messages", 0)),
         "learner/ingest_bytes": int(lstats.get("ingest_bytes", 0)),
-        **{k: v for k, v in lstats.items() if k.startswith("trust/")},
+        **{k: v for k, v in lstats.items() if k.startswith(("trust/", "outer/"))},
         "tasks_dropped": sorted(tasks[i] for i in failed), "drop_reasons": {tasks[i]: str(r) for i, r in failed.items()},
         "drop_kinds": {tasks[i]: r.kind for i, r in failed.items()},
         "nonfinite_tasks": nonfinite,

@@ -18,7 +18,8 @@ import torch
 
 from metarl.config import LR_DECAYS
 from metarl.policy import ParamSpec, init_params
-from metarl import meta
+from metarl import meta, outer
+from metarl.ppo import STAT_KEYS
 from metarl.tasks.base import TaskFamily, batch_from_wire
 
 
@@ -58,6 +59,7 @@ class Learner:
         self.family, self.model, self.scorer = family, None, None  # built on the first shipped batch
         lr_factor(lr_decay, 0, total_iterations)  # an unknown decay fails here, not mid-run
         self.iteration = 0
+        self._theta_start = self.theta.detach().clone()  # where this iteration's outer steps started
 
     def current_lr(self) -> float:
         """beta at this iteration (the schedule follows the restored iteration after a resume)."""
@@ -80,7 +82,86 @@ class Learner:
                 "ingest_messages": len(grads), "ingest_bytes": int(sum(np.asarray(x).nbytes for x in grads))}
 
     def _apply(self, g: torch.Tensor, n_evaluations: int) -> dict[str, Any]:
-        """Average the summed gradient g, skip if not finite, clip, take the Adam step."""
+        """Average the summed gradient g, skip if not finite, clip, take the Adam step; the
+        iteration is done."""
+        out = self._adam(g, n_evaluations)
+        self.iteration += 1
+        return out
+
+    def round_step(self, n_evaluations: int, r: int, total: int, *grads: np.ndarray) -> dict[str, Any]:
+        """Outer step r of `total` in PPO's outer loop, its gradients computed by the workers:
+        `step`'s guard, clip and Adam step; the iteration counts as done after the last one, whose
+        update_norm is theta's whole displacement over the iteration's steps."""
+        t0 = time.perf_counter()
+        if r == 0:
+            self._theta_start = self.theta.detach().clone()
+        g = torch.zeros_like(self.theta)
+        for x in grads:
+            g += torch.from_numpy(np.array(x, dtype=np.float32, copy=True)).to(self.device)
+        out = self._adam(g, n_evaluations)
+        if r == total - 1:
+            self.iteration += 1
+            out["update_norm"] = float((self.theta.detach() - self._theta_start).norm())
+        return {**out, "seconds": time.perf_counter() - t0, "ingest_messages": len(grads),
+                "ingest_bytes": int(sum(np.asarray(x).nbytes for x in grads))}
+
+    def finish_iteration(self) -> dict[str, Any]:
+        """Count the iteration as done (its outer steps stopped before the last one)."""
+        self.iteration += 1
+        return {"update_norm": float((self.theta.detach() - self._theta_start).norm())}
+
+    def step_rounds(self, plan: outer.Plan, iteration: int, member_groups: list[int], n_groups: int,
+                    *items: Any) -> dict[str, Any]:
+        """meta.grad_on = learner with PPO's outer loop (metarl.outer): every outer step of the
+        iteration here, no round trip. `items`: each group's theta'_0 (flat), then with the exact
+        rule each leader's adaptation batches (a list, shipped), then each member's rollout
+        (shipped); member_groups[m] is member m's group. The steps stop at the first non-finite
+        member gradient (the steps before it stay); its position is reported."""
+        if self.scorer is None:
+            self.model, self.scorer = self.family.make_model().to(self.device), self.family.make_scorer()
+        t0 = time.perf_counter()
+        dev = self.device
+        tp0 = [self.spec.unflatten(items[g], device=dev) for g in range(n_groups)]
+        exact = plan.follow == "exact"
+        adapt = [[batch_from_wire(w, dev) for w in items[n_groups + g]] for g in range(n_groups)] if exact else []
+        first = n_groups * (2 if exact else 1)
+        theta0 = self.spec.unflatten(self.theta.detach(), device=dev)
+        members = [outer.Member.of(self.scorer, batch_from_wire(items[first + k], dev), tp0[gi], theta0)
+                   for k, gi in enumerate(member_groups)]
+        indices = plan.indices(members[0].samples, iteration, dev)
+        rounds, nonfinite, first_round = [], [], None
+        for r, idx in enumerate(indices):
+            theta = theta0 if r == 0 else self.spec.unflatten(self.theta.detach(), device=dev)
+            if r == 0:
+                tps = tp0
+            elif exact:
+                tps = [outer.readapt(self.scorer, self.model, theta, adapt[g], plan.inner_lr) for g in range(n_groups)]
+            else:
+                tps = [outer.shifted(tp0[g], theta0, theta) for g in range(n_groups)]
+            g_sum = torch.zeros_like(self.theta)
+            per_member = []
+            for k, m in enumerate(members):
+                grads, loss, parts = outer.member_grad(self.model, m, tps[member_groups[k]], idx, plan.clip)
+                g = torch.cat([x.reshape(-1) for x in grads])
+                norm = float(g.norm())
+                per_member.append((float(loss), norm, {k2: float(v) for k2, v in parts.items()}))
+                if math.isfinite(norm) and math.isfinite(float(loss)):
+                    g_sum += g
+                else:
+                    nonfinite.append(k)
+            if r == 0:
+                first_round = per_member
+            if nonfinite:
+                break
+            rounds.append({**self._adam(g_sum, len(members)), "parts": [p for _, _, p in per_member]})
+        self.iteration += 1
+        out = summarize_rounds(rounds, theta0, self.theta.detach(), self.spec)
+        return {**out, "losses": [x[0] for x in first_round], "grad_norms": [x[1] for x in first_round],
+                "nonfinite": sorted(set(nonfinite)), "grad_s": time.perf_counter() - t0,
+                "seconds": time.perf_counter() - t0}
+
+    def _adam(self, g: torch.Tensor, n_evaluations: int) -> dict[str, Any]:
+        """Average the summed gradient g, skip if not finite, clip, take one Adam step."""
         g = g / max(n_evaluations, 1)
         norm = float(g.norm())
         skipped = not math.isfinite(norm)
@@ -94,7 +175,6 @@ class Learner:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             update_norm = float((self.theta.detach() - before).norm())
-        self.iteration += 1
         return {"grad_norm": norm, "update_skipped": skipped, "update_norm": update_norm, "outer_lr": lr,
                 "theta_norm": float(self.theta.detach().norm())}
 
@@ -145,11 +225,9 @@ class Learner:
 
     def state(self) -> dict[str, Any]:
         """Everything a checkpoint needs, as CPU tensors and plain values."""
-        opt = self.opt.state_dict()
-        for s in opt["state"].values():
-            for k, v in s.items():
-                if torch.is_tensor(v):
-                    s[k] = v.detach().to("cpu")
+        opt = self.opt.state_dict()  # its per-parameter dicts are the optimizer's live ones: copy, never assign
+        opt = {**opt, "state": {p: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in s.items()}
+                                for p, s in opt["state"].items()}}
         return {"theta": self.theta.detach().to("cpu").clone(), "optimizer": opt, "iteration": self.iteration}
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -160,3 +238,24 @@ class Learner:
             self.theta.copy_(theta.to(self.device))
         self.opt.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
+
+
+def summarize_rounds(rounds: list[dict[str, Any]], theta0: dict, theta: torch.Tensor, spec: ParamSpec) -> dict[str, Any]:
+    """One metrics record for an iteration's outer steps: the first step's gradient norm (the
+    one-step loop's figure), theta's whole displacement, and the PPO statistics averaged over steps
+    and members (outer/approx_kl: how far the steps moved the post-update policies from the ones
+    that sampled)."""
+    moved = float((theta - torch.cat([v.reshape(-1) for v in theta0.values()])).norm())
+    out: dict[str, Any] = {
+        "grad_norm": rounds[0]["grad_norm"] if rounds else float("nan"),
+        "update_skipped": not rounds or all(r["update_skipped"] for r in rounds),
+        "update_norm": moved, "outer_lr": rounds[0]["outer_lr"] if rounds else 0.0,
+        "theta_norm": float(theta.norm()), "outer/steps": sum(not r["update_skipped"] for r in rounds),
+        "outer/grad_norm_last": rounds[-1]["grad_norm"] if rounds else float("nan"),
+    }
+    parts = [p for r in rounds for p in r.get("parts", [])]
+    for k in STAT_KEYS:
+        vals = [p[k] for p in parts if k in p]
+        if vals:
+            out[f"outer/{k}"] = float(sum(vals) / len(vals))
+    return out

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from metarl import config as config_mod
-from metarl.evaluate import FineTuneLearner, make_optimizer, ppo_updates
+from metarl.finetune import FineTuneLearner, make_optimizer, ppo_updates
 from metarl.learner import Learner
 from metarl.policy import NUM_ATARI_ACTIONS, ParamSpec
 from metarl.tasks import make_family

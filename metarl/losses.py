@@ -83,17 +83,22 @@ def ppo_loss(logits: torch.Tensor, values: torch.Tensor, actions: torch.Tensor, 
     - ent_coef * E[H(pi)], r = pi(a|s) / pi_old(a|s).
 
     All inputs N (logits N x A); logp_old and values_old are what the policy recorded while sampling.
-    At the sampling parameters (r = 1, V = V_old) its gradient is actor_critic_loss's."""
+    At the sampling parameters (r = 1, V = V_old) its gradient is actor_critic_loss's. clip = 0: no
+    clipping, -E[r A] + vf_coef * E[(V-R)^2] / 2 - ent_coef * E[H(pi)]."""
     if norm_adv and advantages.numel() > 1:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     logp_all = F.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
     log_ratio = logp - logp_old
     ratio = log_ratio.exp()
-    pg_loss = -torch.min(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages).mean()
     values = values.float()
-    v_clipped = values_old + (values - values_old).clamp(-clip, clip)
-    v_loss = 0.5 * torch.max((values - returns).pow(2), (v_clipped - returns).pow(2)).mean()
+    if clip > 0:
+        pg_loss = -torch.min(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages).mean()
+        v_clipped = values_old + (values - values_old).clamp(-clip, clip)
+        v_loss = 0.5 * torch.max((values - returns).pow(2), (v_clipped - returns).pow(2)).mean()
+    else:  # no clip: the importance-weighted actor-critic surrogate
+        pg_loss = -(ratio * advantages).mean()
+        v_loss = 0.5 * (values - returns).pow(2).mean()
     entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
     loss = pg_loss + vf_coef * v_loss - ent_coef * entropy
     with torch.no_grad():

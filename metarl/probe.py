@@ -40,8 +40,8 @@ import torch
 from metarl import config as config_mod
 from metarl.cliargs import add_config_args, resolve_config, with_sets
 from metarl.config import ConfigError
-from metarl.evaluate import (FineTuneLearner, checkpoint_theta, ci95, initial_theta, load_checkpoint, make_optimizer,
-                             ppo_updates, update)
+from metarl.evaluate import checkpoint_theta, ci95, load_checkpoint
+from metarl.finetune import FineTuneLearner, initial_theta, make_optimizer, ppo_updates, update
 from metarl.fleet import task_seed
 from metarl.meta import detached, sgd_step
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from metarl import config as config_mod
-from metarl.evaluate import initial_theta
+from metarl.finetune import initial_theta
 from metarl.tasks import make_family
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -34,8 +34,9 @@ from metarl import checkpoint, config as config_mod, folds as fold_summary
 from metarl.backend import RayBackend
 from metarl.cliargs import add_cluster_args, add_config_args, resolve_config
 from metarl.config import Config, ConfigError
-from metarl.evaluate import (EvalSpec, FineTuneLearner, add_eval_args, assemble, checkpoint_theta, default_thresholds, evaluate,
-                             initial_theta, mean_curves, spec_from_args)
+from metarl.evaluate import (EvalSpec, add_eval_args, assemble, checkpoint_theta, default_thresholds, evaluate,
+                             mean_curves, spec_from_args)
+from metarl.finetune import FineTuneLearner, initial_theta
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv, write_json
 from metarl.run import RunDirError, run
 from metarl.tasks import make_family

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from metarl import meta
+from metarl import outer as outer_mod
 from metarl.policy import ParamSpec
 from metarl.tasks.base import Batch, TaskFamily, batch_to_wire
 
@@ -53,7 +54,8 @@ def iteration_seed(task_seed: int, iteration: int) -> int:
 class TaskWorker:
     def __init__(self, family: TaskFamily, task_seeds: dict[str, int], inner_lr: float, inner_steps: int,
                  keep_adaptation: bool = False, torch_threads: int = 1, device: str = "cpu", resample: bool = False,
-                 step_loss: str = "last", outer: str = "adam", fisher_fraction: float = 1.0):
+                 step_loss: str = "last", outer: str = "adam", fisher_fraction: float = 1.0,
+                 plan: "outer_mod.Plan | None" = None):
         torch.set_num_threads(torch_threads)
         self.device = device
         self.model = family.make_model().to(device)
@@ -66,6 +68,10 @@ class TaskWorker:
         self._stack = None
         self.outer, self.fisher_fraction = outer, fisher_fraction
         self._region: meta.TrustRegion | None = None
+        self.plan = plan
+        """meta.outer_epochs/minibatches/clip: PPO's outer loop; members keep their rollouts for it"""
+        self._members: dict[str, outer_mod.Member] = {}
+        self._indices: dict[str, list[torch.Tensor]] = {}
 
     # -- helpers ---------------------------------------------------------------------------
     def _params(self, flat: np.ndarray):
@@ -122,6 +128,66 @@ class TaskWorker:
         stats.update(task=task_name, loss=loss, grad_norm=float(np.linalg.norm(flat)) if finite else float("nan"),
                      finite=finite, seconds=time.perf_counter() - t0, seconds_sample=t1 - t0, **parts)
         return flat, stats
+
+    # -- the outer loop as PPO (meta.outer_epochs x outer_minibatches steps; metarl.outer) ---------
+    def evaluate_rounds(self, task_name: str, theta_prime: np.ndarray, theta: np.ndarray,
+                        iteration: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Member step of PPO's outer loop: roll out theta' on this task, keep the rollout for the
+        later outer steps of this iteration, and return the first step's gradient (PPO's loss on
+        the first minibatch) with the rollout's stats."""
+        t0 = time.perf_counter()
+        task = self._task(task_name)
+        tp = self._params(theta_prime)
+        batch = task.sample(self.model, tp)
+        t1 = time.perf_counter()
+        m = outer_mod.Member.of(task, batch, tp, self._params(theta))
+        self._members[task_name] = m
+        self._indices[task_name] = self._plan().indices(m.samples, iteration, m.adv.device)
+        flat, parts = self._member_grad(task_name, 0, tp)
+        stats = batch_stats(batch)
+        stats.update(task=task_name, seconds=time.perf_counter() - t0, seconds_sample=t1 - t0, **parts)
+        return flat, stats
+
+    def round_grad(self, task_name: str, r: int, theta: np.ndarray,
+                   theta_prime: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Outer step r of this iteration: the member's gradient at theta' on its r-th minibatch,
+        theta' given (the exact rule: the leader redid its inner steps from theta) or shifted by
+        theta's displacement since the rollout (the shift rule)."""
+        m = self._members.get(task_name)
+        if m is None:
+            raise RuntimeError(f"task {task_name!r}: round_grad called before evaluate_rounds on this worker")
+        tp = (self._params(theta_prime) if theta_prime is not None
+              else outer_mod.shifted(m.theta_prime0, m.theta0, self._params(theta)))
+        return self._member_grad(task_name, r, tp)
+
+    def readapt(self, task_name: str, theta: np.ndarray) -> np.ndarray:
+        """Leader step of the exact rule: theta' redone from `theta` on the kept adaptation batches."""
+        a = self._kept_adaptation(task_name)
+        return self.spec.flatten(outer_mod.readapt(self._task(task_name), self.model, self._params(theta), a.batches,
+                                                   self.inner_lr))
+
+    def adaptation_batches(self, task_name: str) -> list[dict[str, Any]]:
+        """The kept adaptation batches, shipped (meta.grad_on = learner with the exact rule)."""
+        return [batch_to_wire(b) for b in self._kept_adaptation(task_name).batches]
+
+    def _kept_adaptation(self, task_name: str) -> meta.Adaptation:
+        a = self._adaptations.get(task_name)
+        if a is None:
+            raise RuntimeError(f"task {task_name!r}: no kept adaptation on this worker (adapt first, keep_adaptation on)")
+        return a
+
+    def _plan(self) -> "outer_mod.Plan":
+        if self.plan is None:
+            raise RuntimeError("this worker was started without an outer-loop plan (meta.outer_epochs etc.)")
+        return self.plan
+
+    def _member_grad(self, task_name: str, r: int, theta_prime) -> tuple[np.ndarray, dict[str, Any]]:
+        grads, loss, parts = outer_mod.member_grad(self.model, self._members[task_name], theta_prime,
+                                                   self._indices[task_name][r], self._plan().clip)
+        flat = self.spec.flatten_grads(grads)
+        finite = bool(np.isfinite(flat).all()) and bool(torch.isfinite(loss))
+        return flat, {"loss": float(loss), "grad_norm": float(np.linalg.norm(flat)) if finite else float("nan"),
+                      "finite": finite, **{k: float(v) for k, v in parts.items()}}
 
     def rollout(self, task_name: str, theta_prime: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
         """Member step when gradients are computed on the learner (meta.grad_on = learner): roll

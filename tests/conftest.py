@@ -57,7 +57,7 @@ def one_update(task, model, theta, batch, learner):
     the loss on that batch before and after, and the updated parameters."""
     import torch
 
-    from metarl.evaluate import make_optimizer, update
+    from metarl.finetune import make_optimizer, update
 
     params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
     with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 
 from metarl import config as config_mod, meta
 from metarl.cli import main
-from metarl.evaluate import FineTuneLearner, finetune, make_optimizer, ppo_updates
+from metarl.finetune import FineTuneLearner, finetune, make_optimizer, ppo_updates
 from metarl.policy import init_params
 from metarl.tasks import make_family
 
@@ -84,7 +84,7 @@ def test_a_ppo_budget_run_anneals_the_step_size_and_reports_kl(monkeypatch):
         seen.append((lr, opt.param_groups[0]["lr"]))
         return real_update(task, model, params, batch, learner, opt, lr, gen)
 
-    monkeypatch.setattr("metarl.evaluate.ppo_updates", spy)
+    monkeypatch.setattr("metarl.finetune.ppo_updates", spy)
     lines: list[str] = []
     learner = FineTuneLearner("adam", 1e-3, 0.5, epochs=2, minibatches=2, clip=0.2, lr_decay="linear", bf16=True)
     trace, after = finetune(family.make_task("space_invaders", 0), model, theta, learner, budget=512,

@@ -37,7 +37,7 @@ def config_of(family: str):
 
 
 def fresh_theta(family: str) -> np.ndarray:
-    from metarl.evaluate import initial_theta
+    from metarl.finetune import initial_theta
     from metarl.tasks import make_family
 
     return initial_theta(make_family(config_of(family)), seed=0)
@@ -45,7 +45,7 @@ def fresh_theta(family: str) -> np.ndarray:
 
 def trained_theta(family: str) -> np.ndarray:
     """theta after metarl's own fine-tuner (Adam, 3 rollouts of a real game): weights that moved."""
-    from metarl.evaluate import FineTuneLearner, finetune
+    from metarl.finetune import FineTuneLearner, finetune
     from metarl.tasks import make_family
 
     fam = make_family(config_of(family))
