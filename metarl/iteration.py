@@ -408,6 +408,10 @@ def summarize(tasks: tuple[str, ...], groups: list[Group], a: Algorithm, c: Coll
     }
     # per task: the mean return of the episodes that ended in this iteration's rollouts, and the
     # episodes themselves (lists go to metrics.jsonl only; `metarl curve` draws them against frames)
+    for i, s in adapt_stats.items():  # the raw reward per step of each rollout: defined when no episode ends,
+        rec[f"rate_pre/{tasks[i]}"] = s["reward_sum"] / max(s["env_steps"], 1)  # and all the policy's own
+    for j, s in eval_stats.items():
+        rec[f"rate_post/{tasks[j]}"] = s["reward_sum"] / max(s["env_steps"], 1)
     for i, s in adapt_stats.items():
         rec[f"return_pre/{tasks[i]}"] = finite_mean(s["returns"])
         rec[f"episodes_pre/{tasks[i]}"] = [float(r) for r in s["returns"]]
