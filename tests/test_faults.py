@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 
 from metarl import checkpoint, config as config_mod
 from metarl.run import run
@@ -78,6 +80,53 @@ def test_killed_and_hung_workers_do_not_fail_the_run(tmp_path):
     assert checkpoint.load(checkpoint.latest(out))["iteration"] == 14
 
 
+INTERRUPTED_SAVE = """
+import io, sys, time
+import torch
+from metarl import checkpoint
+
+run_dir = sys.argv[1]
+real_save = torch.save
+
+def slow_save(obj, f):  # the real bytes, half of them written, then the process hangs mid-write
+    buf = io.BytesIO()
+    real_save(obj, buf)
+    data = buf.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+
+checkpoint.save(run_dir, {"theta": torch.arange(4.0), "optimizer": {}, "iteration": 2})
+checkpoint.torch.save = slow_save
+checkpoint.save(run_dir, {"theta": torch.full((4,), 7.0), "optimizer": {}, "iteration": int(sys.argv[2])})
+"""
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_loadable(tmp_path):
+    """checkpoint.save run for real in a process SIGKILLed while it writes the new checkpoint: the
+    previous checkpoint is still the latest and loads unchanged, whether the new one was for a later
+    iteration or rewrote the same one; only a temporary file is left behind."""
+    for new_iteration in (3, 2):
+        run_dir = tmp_path / f"run{new_iteration}"
+        p = subprocess.Popen([sys.executable, "-c", INTERRUPTED_SAVE, str(run_dir), str(new_iteration)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            line = p.stdout.readline()  # the child prints once it is half-way through the new file
+            assert line.strip() == "writing", line + p.stdout.read()
+            p.kill()
+            p.wait(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert checkpoint.latest(run_dir) == checkpoint.checkpoint_dir(run_dir) / "ckpt_000002.pt"
+        assert [c.name for c in checkpoint.list_checkpoints(run_dir)] == ["ckpt_000002.pt"]
+        state = checkpoint.load(checkpoint.latest(run_dir))
+        assert state["iteration"] == 2 and state["theta"].equal(torch.arange(4.0))
+        leftovers = [f.name for f in checkpoint.checkpoint_dir(run_dir).iterdir() if f.name != "ckpt_000002.pt"]
+        assert len(leftovers) == 1 and leftovers[0].startswith(f".ckpt_{new_iteration:06d}.pt.tmp"), leftovers
+
+
 def test_killed_driver_resumes_from_last_complete_checkpoint(tmp_path):
     out = tmp_path / "run"
     p = start_driver(out, "--iterations", "30", "--set", "meta.checkpoint_every=2", "--local")
@@ -90,7 +139,7 @@ def test_killed_driver_resumes_from_last_complete_checkpoint(tmp_path):
             p.kill()
     last = checkpoint.latest(out)
     it = checkpoint.load(last)["iteration"]
-    # a checkpoint write interrupted by the crash leaves only a temp file, never a torn ckpt_*.pt
+    # a stray temp file of an interrupted write (test_a_checkpoint_write_killed_midway_...) is ignored
     (out / "checkpoints" / f".ckpt_{it + 2:06d}.pt.tmp-99999").write_bytes(b"partial")
     logged = len(rows(out))
     assert logged >= it
