@@ -15,7 +15,7 @@ from conftest import CONFIGS, REPO
 def metarl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}
     return subprocess.run([sys.executable, "-m", "metarl", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, env=env, timeout=120)
+                          cwd=cwd or REPO, env=env, timeout=600)  # a hang guard, not a speed check
 
 
 def assert_usage_error(p: subprocess.CompletedProcess, *needles: str) -> None:
