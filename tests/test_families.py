@@ -178,7 +178,11 @@ def test_fewshot_cost_reports_every_algorithm():
     rows = profiling.cost(cfg, iterations=2, log=lambda *_: None)
     assert [r["algo"] for r in rows] == ["maml", "fomaml", "reptile"]
     assert all(r["seconds"] > 0 and r["peak_mb"] > 0 for r in rows)
-    assert rows[0]["vs_maml"] == 1.0
+    # each algorithm's time relative to maml's (the first row): checked on the rows where it is not
+    # 1 by construction, and against the seconds each row reports
+    maml_s = rows[0]["seconds"]
+    for r in rows[1:]:
+        assert r["vs_maml"] == pytest.approx(r["seconds"] / maml_s, rel=1e-12), r
 
 
 def test_fewshot_cost_times_the_trust_region_step_on_nav2d():
@@ -195,7 +199,7 @@ def test_fewshot_cost_times_the_trust_region_step_on_nav2d():
 def test_fewshot_cli_bad_input_is_one_line_exit_2(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     p = subprocess.run([sys.executable, "-m", "metarl", "fewshot", "eval", "--checkpoint", f"maml={tmp_path}",
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.strip().startswith("metarl: error:") and "no checkpoint" in p.stderr
 

@@ -157,6 +157,39 @@ def test_learner_adam_step_descends_and_guards_nonfinite():
     assert st["grad_norm"] == pytest.approx(float(np.linalg.norm(g.astype(np.float64))), rel=1e-3)
 
 
+def test_learner_clips_the_averaged_gradient_before_adam():
+    """Two Adam steps with gradients a thousand times apart in norm, both above max_grad_norm: with
+    clipping both reach Adam at norm 0.5 and the second step moves theta as far as the first; without
+    it the first gradient dominates Adam's moments and the second step is ~1/3 shorter. Compared with
+    torch.optim.Adam run on the same gradients clipped by hand."""
+    clip = 0.5
+    learner = Learner(FAMILY, 0, outer_lr=1e-3, max_grad_norm=clip, device="cpu")
+    theta0 = learner.get_theta()
+    g = np.random.default_rng(1).normal(size=theta0.shape).astype(np.float32)  # norm ~1.3e3
+    grads = [g, 1e-3 * g]  # norms ~1.3e3 and ~1.3, both above the clip
+    ref = torch.nn.Parameter(torch.from_numpy(theta0.copy()))
+    opt = torch.optim.Adam([ref], lr=1e-3)
+    steps, ref_steps = [], []
+    for x in grads:
+        before, ref_before = learner.get_theta(), ref.detach().clone()
+        out = learner.step(2, 2 * x)  # the learner averages over n_evaluations = 2
+        t = torch.from_numpy(x)
+        norm = float(t.norm())
+        assert norm > clip and out["grad_norm"] == pytest.approx(norm, rel=1e-4)  # reported before clipping
+        ref.grad = t * min(1.0, clip / (norm + 1e-6))
+        opt.step()
+        steps.append(learner.get_theta() - before)
+        ref_steps.append((ref.detach() - ref_before).numpy())
+    # the same float32 Adam on the same clipped gradients; the scale factor's rounding may differ
+    # in the last bits (the norm is a float32 sum), which Adam's normalisation all but cancels
+    for s, r in zip(steps, ref_steps):
+        np.testing.assert_allclose(s, r, rtol=1e-3, atol=1e-7)  # atol: float32 rounding of theta (|theta| < 1)
+    # clipped, the two gradients reach Adam equal, so the steps are equal; unclipped, the second
+    # step would be ~0.67 of the first
+    ratio = np.linalg.norm(steps[1]) / np.linalg.norm(steps[0])
+    assert ratio == pytest.approx(1.0, abs=0.02), ratio
+
+
 def test_outer_lr_schedule_follows_the_iteration_and_survives_a_resume():
     """Cosine decay: the step size the learner uses is beta * (1 + cos(pi t / T)) / 2, logged per
     step, and a learner restored from a mid-run state continues the schedule where it was."""

@@ -192,7 +192,7 @@ def cluster():
         with open(logs[0], "w") as log:
             procs.append(subprocess.Popen(head_cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True, cwd=root))
-        _wait_for("the head's dashboard", lambda: c.get_json("/api/version") is not None, 90, procs, logs[:1])
+        _wait_for("the head's dashboard", lambda: c.get_json("/api/version") is not None, 600, procs, logs[:1])
         common[-1] = f"--dashboard-agent-listen-port={free_port()}"
         # The worker node gets its own temp dir, as a real second machine has its own disk. Sharing
         # the head's would let its runtime-env agent re-unpack the job's working_dir (rmtree, unzip)
@@ -202,7 +202,7 @@ def cluster():
         with open(logs[1], "w") as log:
             procs.append(subprocess.Popen(worker_cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True, cwd=root))
-        _wait_for("two alive nodes", lambda: c.alive_node_ips() == [HEAD_IP, WORKER_IP], 90, procs, logs)
+        _wait_for("two alive nodes", lambda: c.alive_node_ips() == [HEAD_IP, WORKER_IP], 600, procs, logs)
         yield c
     finally:
         stop_process_trees(procs)
@@ -210,7 +210,9 @@ def cluster():
 
 
 def submit(c: Cluster, entrypoint: list[str], timeout: float) -> tuple[str, subprocess.CompletedProcess]:
-    """`ray job submit --working-dir <repo>`, waiting for the job (its logs are tailed to stdout)."""
+    """`ray job submit --working-dir <repo>`, waiting for the job (its logs are tailed to stdout).
+    `timeout` (like _wait_for's) is a hang guard, not a speed check: generous, because a loaded
+    2-core machine may take minutes to start nodes and actors."""
     job_id = f"metarl-test-{uuid.uuid4().hex[:8]}"
     cmd = ["job", "submit", "--address", c.dashboard, "--working-dir", str(REPO), "--submission-id", job_id,
            "--", *entrypoint]
@@ -232,7 +234,7 @@ def test_job_runs_the_uploaded_code_on_the_two_node_cluster(cluster):
              "print('PROBE ' + json.dumps({'metarl': metarl.__file__, 'cwd': os.getcwd(), "
              "'address': os.environ.get('RAY_ADDRESS'), "
              "'nodes': sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])}))")
-    job_id, res = submit(cluster, ["python", "-c", probe], timeout=60)
+    job_id, res = submit(cluster, ["python", "-c", probe], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     line = next((x for x in res.stdout.splitlines() if x.startswith("PROBE ")), None)
     assert line is not None, f"no PROBE line in the tailed job logs:\n{res.stdout[-3000:]}"
@@ -254,7 +256,7 @@ def test_smoke_run_submitted_as_a_job_completes_with_progress_and_a_full_run_dir
     out = cluster.root / "run"
     entry = ["metarl", "run", "--config", "configs/smoke.yaml", *SMOKE_OVERRIDES, "--out", str(out),
              "--wandb", "disabled"]
-    job_id, res = submit(cluster, entry, timeout=100)
+    job_id, res = submit(cluster, entry, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
 
     status = cluster.ray("job", "status", "--address", cluster.dashboard, job_id)

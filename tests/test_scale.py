@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from metarl.cli import main
-from metarl.scale import cluster_arithmetic, theta_bytes
+from metarl.scale import ATARI_TASK_S, cluster_arithmetic, theta_bytes
 
 from conftest import assert_png
+
+WORK_MS = 50.0  # sleep per fixture rollout: task work the figures must account for
 
 
 @pytest.mark.slow
 def test_scale_benchmark_prints_every_figure_and_reduction_bounds_the_learners_ingest(tmp_path, capsys):
     out = tmp_path / "scale"
     rc = main(["bench", "--scale", "--scale-sizes", "2,6", "--scale-workers", "2", "--scale-nodes", "2",
-               "--scale-reduce", "task,worker,node", "--scale-iterations", "1", "--out-dir", str(out)])
+               "--scale-reduce", "task,worker,node", "--scale-iterations", "1", "--work-ms", str(WORK_MS),
+               "--out-dir", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     for header in ("iteration (s)", "task work (s)", "overhead (s)", "learner ingest (MB)", "messages to learner",
@@ -30,7 +34,16 @@ def test_scale_benchmark_prints_every_figure_and_reduction_bounds_the_learners_i
         assert rows[("node", n)]["learner_bytes"] <= rows[("worker", n)]["learner_bytes"]
         for mode in ("task", "worker", "node"):
             r = rows[(mode, n)]
-            assert r["wall_s"] > 0 and r["overhead_s"] == pytest.approx(r["wall_s"] - r["task_work_s"])
+            # skip 1: every task adapts (S = 1 rollout) and evaluates (1 rollout) on its worker, the
+            # tasks dealt round-robin to the 2 workers: the busier one sleeps 2 ceil(N/2) rollouts
+            # one after another (an actor runs one call at a time), a floor under the iteration
+            rollouts = 2 * math.ceil(n / 2)
+            work = rollouts * WORK_MS / 1000
+            assert r["task_work_s"] == pytest.approx(work) and r["rollouts_per_worker"] == rollouts
+            assert r["wall_s"] >= work and r["overhead_s"] == pytest.approx(r["wall_s"] - work)
+            # the same overhead beside Atari's measured task cost per task (an adapt and an evaluate)
+            atari = math.ceil(n / 2) * ATARI_TASK_S
+            assert r["overhead_share_at_atari_cost"] == pytest.approx(r["overhead_s"] / (r["overhead_s"] + atari))
             assert r["driver_calls"] >= 2 * n  # an adapt and an evaluate per task, at least
     assert (out / "scale.md").read_text().count("\n") == 2 + 6
     assert_png(out / "scale.png")

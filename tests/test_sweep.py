@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from metarl import checkpoint, config as config_mod
 from metarl.cli import main
 from metarl.sweep import PROBE_ITERATIONS, iteration_env_steps, side_by_side, target_iterations, train_for_seconds
@@ -106,15 +108,44 @@ def test_sweep_refuses_to_reuse_or_reshape(tmp_path, capsys):
 
 
 def test_seconds_budget_measures_then_extends(tmp_path):
+    """Real training: a budget below the measuring chunk stops after it; a budget of 2.6 x the
+    chunk's wall time extends the run by at least floor(1.6 / 0.5) = 3 iterations at the rate the
+    chunk measured, whatever the machine's speed (the rate is measured, not assumed)."""
     cfg = smoke(**{"meta.skip": 3})
     run_dir = tmp_path / "skip3"
     train_for_seconds(cfg, run_dir, 1e-3, local=True, log=lambda _: None)  # only the measuring chunk
     state = checkpoint.load(checkpoint.latest(run_dir))
     assert state["iteration"] == PROBE_ITERATIONS
     wall = state["counters"]["wall_s"]
-    budget = 2.5 * wall  # room for about three more iterations at the measured rate
-    train_for_seconds(cfg, run_dir, budget, local=True, log=lambda _: None)
+    train_for_seconds(cfg, run_dir, 2.6 * wall, local=True, log=lambda _: None)
     state = checkpoint.load(checkpoint.latest(run_dir))
-    done, wall = state["iteration"], state["counters"]["wall_s"]
-    assert done >= PROBE_ITERATIONS + 3
-    assert wall + wall / done > budget  # stopped because one more iteration would not fit
+    assert state["iteration"] >= PROBE_ITERATIONS + 3
+    assert state["counters"]["wall_s"] > wall
+
+
+@pytest.mark.parametrize("per_iteration, budget, expected", [
+    (1.25, 10.0, 8),   # 8 x 1.25 = 10 fits exactly; a 9th would not
+    (0.75, 10.0, 13),  # 13 x 0.75 = 9.75; 14 would need 10.5
+    (3.0, 10.0, 3),    # one chunk past the probe: 3 x 3 = 9
+    (6.0, 10.0, 2),    # the probe alone (12 s) is already over: nothing more
+])
+def test_seconds_budget_stops_at_the_last_iteration_that_fits(tmp_path, monkeypatch, per_iteration, budget, expected):
+    """With a clock where every iteration costs the same, training for `budget` seconds ends at the
+    largest iteration count whose time fits the budget (never less than the measuring chunk)."""
+    import torch
+
+    from metarl import sweep
+
+    chunks = []
+
+    def fake_train_to(cfg, run_dir, local, log):
+        n = cfg.meta.iterations
+        chunks.append(n)
+        checkpoint.save(run_dir, {"theta": torch.zeros(1), "optimizer": {}, "iteration": n,
+                                  "counters": {"wall_s": n * per_iteration}})
+
+    monkeypatch.setattr(sweep, "train_to", fake_train_to)
+    train_for_seconds(smoke(), tmp_path / "run", budget, local=True, log=lambda _: None)
+    done = checkpoint.load(checkpoint.latest(tmp_path / "run"))["iteration"]
+    assert done == expected == max(PROBE_ITERATIONS, int(budget // per_iteration))
+    assert chunks[0] == PROBE_ITERATIONS and chunks == sorted(set(chunks))  # measure first, never repeat
