@@ -94,6 +94,15 @@ def adaptation_gain(run: dict, game: str) -> float:
     return float(np.mean(d)) if d else math.nan
 
 
+def adaptation_gain_all(run: dict) -> float:
+    """`adaptation_gain` over all games at once (reward_per_step/post - /pre, second half of the
+    run): comparable where every game both adapts and evaluates (skip 1)."""
+    rows = run["rows"][len(run["rows"]) // 2:]
+    d = [r["reward_per_step/post"] - r["reward_per_step/pre"] for r in rows
+         if r.get("adaptations") and math.isfinite(r.get("reward_per_step/pre", math.nan))]
+    return float(np.mean(d)) if d else math.nan
+
+
 def scratch_finals(path: Path, budget: float, last: float) -> dict[str, list[float]]:
     """episodes.csv of `metarl learn`: per game, each seed's mean return over the last share of
     `budget` env steps (MinAtar: frames = env steps)."""
@@ -108,13 +117,13 @@ def scratch_finals(path: Path, budget: float, last: float) -> dict[str, list[flo
     return out
 
 
-def mean_ci(vals: list[float]) -> str:
+def mean_ci(vals: list[float], digits: int = 2) -> str:
     vals = [v for v in vals if math.isfinite(v)]
     if not vals:
         return "—"
     if len(vals) == 1:
-        return f"{vals[0]:.2f} (1 run)"
-    return f"{np.mean(vals):.2f} ± {ci95(vals):.2f} ({len(vals)} runs)"
+        return f"{vals[0]:.{digits}f} (1 run)"
+    return f"{np.mean(vals):.{digits}f} ± {ci95(vals):.{digits}f} ({len(vals)} runs)"
 
 
 def cmd_training(args: argparse.Namespace) -> int:
@@ -146,12 +155,18 @@ def cmd_training(args: argparse.Namespace) -> int:
             rows.append({"game": game, "learner": label, "runs": len(have),
                          "env_steps_per_game": int(np.mean([r["rows"][-1]["env_steps/total"] / len(r["games"]) for r in have])),
                          "final": mean_ci(finals), "of_scratch": f"{np.mean(ratio):.0%}" if ratio else "—",
-                         "adaptation_gain_rate": mean_ci([adaptation_gain(r, game) for r in have]),
+                         "adaptation_gain_rate": mean_ci([adaptation_gain(r, game) for r in have], 4),
                          "final_per_run": " / ".join(f"{f:.2f}" for f in finals)})
         if ref:
             rows.append({"game": game, "learner": "PPO from scratch (metarl learn)", "runs": len(ref),
                          "env_steps_per_game": int(budget), "final": mean_ci(ref), "of_scratch": "100%",
                          "adaptation_gain_rate": "—", "final_per_run": " / ".join(f"{f:.2f}" for f in ref)})
+    for label, rs in runs.items():
+        if all(r["rows"][-1].get("skip") == 1 and math.isfinite(adaptation_gain_all(r)) for r in rs):
+            rows.append({"game": "all games", "learner": label, "runs": len(rs), "env_steps_per_game": "",
+                         "final": "", "of_scratch": "",
+                         "adaptation_gain_rate": mean_ci([adaptation_gain_all(r) for r in rs], 4),
+                         "final_per_run": " / ".join(f"{adaptation_gain_all(r):+.4f}" for r in rs)})
     write_csv(out / "training_summary.csv", rows)
     table = markdown_table(rows, {"game": "game", "learner": "learner", "runs": "runs",
                                   "env_steps_per_game": "env steps per game",
