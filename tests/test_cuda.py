@@ -100,3 +100,20 @@ def ppo_loss_before_after(family, model, learner, game):
             return before, loss()
     finally:
         task.close()
+
+
+def test_learner_on_cuda_checkpoints_steps_and_resumes():
+    """A cuda learner's checkpoint (Learner.state) leaves its Adam moments on cuda, so it keeps
+    stepping; a learner restored from the checkpoint takes the same next step."""
+    family = make_family(small("minatar.yaml"))
+    a = Learner(family, seed=0, outer_lr=1e-3, max_grad_norm=1.0, device="cuda")
+    g = np.random.default_rng(0).standard_normal(a.spec.numel).astype(np.float32)
+    a.step(1, g)
+    state = a.state()
+    assert all(v.device.type == "cuda" for s in a.opt.state.values() for v in s.values() if torch.is_tensor(v))
+    b = Learner(family, seed=1, outer_lr=1e-3, max_grad_norm=1.0, device="cuda")
+    b.load_state(state)
+    a.step(1, 0.5 * g)  # crashed with mixed devices when state() replaced the live moments
+    b.step(1, 0.5 * g)
+    np.testing.assert_allclose(a.get_theta(), b.get_theta(), rtol=0, atol=1e-7)
+    assert a.iteration == b.iteration == 2
