@@ -12,7 +12,7 @@ For every run (a `metarl run` directory: metrics.jsonl and config.yaml) and trai
   no episode ends, and all the policy's own), averaged over the second half of the run.
 
 Intervals are over runs (each meta-training seed is one independent unit): mean ± t(0.975, n-1) x
-SE. Outputs: training_<label>_seed<s>.csv per run (iteration, env steps per game, game, returns and
+SE. Outputs: training_<label as a slug>_seed<s>.csv per run (iteration, env steps per game, game, returns and
 rates), training_summary.csv/.md and training_<game>.png.
 """
 
@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,11 @@ def scratch_finals(path: Path, budget: float, last: float) -> dict[str, list[flo
     return out
 
 
+def slug(label: str) -> str:
+    """A label as a file-name part: 'FOMAML skip 1' -> 'fomaml-skip-1'."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "run"
+
+
 def mean_ci(vals: list[float], digits: int = 2) -> str:
     vals = [v for v in vals if math.isfinite(v)]
     if not vals:
@@ -141,7 +147,7 @@ def cmd_training(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for label, rs in runs.items():
         for r in rs:
-            write_csv(out / f"training_{label}_seed{r['seed']}.csv", per_game_rows(r))
+            write_csv(out / f"training_{slug(label)}_seed{r['seed']}.csv", per_game_rows(r))
     rows = []
     for game in games:
         ref = scratch.get(game, [])
