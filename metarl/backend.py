@@ -1,7 +1,7 @@
 """Where actors live: Ray (the default) or this process (`--local`, for debugging and fast tests).
 
 Both backends offer the same four verbs — `actor`, `call`, `wait`, `get` — so the meta-iteration
-in metarl.run is written once. With Ray, calls return ObjectRefs that are handed to other calls
+(metarl.iteration, driven by the run loop in metarl.run) is written once. With Ray, calls return ObjectRefs that are handed to other calls
 without passing through the driver (theta and theta' travel by reference); locally, calls run
 at once and return their values wrapped the same way.
 """

@@ -1,4 +1,4 @@
-"""`metarl bench`: measured ratios against the emulator limit (DESIGN.md section 6).
+"""`metarl bench`: measured ratios against the emulator limit (README: Benchmark).
 
 Every figure is measured side by side in one run, through the real code paths:
 
@@ -11,7 +11,7 @@ Every figure is measured side by side in one run, through the real code paths:
                       forward+backward of the same network on the same batch
   skip_ratio_k        seconds per meta-iteration at skip k / at skip 1, on the config scaled down
   skip_ratio_k_expected  (ceil(N/k) S + N) / (N S + N): the share of rollouts skip k keeps
-  end_to_end_ratio    env steps/s of whole meta-iterations (`run.meta_iteration`) / env steps/s of
+  end_to_end_ratio    env steps/s of whole meta-iterations (`iteration.meta_iteration`) / env steps/s of
                       the same fleet only sampling the same rollouts
   end_to_end_compute_bound  the best end_to_end_ratio when gradients share the cores with sampling:
                       G / (S + G), S and G the fleet's sampling and gradient samples/s

@@ -18,8 +18,8 @@ exactly as a task worker does, and for each alpha reports, on that rollout's sta
 
 The same four numbers for one update of `finetune` (PPO's epochs x minibatches, or one step) on the
 same rollout are the reference row, and `alpha_kl_match` is the alpha at which the inner step moves
-the policy as far as that update (interpolated on log-log axes). Everything runs in this process,
-in float32.
+the policy as far as that update (interpolated on log-log axes). Everything runs in this process:
+the steps in float32, as training takes them; the comparisons in float64 (`compare`).
 
 Outputs: probe.csv (every game, seed and alpha), probe_summary.md (mean and 95% t-interval over
 seeds), probe.png (kl and dv against alpha, the update's values as horizontal lines).

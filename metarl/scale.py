@@ -2,7 +2,7 @@
 
 A simulated cluster — a head node (driver, learner) and several worker nodes, each a real Ray
 node (raylet and object store) on its own loopback address of this machine — runs real
-meta-iterations (metarl.run.meta_iteration: the same driver, workers, learner and transfers as a
+meta-iterations (metarl.iteration.meta_iteration: the same driver, workers, learner and transfers as a
 run) over N tasks of a benchmark fixture family. The fixture has the Atari network's θ (Nature
 CNN, 1.69M parameters, 6.8 MB as float32) but its rollouts only sleep `work_ms`, so that what is
 left of an iteration's wall time is the system's own cost: the driver's calls, θ and θ′ moving
