@@ -100,7 +100,8 @@ def test_a_ppo_budget_run_anneals_the_step_size_and_reports_kl(monkeypatch):
 def test_learn_runs_ppo_and_rejects_bad_ppo_settings(tmp_path, capsys):
     base = ["learn", "--config", str(CONFIGS / "minatar.yaml"), "--set", "log.wandb_mode=disabled",
             "--set", "env.num_envs=4", "--games", "breakout", "--seeds", "1", "--local"]
-    ppo = ["--set", "finetune.epochs=2", "--set", "finetune.minibatches=4", "--set", "finetune.rollout_len=8"]
+    ppo = ["--set", "finetune.epochs=2", "--set", "finetune.minibatches=4", "--set", "finetune.rollout_len=8",
+           "--set", "finetune.clip=0.1"]
     out = tmp_path / "ppo"
     assert main([*base, *ppo, "--budget", "96", "--points", "3", "--out", str(out)]) == 0
     assert "PPO 2 epochs x 4 minibatches, clip 0.1" in capsys.readouterr().out
