@@ -18,7 +18,7 @@ import numpy as np
 from metarl import trust
 from metarl.fleet import Fleet
 from metarl.meta import ALGORITHMS, Algorithm, Group
-from metarl.ppo import STAT_KEYS
+from metarl.ppo import STAT_KEYS, mean_stats
 
 
 class Failure(str):
@@ -317,11 +317,7 @@ def worker_rounds(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], c: 
            "outer/grad_norm_last": steps[-1]["grad_norm"], "outer/round_trips": len(steps),
            "ingest_messages": sum(s["ingest_messages"] for s in steps), "ingest_bytes": sum(s["ingest_bytes"] for s in steps),
            "nonfinite_tasks": nonfinite}
-    for k in STAT_KEYS:
-        vals = [p[k] for p in parts if k in p]
-        if vals:
-            out[f"outer/{k}"] = float(sum(vals) / len(vals))
-    return out
+    return {**out, **mean_stats(parts)}
 
 
 class WorkerFailed(RuntimeError):

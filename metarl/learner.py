@@ -19,7 +19,7 @@ import torch
 from metarl.config import LR_DECAYS
 from metarl.policy import ParamSpec, init_params
 from metarl import meta, outer
-from metarl.ppo import STAT_KEYS
+from metarl.ppo import mean_stats
 from metarl.tasks.base import TaskFamily, batch_from_wire
 
 
@@ -253,9 +253,4 @@ def summarize_rounds(rounds: list[dict[str, Any]], theta0: dict, theta: torch.Te
         "theta_norm": float(theta.norm()), "outer/steps": sum(not r["update_skipped"] for r in rounds),
         "outer/grad_norm_last": rounds[-1]["grad_norm"] if rounds else float("nan"),
     }
-    parts = [p for r in rounds for p in r.get("parts", [])]
-    for k in STAT_KEYS:
-        vals = [p[k] for p in parts if k in p]
-        if vals:
-            out[f"outer/{k}"] = float(sum(vals) / len(vals))
-    return out
+    return {**out, **mean_stats([p for r in rounds for p in r.get("parts", [])])}

@@ -44,6 +44,16 @@ def seeded_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def mean_stats(parts: list[dict[str, float]], prefix: str = "outer/") -> dict[str, float]:
+    """The mean of each PPO statistic (STAT_KEYS) over a list of per-update, per-member stats."""
+    out = {}
+    for k in STAT_KEYS:
+        vals = [p[k] for p in parts if k in p]
+        if vals:
+            out[f"{prefix}{k}"] = float(sum(vals) / len(vals))
+    return out
+
+
 def run_updates(indices: list[torch.Tensor], grad_at: Callable[[torch.Tensor], tuple[Grads, torch.Tensor, dict]],
                 apply: Callable[[Grads], None]) -> tuple[float, dict[str, float]]:
     """One PPO pass: for each index set, take the minibatch gradient (`grad_at(idx)` -> grads, loss,
