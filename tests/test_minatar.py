@@ -25,6 +25,12 @@ from conftest import CONFIGS, assert_png, one_update
 
 pytest.importorskip("minatar")
 
+# the family's tests take the one-step outer loop and fine-tuner (PPO's outer loop has its own
+# tests in test_outer_loop.py; its 4 x 4 steps would only make these slower)
+ONE_STEP = {"meta.outer_epochs": 1, "meta.outer_minibatches": 1, "meta.outer_clip": 0.0, "finetune.epochs": 1,
+            "finetune.minibatches": 1}
+ONE_STEP_SETS = [x for k, v in ONE_STEP.items() for x in ("--set", f"{k}={v}")]
+
 CHANNELS = {"asterix": 4, "breakout": 4, "freeway": 7, "seaquest": 10, "space_invaders": 6}
 
 
@@ -32,7 +38,7 @@ def minatar(**overrides):
     """configs/minatar.yaml, small: 4 games per task x 8 steps, W&B off, no progress lines."""
     cfg = config_mod.load(CONFIGS / "minatar.yaml")
     small = {"env.num_envs": 4, "env.rollout_len": 8, "log.wandb_mode": "disabled", "log.progress": False,
-             "ray.cpus_per_worker": 0.5}
+             "ray.cpus_per_worker": 0.5, **ONE_STEP}
     for k, v in {**small, **overrides}.items():
         cfg = config_mod.override(cfg, k, v)
     return config_mod.validate(cfg)
@@ -191,7 +197,8 @@ def test_two_fold_leave_one_game_out_sweep_writes_every_output(tmp_path, capsys)
     code = main(["sweep", "--config", str(CONFIGS / "minatar.yaml"), "--set", "tasks.train=[breakout,asterix]",
                  "--set", "env.num_envs=4", "--set", "env.rollout_len=8", "--set", "log.wandb_mode=disabled",
                  "--skips", "1", "--joint", "--folds", "loo", "--match", "env_steps", "--budget", "320",
-                 "--eval-budget", "256", "--eval-seeds", "2", "--local", "--no-progress", "--out", str(out)])
+                 "--eval-budget", "256", "--eval-seeds", "2", "--local", "--no-progress", *ONE_STEP_SETS,
+                 "--out", str(out)])
     assert code == 0
     for name in ("summary.md", "summary.csv", "summary_folds.csv", "per_seed.csv"):
         assert (out / name).stat().st_size > 0, name
