@@ -75,11 +75,15 @@ class Learner:
     def step(self, n_evaluations: int, *grads: np.ndarray) -> dict[str, Any]:
         """theta <- Adam(theta, clip(sum(grads) / n_evaluations)); skipped if not finite."""
         t0 = time.perf_counter()
+        return {**self._apply(self._summed(grads), n_evaluations), "seconds": time.perf_counter() - t0,
+                "ingest_messages": len(grads), "ingest_bytes": int(sum(np.asarray(x).nbytes for x in grads))}
+
+    def _summed(self, grads: tuple[np.ndarray, ...]) -> torch.Tensor:
+        """The flat gradients that arrived (numpy, float32 on the wire), summed on theta's device."""
         g = torch.zeros_like(self.theta)
         for x in grads:
             g += torch.from_numpy(np.array(x, dtype=np.float32, copy=True)).to(self.device)
-        return {**self._apply(g, n_evaluations), "seconds": time.perf_counter() - t0,
-                "ingest_messages": len(grads), "ingest_bytes": int(sum(np.asarray(x).nbytes for x in grads))}
+        return g
 
     def _apply(self, g: torch.Tensor, n_evaluations: int) -> dict[str, Any]:
         """Average the summed gradient g, skip if not finite, clip, take the Adam step; the
@@ -95,10 +99,7 @@ class Learner:
         t0 = time.perf_counter()
         if r == 0:
             self._theta_start = self.theta.detach().clone()
-        g = torch.zeros_like(self.theta)
-        for x in grads:
-            g += torch.from_numpy(np.array(x, dtype=np.float32, copy=True)).to(self.device)
-        out = self._adam(g, n_evaluations)
+        out = self._adam(self._summed(grads), n_evaluations)
         if r == total - 1:
             self.iteration += 1
             out["update_norm"] = float((self.theta.detach() - self._theta_start).norm())
