@@ -13,6 +13,7 @@ from pathlib import Path
 from metarl import bench, config as config_mod, curves, evaluate, fewshot_cli, probe, rllib_cli, sweep, training
 from metarl.cliargs import USAGE_ERRORS, add_cluster_args, add_config_args, default_out, resolve_config
 from metarl.run import run
+from metarl.stopping import Stopped, resume_command
 
 SUBCOMMAND_MODULES = (evaluate, sweep, bench, fewshot_cli, curves, probe, rllib_cli, training)
 
@@ -25,7 +26,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise config_mod.ConfigError("--resume needs --out DIR: the run directory to continue")
     out = Path(args.out) if args.out else default_out(cfg)
-    summary = run(cfg, out, resume=args.resume, local=args.local)
+    try:
+        summary = run(cfg, out, resume=args.resume, local=args.local)
+    except Stopped as e:
+        print(f"metarl: {e}\nresume with: {resume_command(str(out), args.argv)}", file=sys.stderr)
+        return e.exit_code
     last = summary["last"]
     print(f"done: {summary['iterations']} iterations, {summary['env_steps']:,} env steps, "
           f"{summary['wall_s']:.1f}s in meta-iterations; run directory {summary['run_dir']}"
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a resume command repeats
     try:
         return int(args.func(args) or 0)
     except USAGE_ERRORS as e:

@@ -176,6 +176,10 @@ class RayConfig:
     """Times Ray restarts a dead task worker (a lost node or OOM kill restarts it elsewhere)."""
     task_downtime_s: float = 600.0
     """A task dropped from every iteration for this long stops the run (resume once fixed)."""
+    stop_grace_s: float = 20.0
+    """On SIGTERM/Ctrl-C: finish the iteration in flight if it ends within this many seconds, else
+    abandon it; then checkpoint and exit. Keep it below the scheduler's kill delay (Kubernetes'
+    terminationGracePeriodSeconds and Slurm's KillWait: 30 s by default) minus a checkpoint write."""
     grad_reduce: GradReduce = "worker"
     """Where task gradients are summed before the learner: worker (one message per worker per
     iteration), node (then one per node), or task (every task's gradient goes to the learner)."""
@@ -523,6 +527,8 @@ def _check_ray(cfg: Config) -> None:
         raise ConfigError("ray.workers, ray.cpus_per_worker and ray.gpus_per_worker must be >= 0")
     if r.call_timeout_s <= 0 or r.task_downtime_s <= 0:
         raise ConfigError("ray.call_timeout_s and ray.task_downtime_s must be positive")
+    if r.stop_grace_s < 0:
+        raise ConfigError(f"ray.stop_grace_s must be >= 0 (0: abandon the iteration in flight at once), got {r.stop_grace_s:g}")
 
 
 def _check_log(cfg: Config) -> None:

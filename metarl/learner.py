@@ -60,6 +60,7 @@ class Learner:
         lr_factor(lr_decay, 0, total_iterations)  # an unknown decay fails here, not mid-run
         self.iteration = 0
         self._theta_start = self.theta.detach().clone()  # where this iteration's outer steps started
+        self._snapshot: dict[str, Any] | None = None  # the state before the iteration now under way
 
     def current_lr(self) -> float:
         """beta at this iteration (the schedule follows the restored iteration after a resume)."""
@@ -72,8 +73,17 @@ class Learner:
     def get_theta(self) -> np.ndarray:
         return self.theta.detach().to("cpu").numpy().copy()
 
+    def _begin(self) -> None:
+        """Called first by every call that changes theta: on the iteration's first change, keep
+        the state it starts from, so that a stopped run can checkpoint the last finished
+        iteration even when this one was abandoned part-way (metarl.stopping)."""
+        if self._snapshot is None or self._snapshot["iteration"] != self.iteration:
+            self._snapshot = None
+            self._snapshot = self._copy_state()
+
     def step(self, n_evaluations: int, *grads: np.ndarray) -> dict[str, Any]:
         """theta <- Adam(theta, clip(sum(grads) / n_evaluations)); skipped if not finite."""
+        self._begin()
         t0 = time.perf_counter()
         return {**self._apply(self._summed(grads), n_evaluations), "seconds": time.perf_counter() - t0,
                 "ingest_messages": len(grads), "ingest_bytes": int(sum(np.asarray(x).nbytes for x in grads))}
@@ -96,6 +106,7 @@ class Learner:
         """Outer step r of `total` in PPO's outer loop, its gradients computed by the workers:
         `step`'s guard, clip and Adam step; the iteration counts as done after the last one, whose
         update_norm is theta's whole displacement over the iteration's steps."""
+        self._begin()
         t0 = time.perf_counter()
         if r == 0:
             self._theta_start = self.theta.detach().clone()
@@ -108,6 +119,7 @@ class Learner:
 
     def finish_iteration(self) -> dict[str, Any]:
         """Count the iteration as done (its outer steps stopped before the last one)."""
+        self._begin()
         self.iteration += 1
         return {"update_norm": float((self.theta.detach() - self._theta_start).norm())}
 
@@ -118,6 +130,7 @@ class Learner:
         rule each leader's adaptation batches (a list, shipped), then each member's rollout
         (shipped); member_groups[m] is member m's group. The steps stop at the first non-finite
         member gradient (the steps before it stay); its position is reported."""
+        self._begin()
         if self.scorer is None:
             self.model, self.scorer = self.family.make_model().to(self.device), self.family.make_scorer()
         t0 = time.perf_counter()
@@ -182,6 +195,7 @@ class Learner:
     def assign(self, theta: np.ndarray, grad_norm: float, accepted: bool, trust: dict[str, float]) -> dict[str, Any]:
         """meta.outer = trpo: the driver searched the KL-constrained step with the workers' curvature
         products (metarl.trust); theta becomes its result. `trust` holds the step's statistics."""
+        self._begin()
         t0 = time.perf_counter()
         new = torch.from_numpy(np.array(theta, dtype=np.float32, copy=True)).to(self.device)
         update_norm = float((new - self.theta.detach()).norm())
@@ -197,6 +211,7 @@ class Learner:
         batch a member collected with it; the learner computes each first-order gradient on its
         own device, then guards, clips and steps as `step` does. A non-finite gradient skips the
         update; its position is reported so the run can name the task."""
+        self._begin()
         if self.scorer is None:
             self.model, self.scorer = self.family.make_model().to(self.device), self.family.make_scorer()
         t0 = time.perf_counter()
@@ -220,16 +235,28 @@ class Learner:
 
     def skip_step(self) -> dict[str, Any]:
         """Count an iteration whose gradient set was incomplete or non-finite, without updating."""
+        self._begin()
         self.iteration += 1  # the schedule moves on: a skipped update does not stretch the run
         return {"grad_norm": float("nan"), "update_skipped": True, "update_norm": 0.0, "outer_lr": 0.0,
                 "theta_norm": float(self.theta.detach().norm()), "seconds": 0.0}
 
-    def state(self) -> dict[str, Any]:
-        """Everything a checkpoint needs, as CPU tensors and plain values."""
+    def _copy_state(self) -> dict[str, Any]:
+        """theta, Adam's state and the iteration count, as CPU copies (never the live tensors)."""
         opt = self.opt.state_dict()  # its per-parameter dicts are the optimizer's live ones: copy, never assign
         opt = {**opt, "state": {p: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in s.items()}
                                 for p, s in opt["state"].items()}}
-        return {"theta": self.theta.detach().to("cpu").clone(), "optimizer": opt, "iteration": self.iteration}
+        return {"theta": self.theta.detach().to("cpu", copy=True), "optimizer": opt, "iteration": self.iteration}
+
+    def state(self, iteration: int | None = None) -> dict[str, Any]:
+        """Everything a checkpoint needs, as CPU tensors and plain values. With `iteration`, the
+        state after exactly that many iterations: the current one, or the one the iteration under
+        way started from (a stop abandoned it part-way); anything else is an error."""
+        if self._snapshot is not None and self._snapshot["iteration"] == iteration:
+            return self._snapshot  # theta has changed since iteration `iteration` ended
+        if iteration is None or iteration == self.iteration:
+            return self._copy_state()
+        raise RuntimeError(f"the learner is at iteration {self.iteration}; the state after iteration "
+                           f"{iteration} is no longer kept")
 
     def load_state(self, state: dict[str, Any]) -> None:
         theta = state["theta"]
@@ -239,6 +266,7 @@ class Learner:
             self.theta.copy_(theta.to(self.device))
         self.opt.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
+        self._snapshot = None
 
 
 def summarize_rounds(rounds: list[dict[str, Any]], theta0: dict, theta: torch.Tensor, spec: ParamSpec) -> dict[str, Any]:

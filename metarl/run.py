@@ -16,6 +16,7 @@ from metarl.config import Config
 from metarl.fleet import Fleet, start_fleet
 from metarl.iteration import finite_mean, meta_iteration
 from metarl.meta import ALGORITHMS, group_sizes, make_groups
+from metarl.stopping import Stopped, StopRequest
 from metarl.tracking import Progress, Tracker, read_metrics
 
 
@@ -74,14 +75,28 @@ def with_totals(rec: dict[str, Any], iteration: int, skip: int, counters: dict[s
             "speed/env_steps_per_s": steps / rec["time/iteration_s"]}
 
 
-def save_checkpoint(fleet: Fleet, out: Path, cfg: Config, rng: np.random.Generator, counters: dict[str, float]) -> None:
-    lstate = fleet.backend.get(fleet.backend.call(fleet.learner, "state"))
-    checkpoint.save(out, {**lstate, "rng": rng.bit_generator.state, "counters": dict(counters),
-                          "config": config_mod.to_dict(cfg)})
+def save_checkpoint(fleet: Fleet, out: Path, cfg: Config, rng: np.random.Generator, counters: dict[str, float],
+                    iteration: int) -> Path:
+    """The learner's state after exactly `iteration` iterations (also when the one after it was
+    abandoned part-way), with the driver's RNG and counters as of then."""
+    lstate = fleet.backend.get(fleet.backend.call(fleet.learner, "state", iteration), timeout=cfg.ray.call_timeout_s)
+    return checkpoint.save(out, {**lstate, "rng": rng.bit_generator.state, "counters": dict(counters),
+                                 "config": config_mod.to_dict(cfg)})
 
 
-def close_fleet(fleet: Fleet) -> None:
-    for w in fleet.workers:
+def log_window(tracker: Tracker, progress: Progress, window: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Log the iterations in `window` as one row (log.every); returns the emptied window."""
+    if window:
+        row = merge_window(window)
+        tracker.log(row)
+        progress.update(row)
+    return []
+
+
+def close_fleet(fleet: Fleet, wait: bool = True) -> None:
+    """Close every worker's environments, then end the backend. A stopping run does not wait for
+    workers still busy with an abandoned iteration: ending the backend ends them."""
+    for w in fleet.workers if wait else ():
         try:
             fleet.backend.get(fleet.backend.call(w, "close"), timeout=30)
         except Exception:  # noqa: BLE001 - a dead worker has nothing left to close
@@ -130,31 +145,50 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
     rec: dict[str, Any] = {}
     window: list[dict[str, Any]] = []  # iterations since the last logged row (log.every)
     downtime = Downtime(cfg.ray.task_downtime_s)
+    done = start_iter  # iterations finished, logged and counted
+    stop = StopRequest(cfg.ray.stop_grace_s, log=log)
     try:
-        for it in range(start_iter, cfg.meta.iterations):
-            rec = meta_iteration(fleet, cfg.tasks.train, make_groups(N, k, rng), algo.name, cfg.ray.call_timeout_s, it)
-            lost = downtime.update(cfg.tasks.train, rec["tasks_dropped"], time.time())
-            for name, why in rec["drop_reasons"].items():
-                log(f"warning: iteration {it + 1}: task {name} dropped ({why})")
-            rec = with_totals(rec, it + 1, k, counters)
-            window.append(rec)
-            if len(window) == cfg.log.every or it + 1 == cfg.meta.iterations:
-                row = merge_window(window)
-                tracker.log(row)
-                progress.update(row)
-                window = []
-            if lost:
-                raise RuntimeError(f"task(s) {', '.join(lost)} failed every iteration for over "
-                                   f"{cfg.ray.task_downtime_s:g}s (last: {rec['drop_reasons'].get(lost[0])}); "
-                                   f"stopping. Resume with --resume --out {out} once the cause is fixed")
-            if len(rec["tasks_dropped"]) == N:  # nothing worked: give Ray time to restart actors
-                time.sleep(min(2.0 * len(downtime.since), 10.0))
-            if (it + 1) % cfg.meta.checkpoint_every == 0 or it + 1 == cfg.meta.iterations:
-                save_checkpoint(fleet, out, cfg, rng, counters)
+        with stop:
+            for it in range(start_iter, cfg.meta.iterations):
+                rng_before = rng.bit_generator.state
+                try:
+                    with stop.iteration():
+                        rec = meta_iteration(fleet, cfg.tasks.train, make_groups(N, k, rng), algo.name,
+                                             cfg.ray.call_timeout_s, it)
+                except KeyboardInterrupt:
+                    rng.bit_generator.state = rng_before  # the abandoned iteration is redone on resume
+                    break
+                lost = downtime.update(cfg.tasks.train, rec["tasks_dropped"], time.time())
+                for name, why in rec["drop_reasons"].items():
+                    log(f"warning: iteration {it + 1}: task {name} dropped ({why})")
+                rec = with_totals(rec, it + 1, k, counters)
+                done = it + 1
+                window.append(rec)
+                last = it + 1 == cfg.meta.iterations
+                checkpoint_due = done % cfg.meta.checkpoint_every == 0 or last or stop.requested
+                if len(window) == cfg.log.every or checkpoint_due:  # a checkpoint never leaves rows unlogged
+                    window = log_window(tracker, progress, window)
+                if lost:
+                    raise RuntimeError(f"task(s) {', '.join(lost)} failed every iteration for over "
+                                       f"{cfg.ray.task_downtime_s:g}s (last: {rec['drop_reasons'].get(lost[0])}); "
+                                       f"stopping. Resume with --resume --out {out} once the cause is fixed")
+                if len(rec["tasks_dropped"]) == N and not stop.requested:  # nothing worked: give Ray time to restart actors
+                    time.sleep(min(2.0 * len(downtime.since), 10.0))
+                if stop.requested:
+                    break
+                if checkpoint_due:
+                    save_checkpoint(fleet, out, cfg, rng, counters, done)
+            if stop.requested:
+                stop.disarm()
+                window = log_window(tracker, progress, window)
+                path = save_checkpoint(fleet, out, cfg, rng, counters, done)
+                how = "abandoned the iteration in flight" if stop.abandoned else "finished the iteration in flight"
+                raise Stopped(f"stopped by {stop.signal_name} after iteration {done} of {cfg.meta.iterations} "
+                              f"({how}); checkpoint {path}", stop.exit_code)
     finally:
         progress.close()
         tracker.finish()
-        close_fleet(fleet)
+        close_fleet(fleet, wait=not stop.requested)
     return {"iterations": cfg.meta.iterations, "env_steps": counters["env_steps"], "frames": counters["frames"],
             "wall_s": counters["wall_s"], "last": rec, "run_dir": str(out)}
 

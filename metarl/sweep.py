@@ -25,6 +25,8 @@ import argparse
 import json
 import math
 import os
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -39,6 +41,7 @@ from metarl.evaluate import (EvalSpec, add_eval_args, assemble, checkpoint_theta
 from metarl.finetune import FineTuneLearner, initial_theta
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv, write_json
 from metarl.run import RunDirError, run
+from metarl.stopping import Stopped, StopRequest
 from metarl.tasks import make_family
 from metarl.tracking import Tracker, read_metrics
 
@@ -506,7 +509,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec = spec_from_sweep_args(args, cfg)
         out = Path(args.out or f"runs/sweep-{cfg.log.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
         prepare(out, cfg, spec)
-    rows = sweep(cfg, spec, out, local=args.local)
+    again = f"metarl sweep --resume --out {shlex.quote(str(out))}" + (" --local" if args.local else "")
+    # a stop while fine-tuning abandons it at once (it is redone on resume); while meta-training,
+    # the run finishes or abandons its iteration in flight and checkpoints (metarl.run)
+    with StopRequest(0.0, what="the sweep's fine-tuning in flight (redone on resume)") as stop:
+        try:
+            with stop.iteration():
+                rows = sweep(cfg, spec, out, local=args.local)
+        except Stopped as e:
+            print(f"metarl: sweep: {e}\nresume with: {again}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            print(f"metarl: sweep: stopped by {stop.signal_name}\nresume with: {again}", file=sys.stderr)
+            return stop.exit_code
     print((out / "summary.md").read_text())
     print(f"sweep written to {out}: summary.md, summary.csv, comparison.png ({len(rows)} rows)")
     return 0

@@ -259,3 +259,45 @@ def test_lost_node_is_survived(tmp_path, monkeypatch):
         lost = [r["iteration"] for r in rs if task in r["tasks_dropped"]]
         assert lost and min(lost) > n_removed, (task, lost, n_removed)
     assert rs[-1]["tasks_dropped"] == []
+
+
+def _minatar(**overrides):
+    cfg = config_mod.load(CONFIGS / "minatar.yaml")
+    sets = {"tasks.train": "[breakout,space_invaders]", "env.num_envs": 4, "env.rollout_len": 16,
+            "meta.task_batching": "per_task", "log.wandb_mode": "disabled", "log.progress": False, **overrides}
+    for k, v in sets.items():
+        cfg = config_mod.override(cfg, k, v)
+    return config_mod.validate(cfg)
+
+
+def test_a_task_down_longer_than_task_downtime_s_stops_the_run(tmp_path, monkeypatch):
+    """Breakout's adaptation raises in every iteration: the run goes on without it until it has been
+    down for ray.task_downtime_s, then stops with one message that names it and how to resume."""
+    import pytest
+
+    from metarl.worker import TaskWorker
+
+    real = TaskWorker.adapt
+
+    def adapt(self, task_name, theta):
+        if task_name == "breakout":
+            raise RuntimeError("emulator lost")
+        return real(self, task_name, theta)
+
+    monkeypatch.setattr(TaskWorker, "adapt", adapt)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"task\(s\) breakout failed every iteration for over 0.2s .*emulator lost.*"
+                                           r"Resume with --resume --out"):
+        run(_minatar(**{"meta.iterations": 50, "ray.task_downtime_s": 0.2}), out, local=True, log=lambda m: None)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert 2 <= len(rows) < 50 and all(r["tasks_dropped"] == ["breakout"] for r in rows)
+
+
+def test_a_learner_gpu_the_cluster_lacks_is_refused_before_the_run_dir_is_written(ray_session, tmp_path):
+    import pytest
+
+    out = tmp_path / "run"
+    with pytest.raises(config_mod.ConfigError, match="ray.learner_gpus = 1 but the Ray cluster has no GPU"):
+        run(_minatar(**{"ray.learner_gpus": "1", "ray.cpus_per_worker": 0.25}), out)
+    assert not out.exists()
+    assert ray_session.is_initialized()  # the shared Ray is left to the next test
