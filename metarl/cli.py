@@ -10,12 +10,12 @@ import os
 import sys
 from pathlib import Path
 
-from metarl import bench, config as config_mod, curves, evaluate, fewshot_cli, probe, rllib_cli, sweep, training
+from metarl import bench, config as config_mod, curves, dashboard, evaluate, fewshot_cli, probe, rllib_cli, sweep, training
 from metarl.cliargs import USAGE_ERRORS, add_cluster_args, add_config_args, default_out, resolve_config
 from metarl.run import run
 from metarl.stopping import Stopped, resume_command
 
-SUBCOMMAND_MODULES = (evaluate, sweep, bench, fewshot_cli, curves, probe, rllib_cli, training)
+SUBCOMMAND_MODULES = (evaluate, sweep, dashboard, bench, fewshot_cli, curves, probe, rllib_cli, training)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -391,6 +391,14 @@ def checkpoint_theta(state: dict[str, Any], family: TaskFamily, path: Path) -> n
     return theta
 
 
+def meta_compute(state: dict[str, Any]) -> dict[str, Any]:
+    """What meta-training spent on a checkpoint's theta (its counters): each eval run's W&B config
+    carries it, the x-axis of the dashboard's held-out AUC against compute."""
+    c = state.get("counters", {})
+    return {"meta_frames": int(c.get("frames", 0)), "meta_env_steps": int(c.get("env_steps", 0)),
+            "meta_wall_s": round(float(c.get("wall_s", 0.0)), 1)}
+
+
 def with_finetune_flags(cfg: Config, args: argparse.Namespace) -> Config:
     """--optimizer / --lr over the config's finetune section, validated."""
     if args.optimizer:
@@ -415,7 +423,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"'{out}' already holds an evaluation (eval.json); pass --out for a new directory")
     family = make_family(cfg)
     thetas = {"meta": checkpoint_theta(state, family, path), "fresh": initial_theta(family, cfg.meta.seed)}
-    info = {"checkpoint": str(path), "iteration": iteration, "skip": cfg.meta.skip, "algo": cfg.meta.algo}
+    info = {"checkpoint": str(path), "iteration": iteration, "skip": cfg.meta.skip, "algo": cfg.meta.algo,
+            **meta_compute(state)}
     learner, run = None, run_jobs
     if args.learner == "rllib-ppo":
         from metarl.rllib_module import PPOLearner, ppo_jobs

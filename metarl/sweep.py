@@ -6,6 +6,7 @@ A sweep directory holds:
   skip<k>/                        one `metarl run` directory per skip count, with skip<k>/eval/
   baseline/eval/                  the un-pretrained network (theta at iteration 0), evaluated once
   summary.md, summary.csv, comparison.png
+  dashboard.json                  with W&B on: the W&B view of these runs (`metarl dashboard`)
 
 Budgets (--match): `iterations` gives every skip count the same number of meta-iterations;
 `env_steps` gives each as many iterations as fit the env-step budget (exact: an iteration at skip k
@@ -32,12 +33,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from metarl import checkpoint, config as config_mod, folds as fold_summary
+from metarl import checkpoint, config as config_mod, dashboard, folds as fold_summary
 from metarl.backend import RayBackend
 from metarl.cliargs import add_cluster_args, add_config_args, resolve_config
 from metarl.config import Config, ConfigError
 from metarl.evaluate import (EvalSpec, add_eval_args, assemble, checkpoint_theta, default_thresholds, evaluate,
-                             mean_curves, spec_from_args)
+                             mean_curves, meta_compute, spec_from_args)
 from metarl.finetune import FineTuneLearner, initial_theta
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv, write_json
 from metarl.run import RunDirError, run
@@ -209,7 +210,8 @@ def run_config(cfg: Config, spec: SweepSpec, label: str, sweep_dir: Path, local:
         move_aside(run_dir / "eval", "is an unfinished or stale evaluation", log)
     evaluate(cfg_k, {"meta": theta}, spec.eval, run_dir / "eval", name=f"{cfg_k.run_name}-eval", local=local,
              workers=eval_workers, info={"config": label, "skip": skip, "iteration": iteration,
-                                         "fold": "+".join(cfg.tasks.heldout), "checkpoint": str(path)}, log=log)
+                                         "fold": "+".join(cfg.tasks.heldout), "checkpoint": str(path),
+                                         **meta_compute(state)}, log=log)
 
 
 def run_baseline(cfg: Config, spec: SweepSpec, sweep_dir: Path, local: bool, eval_workers: int = 0,
@@ -225,7 +227,7 @@ def run_baseline(cfg: Config, spec: SweepSpec, sweep_dir: Path, local: bool, eva
     theta = initial_theta(make_family(cfg), cfg.meta.seed)
     evaluate(cfg, {"fresh": theta}, spec.eval, out, name=f"{cfg.log.experiment}-baseline-seed{cfg.meta.seed}-eval",
              local=local, workers=eval_workers, info={"config": "baseline", "skip": 0, "iteration": 0,
-                                                      "fold": "+".join(cfg.tasks.heldout)}, log=log)
+                                                      "fold": "+".join(cfg.tasks.heldout), **meta_compute({})}, log=log)
 
 
 # ------------------------------------------------------------------------------------------
@@ -438,6 +440,8 @@ def sweep(cfg: Config, spec: SweepSpec, out: Path, local: bool = False,
                          or k in ("env_steps", "frames", "wall_s", "iterations")})
     finally:
         tracker.finish()
+    if tracker.mode != "disabled":
+        dashboard.publish(out, tracker.mode, log)
     return rows
 
 
