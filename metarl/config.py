@@ -133,6 +133,12 @@ class MetaConfig:
     """Adam steps on theta per pass, each on a random 1/outer_minibatches of every member's rollout (all members' gradients summed)."""
     outer_clip: float = 0.0
     """PPO's ratio and value clip of the outer loss, the ratio against the log-probabilities recorded when the rollout was sampled; 0: no clipping."""
+    inner_epochs: int = 1
+    """Passes over each inner step's rollout; with inner_minibatches, inner_epochs x inner_minibatches clipped SGD steps of alpha per inner step (PPO's update as the inner loop; fomaml or reptile on game families). 1 x 1: one actor-critic SGD step on the whole rollout (the MAML form)."""
+    inner_minibatches: int = 1
+    """SGD steps per inner pass, each on a random 1/inner_minibatches of the rollout."""
+    inner_clip: float = 0.2
+    """PPO's ratio and value clip of the inner loss when inner_epochs x inner_minibatches > 1."""
     follow: Follow = "shift"
     """How theta' follows theta between the outer steps of one iteration: shift (theta' moves by theta's own displacement, dtheta'/dtheta = I, no extra gradient) or exact (the leader's inner steps redone from the current theta on its stored adaptation batches)."""
     task_batching: TaskBatching = "auto"
@@ -148,6 +154,11 @@ class MetaConfig:
     def outer_updates(self) -> int:
         """Adam steps on theta per meta-iteration (outer_epochs x outer_minibatches)."""
         return self.outer_epochs * self.outer_minibatches
+
+    @property
+    def inner_updates(self) -> int:
+        """SGD steps per inner step (inner_epochs x inner_minibatches); 1: the MAML form."""
+        return self.inner_epochs * self.inner_minibatches
 
     @property
     def reused_outer(self) -> bool:
@@ -512,6 +523,9 @@ def _check_meta(cfg: Config) -> None:
     if m.outer_epochs < 1 or m.outer_minibatches < 1 or not 0 <= m.outer_clip < math.inf:
         raise ConfigError(f"meta.outer_epochs and meta.outer_minibatches must be >= 1 and meta.outer_clip >= 0 "
                           f"(0: no clipping); got {m.outer_epochs}, {m.outer_minibatches}, {m.outer_clip}")
+    if m.inner_epochs < 1 or m.inner_minibatches < 1 or not 0 <= m.inner_clip < math.inf:
+        raise ConfigError(f"meta.inner_epochs and meta.inner_minibatches must be >= 1 and meta.inner_clip >= 0 "
+                          f"(0: no clipping); got {m.inner_epochs}, {m.inner_minibatches}, {m.inner_clip}")
     if m.outer == "trpo":
         if m.algo == "reptile" or m.step_loss != "last":
             raise ConfigError(f"meta.outer = trpo constrains the post-update policy of maml or fomaml with "
@@ -622,7 +636,18 @@ def _outer_rounds(cfg: Config) -> str | None:
     return None
 
 
-CROSS_RULES = (_skip_fits, _grad_on_learner, _stacking, _outer_rounds)
+def _inner_ppo(cfg: Config) -> str | None:
+    m, fam = cfg.meta, cfg.tasks.family
+    if m.inner_updates == 1:
+        return None
+    if m.algo == "maml" or not TRAITS[fam].games or m.task_batching == "stacked" or (m.reused_outer and m.follow == "exact"):
+        return (f"meta.inner_epochs x inner_minibatches > 1 (PPO's update as the inner loop) is first-order: fomaml with "
+                f"meta.follow = shift, or reptile, on per-task game families ({', '.join(GAME_FAMILIES)}); got algo "
+                f"{m.algo}, follow {m.follow} on {fam}: set meta.inner_epochs=1 meta.inner_minibatches=1")
+    return None
+
+
+CROSS_RULES = (_skip_fits, _grad_on_learner, _stacking, _outer_rounds, _inner_ppo)
 
 
 def validate(cfg: Config) -> Config:

@@ -16,7 +16,7 @@ from metarl.backend import LocalBackend, RayBackend
 from metarl.config import Config
 from metarl.learner import Learner
 from metarl.families import TRAITS
-from metarl.meta import ALGORITHMS
+from metarl.meta import ALGORITHMS, InnerPPO
 from metarl.outer import Plan
 from metarl.tasks import make_family
 from metarl.worker import TaskWorker
@@ -80,6 +80,13 @@ def outer_plan(cfg: Config) -> Plan | None:
     if not m.reused_outer:
         return None
     return Plan(m.outer_epochs, m.outer_minibatches, m.outer_clip, m.follow, m.inner_lr, m.seed)
+
+
+def inner_plan(cfg: Config) -> InnerPPO | None:
+    """PPO's update as the inner loop (meta.inner_epochs x inner_minibatches > 1), or None for
+    one actor-critic SGD step per inner step."""
+    m = cfg.meta
+    return InnerPPO(m.inner_epochs, m.inner_minibatches, m.inner_clip) if m.inner_updates > 1 else None
 
 
 def resolve_stacked(cfg: Config) -> bool:
@@ -181,7 +188,7 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
                       num_cpus=cpw, num_gpus=0.0 if local else cfg.ray.gpus_per_worker,
                       restarts=cfg.ray.max_worker_restarts,
                       kwargs={"resample": cfg.tasks.resample, "step_loss": m.step_loss, "outer": m.outer,
-                              "fisher_fraction": m.fisher_fraction, "plan": plan})
+                              "fisher_fraction": m.fisher_fraction, "plan": plan, "inner": inner_plan(cfg)})
         for seeds in assignment
     ]
     info = backend.get(backend.call(learner, "info"))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metarl import ppo
 from metarl.policy import Params
 from metarl.tasks.base import Batch, StackedBatch, Task, TaskStack
 
@@ -100,9 +101,28 @@ class Adaptation:
     seconds_grad: float
 
 
-def adapt(task: Task, model: nn.Module, theta: Params, inner_lr: float, inner_steps: int) -> Adaptation:
-    """S plain SGD steps of size alpha, each on a fresh batch sampled with the current parameters
-    (or all on the first one, for a task whose data are a fixed K-shot support set).
+@dataclass(frozen=True)
+class InnerPPO:
+    """meta.inner_epochs x meta.inner_minibatches: each inner step's batch is used for that many
+    SGD steps of alpha under PPO's clipped surrogate (ratio against the sampling log-probabilities,
+    advantages from the recorded values, normalised per minibatch), instead of one actor-critic
+    step on the whole batch. First-order only: theta' is a function of theta that no gradient
+    flows through (fomaml with the shift rule, reptile)."""
+
+    epochs: int
+    minibatches: int
+    clip: float
+
+    @property
+    def updates(self) -> int:
+        return self.epochs * self.minibatches
+
+
+def adapt(task: Task, model: nn.Module, theta: Params, inner_lr: float, inner_steps: int,
+          inner: InnerPPO | None = None) -> Adaptation:
+    """S inner steps, each on a fresh batch sampled with the current parameters (or all on the
+    first one, for a task whose data are a fixed K-shot support set): one plain SGD step of size
+    alpha (the MAML form), or with `inner` several clipped SGD steps on minibatches of the batch.
     The result is detached: first-order and Reptile never differentiate through it, and MAML
     re-derives what it needs with `maml_backward`."""
     params = detached(theta)
@@ -112,14 +132,32 @@ def adapt(task: Task, model: nn.Module, theta: Params, inner_lr: float, inner_st
         t0 = time.perf_counter()
         batch = task.sample(model, params) if task.fresh_data_each_step or not batches else batches[0]
         t1 = time.perf_counter()
-        grads, loss, _ = task.grad(model, detached(params, requires_grad=True), batch)
+        thetas.append(params)
+        if inner is None:
+            grads, loss, _ = task.grad(model, detached(params, requires_grad=True), batch)
+            params = detached(sgd_step(params, grads, inner_lr))
+        else:
+            params, loss = ppo_steps(task, model, params, batch, inner_lr, inner)
         t_grad += time.perf_counter() - t1
         t_sample += t1 - t0
-        thetas.append(params)
         batches.append(batch)
         losses.append(loss)
-        params = detached(sgd_step(params, grads, inner_lr))
     return Adaptation(params, thetas, batches, losses, t_sample, t_grad)
+
+
+def ppo_steps(task: Task, model: nn.Module, params: Params, batch: Batch, inner_lr: float,
+              inner: InnerPPO) -> tuple[Params, float]:
+    """`inner.updates` clipped SGD steps of alpha on minibatches of one batch (metarl.ppo's index
+    sets, drawn from torch's RNG, which the worker seeds per iteration). Returns theta' and the
+    first minibatch's loss."""
+    adv, ret = task.advantages(batch)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    first = None
+    for idx in ppo.index_sets(adv.numel(), inner.epochs, inner.minibatches, gen, adv.device):
+        grads, loss, _ = task.ppo_grad(model, detached(params, requires_grad=True), batch, adv, ret, idx, inner.clip)
+        first = float(loss) if first is None else first
+        params = detached(sgd_step(params, grads, inner_lr))
+    return params, first
 
 
 def distinct_batches(batches: list) -> list:

@@ -55,12 +55,14 @@ class TaskWorker:
     def __init__(self, family: TaskFamily, task_seeds: dict[str, int], inner_lr: float, inner_steps: int,
                  keep_adaptation: bool = False, torch_threads: int = 1, device: str = "cpu", resample: bool = False,
                  step_loss: str = "last", outer: str = "adam", fisher_fraction: float = 1.0,
-                 plan: "outer_mod.Plan | None" = None):
+                 plan: "outer_mod.Plan | None" = None, inner: "meta.InnerPPO | None" = None):
         torch.set_num_threads(torch_threads)
         self.device = device
         self.model = family.make_model().to(device)
         self.spec = ParamSpec.of(self.model)
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
+        self.inner = inner
+        """meta.inner_epochs/minibatches/clip: PPO's update as the inner loop; None: one SGD step"""
         self.keep_adaptation = keep_adaptation
         self.family, self.seeds, self.resample, self.step_loss = family, dict(task_seeds), resample, step_loss
         self.tasks = {name: family.make_task(name, seed) for name, seed in task_seeds.items()}
@@ -106,7 +108,7 @@ class TaskWorker:
         """Leader step: S inner SGD steps on fresh rollouts -> theta' (flat) and stats."""
         t0 = time.perf_counter()
         task = self._task(task_name)
-        a = meta.adapt(task, self.model, self._params(theta), self.inner_lr, self.inner_steps)
+        a = meta.adapt(task, self.model, self._params(theta), self.inner_lr, self.inner_steps, self.inner)
         if self.keep_adaptation:
             self._adaptations[task_name] = a
         stats = merge_batch_stats(meta.distinct_batches(a.batches))

@@ -197,3 +197,43 @@ def test_a_worker_killed_between_outer_steps_drops_its_task_for_the_rest(ray_ses
         assert rec["tasks_dropped"] == ["space_invaders"] and rec["outer/steps"] == 4
     assert recs[-1]["tasks_dropped"] == [] and recs[-1]["outer/steps"] == 4, recs[-1]["drop_reasons"]
     assert fleet.backend.get(fleet.backend.call(fleet.learner, "info"))["iteration"] == len(recs)
+
+
+def test_inner_ppo_takes_several_clipped_steps_that_improve_the_adaptation_batch():
+    """meta.inner_epochs x inner_minibatches = 2 x 4: eight clipped SGD steps of alpha on the
+    leader's rollout. From the same rollout, theta' moves the policy further than the one
+    actor-critic step of the MAML form and raises the importance-weighted advantage on that
+    rollout more; the refusal names the first-order settings it needs."""
+    from metarl.policy import forward
+
+    cfg = config_mod.validate(config_mod.override(config_mod.override(
+        config_mod.load(CONFIGS / "minatar.yaml"), "env.num_envs", 8), "env.rollout_len", 32))
+    family = make_family(cfg)
+    model = family.make_model()
+    torch.manual_seed(0)
+    theta = init_params(model)
+
+    def adapted(inner):
+        torch.manual_seed(1)
+        return meta.adapt(family.make_task("breakout", 3), model, theta, 0.1, 1, inner)
+
+    one, eight = adapted(None), adapted(meta.InnerPPO(2, 4, 0.2))
+    batch = one.batches[0]
+    assert torch.equal(batch.data["obs"], eight.batches[0].data["obs"])  # the same rollout
+    d = batch.data
+    T, B = d["actions"].shape
+    adv, _ = family.make_task("breakout", 3).advantages(batch)
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+
+    def kl_and_gain(params):
+        with torch.no_grad():
+            logits, _ = forward(model, params, d["obs"][:T].flatten(0, 1))
+            logp = torch.log_softmax(logits, -1).gather(1, d["actions"].reshape(-1, 1)).squeeze(1)
+            old = d["logp"].reshape(-1)
+            return float((old - logp).mean()), float((torch.exp(logp - old) * adv.reshape(-1)).mean())
+
+    kl1, gain1 = kl_and_gain(one.theta_prime)
+    kl8, gain8 = kl_and_gain(eight.theta_prime)
+    assert kl8 > 2 * abs(kl1) and gain8 > gain1 > 0, (kl1, kl8, gain1, gain8)
+    with pytest.raises(ConfigError, match="is first-order"):
+        config_mod.validate(config_mod.override(config_mod.override(cfg, "meta.inner_epochs", 2), "meta.follow", "exact"))
