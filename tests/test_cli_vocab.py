@@ -190,8 +190,8 @@ def test_a_flag_sets_only_the_key_its_command_declares(checkpoints):
 
 
 def test_probe_with_a_checkpoint_refuses_seed(checkpoints, tmp_path, capsys):
-    code, err = cli(["probe", "--checkpoint", str(checkpoints / "minatar"), "--seed", "3",
-                     "--out", str(tmp_path / "o")], capsys)
+    code, err = cli(["probe", "--checkpoint", str(checkpoints / "minatar"), "--seed", "3", "--games", "breakout",
+                     "--seeds", "1", "--alphas", "0.1", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "drop --seed" in one_line(err) and not (tmp_path / "o").exists()
 
 
