@@ -427,8 +427,10 @@ def cmd_learn(args: argparse.Namespace) -> int:
           f"{len(spec.seeds)} seed(s) -> {out}")
     result = evaluate(cfg, {"fresh": initial_theta(family, cfg.meta.seed)}, spec, out,
                       name=f"{cfg.log.experiment}-learn", local=args.local, workers=args.workers)
+    fps = family.frames_per_step
     for r in result["summary"]:
-        at = "  ".join(f"{int(b):,}: {r[f'return_at_{b}_mean']:.2f}" for b in spec.at)
+        at = "  ".join(f"{int(b):,}{f' ({int(b) * fps:,} frames)' if fps != 1 else ''}: {r[f'return_at_{b}_mean']:.2f}"
+                       for b in spec.at)
         print(f"{r['game']:>16}: running return at {at}  (diverged {r['diverged']}/{r['seeds']})")
     print(f"learning curves written to {out}")
     return 0

@@ -7,7 +7,7 @@ A sweep directory holds:
   baseline/eval/                  the un-pretrained network (theta at iteration 0), evaluated once
   summary.md, summary.csv, comparison.png
 
-Budgets (--match): `iterations` gives every skip count the same number of meta-iterations;
+Budgets (--match, with --train-budget in its units): `iterations` gives every skip count the same number of meta-iterations;
 `env_steps` gives each as many iterations as fit the env-step budget (exact: an iteration at skip k
 costs ceil(N/k) S + N rollouts of T x B steps); `seconds` trains in chunks, and after each chunk the
 measured seconds per iteration set the next target, until one more iteration would not fit.
