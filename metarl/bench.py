@@ -35,21 +35,23 @@ import platform
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metarl import learner_bench, meta, scale
-from metarl.backend import RayBackend
-from metarl.cliargs import add_config_args, resolve_config
+from metarl import config as config_mod, learner_bench, meta, scale
+from metarl.backend import LocalBackend, RayBackend
+from metarl.cliargs import add_cluster_args, add_config_args, add_out_arg, claim_out, resolve_config, retire
 from metarl.config import GAME_FAMILIES, Config, ConfigError
 from metarl.learner import Learner
 from metarl.fleet import Fleet, start_fleet, task_seed
 from metarl.iteration import meta_iteration
 from metarl.tasks import make_family
 from metarl.tasks.base import batch_to_wire
+from metarl.tracking import Tracker
 from metarl.worker import TaskWorker
 
 SKIPS = (2, 3, 4, 6)
@@ -77,7 +79,7 @@ class PssSampler:
     hosts are not visible and count as zero."""
 
     def __init__(self, pids: list[int], every_s: float = 1.0):
-        self.pids, self.every_s, self.peak_kb = pids, every_s, 0
+        self.pids, self.every_s, self.peak_kb = sorted(set(pids)), every_s, 0  # --local: one process
         self._stop = threading.Event()
 
     def _poll(self) -> None:
@@ -137,8 +139,8 @@ class BenchLearner(Learner):
 
 def start_bench_fleet(cfg: Config, backend: Any) -> Fleet:
     """The actors `fleet.start_fleet` starts (same resources, seeds and task assignment), as the
-    bench classes above, on the running backend."""
-    return start_fleet(cfg, False, backend, BenchWorker, BenchLearner)
+    bench classes above, on the running backend (Ray, or this process: --local)."""
+    return start_fleet(cfg, isinstance(backend, LocalBackend), backend, BenchWorker, BenchLearner)
 
 
 # ------------------------------------------------------------------------------------------
@@ -316,7 +318,8 @@ def scaled_down(cfg: Config, tasks: int, num_envs: int, rollout_len: int, worker
                    env=replace(cfg.env, num_envs=num_envs, rollout_len=rollout_len))
 
 
-def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print) -> tuple[dict[str, float], dict[str, Any]]:
+def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print,
+              local: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
     """Every figure, and the context they were measured in."""
     if cfg.tasks.family not in GAME_FAMILIES:
         raise ConfigError(f"metarl bench measures games against their emulator ({', '.join(GAME_FAMILIES)}); "
@@ -330,7 +333,7 @@ def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print) -> t
     figures: dict[str, float] = {}
     log(f"# sampling and gradients: one worker in this process, {full.tasks.train[0]}")
     figures.update(measure_sampling(full, rollouts=1 if quick else 2, rounds=2 if quick else 3))
-    backend = RayBackend(cfg.ray.address, cfg.ray.num_cpus)
+    backend = LocalBackend() if local else RayBackend(cfg.ray.address, cfg.ray.num_cpus)
     try:
         log(f"# skip ratios: {small.num_tasks} tasks x {small.env.num_envs} envs x {small.env.rollout_len} steps, "
             f"{small.num_workers} workers")
@@ -350,7 +353,7 @@ def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print) -> t
         learner_device = fleet.learner_info["device"]
     finally:
         backend.shutdown()
-    context = {"quick": quick, "game": full.tasks.train[0], "num_envs": full.env.num_envs,
+    context = {"quick": quick, "local": local, "game": full.tasks.train[0], "num_envs": full.env.num_envs,
                "rollout_len": full.env.rollout_len, "env_threads": full.env.env_threads,
                "tasks": full.num_tasks, "workers": full.num_workers, "learner_device": learner_device,
                "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
@@ -359,43 +362,65 @@ def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print) -> t
     return figures, context
 
 
+SUITES = ("fleet", "scale", "learner")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.out and Path(args.out).suffix == ".json":
+        raise ConfigError(f"bench --out is a directory now (bench.json is written inside); pass --out DIR, "
+                          f"not {args.out}")
+    if args.suite != "fleet" and (args.local or args.address):
+        raise ConfigError(f"--suite {args.suite} " + ("starts its own simulated cluster" if args.suite == "scale"
+                                                       else "starts no Ray") + "; drop --local and --address")
+    out = claim_out(args.out or f"runs/bench-{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.config is None and os.path.exists("configs/atari12.yaml"):
         args.config = "configs/atari12.yaml"
-    if args.scale:
-        return scale.cmd_scale(args)
-    if args.learner:
-        return learner_bench.main_args(args)
     cfg = resolve_config(args)
-    figures, context = run_bench(cfg, args.quick)
-    for k, v in context.items():
-        print(f"# {k}: {v}")
-    for k, v in figures.items():
-        print(f"{k}: {v:.4g}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"figures": figures, "context": context}, f, indent=1)
+    if args.suite == "scale":
+        figures = scale.cmd_scale(args, out)
+    elif args.suite == "learner":
+        figures = learner_bench.main_args(args, out / "learner.json")
+    else:
+        figures, context = run_bench(cfg, args.quick, local=args.local)
+        for k, v in context.items():
+            print(f"# {k}: {v}")
+        for k, v in figures.items():
+            print(f"{k}: {v:.4g}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps({"figures": figures, "context": context}, indent=1))
+        figures = {**figures, **{k: v for k, v in context.items() if isinstance(v, (int, float))}}
+    tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment, name=f"{cfg.log.experiment}-bench",
+                      config={**config_mod.to_dict(cfg), "suite": args.suite}, mode=cfg.log.wandb_mode,
+                      job_type="bench", metrics_file="bench_metrics.jsonl")
+    try:
+        tracker.summary(figures)
+    finally:
+        tracker.finish()
+    print(f"bench written to {out}")
     return 0
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="measured ratios against the emulator limit (sampling, gradients, skip, "
-                                     "end to end, memory)")
+                                     "end to end, memory); --suite scale or learner for the other benchmarks")
     add_config_args(p)
+    p.add_argument("--suite", choices=SUITES, default="fleet",
+                   help="fleet: the ratios against the emulator (default); scale: overhead and ingest against N "
+                        "(metarl.scale); learner: the learner's work on each device (metarl.learner_bench)")
     p.add_argument("--quick", action="store_true", help="small and fast (about a minute): 6 games, tiny rollouts")
-    p.add_argument("--out", help="also write the figures and their context to this JSON file")
-    s = p.add_argument_group("scale benchmark (--scale): simulated nodes on loopback, sleeping fixture tasks")
-    s.add_argument("--scale", action="store_true", help="how an iteration's overhead and the learner's ingest grow "
-                                                        "with the number of tasks (metarl.scale)")
+    add_out_arg(p, "bench.json (fleet), scale.json/.md/.png (scale) or learner.json (learner)",
+                default="runs/bench-<suite>-<time>")
+    add_cluster_args(p, "fleet: every actor in this process, without Ray (the fleet's figures are then sequential)")
+    retire(p, "--scale", "now --suite scale", switch=True)
+    retire(p, "--learner", "now --suite learner (--learner names a fine-tuner, as in eval)", switch=True)
+    retire(p, "--out-dir", "now --out DIR")
+    s = p.add_argument_group("scale benchmark (--suite scale): simulated nodes on loopback, sleeping fixture tasks")
     s.add_argument("--scale-sizes", default="12,48,192,768", help="task counts N (default 12,48,192,768)")
     s.add_argument("--scale-workers", type=int, default=8, help="task workers, spread over the nodes (default 8)")
     s.add_argument("--scale-nodes", type=int, default=4, help="simulated worker nodes (default 4)")
     s.add_argument("--scale-reduce", default="task,worker,node", help="ray.grad_reduce modes to compare")
     s.add_argument("--scale-iterations", type=int, default=2, help="measured iterations per size, after one warm-up")
     s.add_argument("--work-ms", type=float, default=0.0, help="sleep per fixture rollout (default 0: overhead only)")
-    s.add_argument("--out-dir", help="write scale.json, scale.md and scale.png here")
-    g = p.add_argument_group("learner benchmark (--learner): the learner's work on each device, CPU beside GPU")
-    g.add_argument("--learner", action="store_true", help="time the outer step, learner-side gradients, the "
-                                                          "fine-tuning PPO update and acting (metarl.learner_bench)")
+    g = p.add_argument_group("learner benchmark (--suite learner): the learner's work on each device, CPU beside GPU")
     learner_bench.add_args(g, json_flag=False)
     p.set_defaults(func=cmd_bench)

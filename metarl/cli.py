@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from metarl import bench, config as config_mod, curves, dashboard, evaluate, fewshot_cli, probe, rllib_cli, sweep, training
-from metarl.cliargs import USAGE_ERRORS, add_cluster_args, add_config_args, default_out, resolve_config
+from metarl.cliargs import (USAGE_ERRORS, Parser, add_cluster_args, add_config_args, add_out_arg, check_cluster_args,
+                            claim_out, config_flag, default_out, resolve_config)
 from metarl.run import run
 from metarl.stopping import Stopped, resume_command
 
@@ -22,9 +23,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.help_config:
         print(config_mod.describe())
         return 0
-    cfg = resolve_config(args)
     if args.resume and not args.out:
         raise config_mod.ConfigError("--resume needs --out DIR: the run directory to continue")
+    if args.out and not args.resume:
+        claim_out(args.out, resumable=True)
+    cfg = resolve_config(args)
     out = Path(args.out) if args.out else default_out(cfg)
     try:
         summary = run(cfg, out, resume=args.resume, local=args.local)
@@ -39,16 +42,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metarl", description="Meta-RL with task skipping on Ray.")
+    parser = Parser(prog="metarl", description="Meta-RL with task skipping on Ray. Common flags keep one meaning "
+                                               "across commands (README: Commands and their common flags).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="meta-train theta (FOMAML/MAML/Reptile with task skipping)")
     add_config_args(p)
-    p.add_argument("--workers", type=int, help="ray.workers: task worker actors (0 = one per task)")
-    p.add_argument("--skip", type=int, help="meta.skip: task skip count k")
-    p.add_argument("--algo", choices=config_mod.ALGOS, help="meta.algo")
-    p.add_argument("--iterations", type=int, help="meta.iterations")
-    p.add_argument("--out", help="run directory (default runs/<name>-<time>); reused only with --resume")
+    config_flag(p, "--workers", "ray.workers", type=int, help="ray.workers: task worker actors (0 = one per task)")
+    config_flag(p, "--skip", "meta.skip", type=int, help="meta.skip: task skip count k")
+    config_flag(p, "--algo", "meta.algo", choices=config_mod.ALGOS, help="meta.algo")
+    config_flag(p, "--iterations", "meta.iterations", type=int, help="meta.iterations: meta-iterations to run")
+    add_out_arg(p, "the run", default="runs/<name>-<time>", resumable=True)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     add_cluster_args(p, "run every actor in this process, without Ray", progress=True)
     p.add_argument("--help-config", action="store_true", help="print every config key with its doc and exit")
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a resume command repeats
     try:
+        check_cluster_args(args)
         return int(args.func(args) or 0)
     except USAGE_ERRORS as e:
         print(f"metarl: error: {e}", file=sys.stderr)

@@ -301,7 +301,7 @@ class Config:
     minatar: MinAtarConfig = field(default_factory=MinAtarConfig)
     """MinAtar family (used when tasks.family = minatar); B and T come from env.num_envs and env.rollout_len."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    """The held-out fine-tuning learner of `metarl eval` and `metarl sweep`."""
+    """The held-out fine-tuning learner of `metarl eval`, `learn` and `sweep` (also RLlib's PPO: `ppo`, `eval --learner rllib-ppo`)."""
 
     @property
     def finetuning(self) -> "Config":

@@ -1,14 +1,16 @@
-"""`metarl curve`: single-game learning curves against frames, from any learner, beside references.
+"""`metarl curve`: single-game learning curves against env steps (frames beside them), from any
+learner, beside references.
 
 A source is the output of `metarl learn` / `metarl eval` (its episodes.csv: every episode that
 ended while fine-tuning) or a `metarl run` directory (its metrics.jsonl: the episodes that ended in
-each iteration's adaptation and evaluation rollouts, at the run's cumulative frames). For each game
-the command draws every episode's raw score (dots), the running mean of the last `window` episodes
-(line) and published reference values (crosses), and tabulates the running mean at chosen frame
-counts (mean over seeds, with a 95% t-interval when there are several).
+each iteration's adaptation and evaluation rollouts, at the run's cumulative env steps). For each
+game the command draws every episode's raw score (dots), the running mean of the last `window`
+episodes (line) and published reference values (crosses; published against frames, placed at
+frames / frames per env step), and tabulates the running mean at chosen env steps, --at-steps
+(mean over seeds, with a 95% t-interval when there are several), with the frames beside them.
 
-Outputs: curve_<game>.png, curve_points.csv (running mean at each --at frame count, per source
-and seed), curve_summary.md (the table), printed too.
+Outputs: curve_<game>.png, curve_points.csv (running mean at each --at-steps count, per source
+and seed, env steps and frames), curve_summary.md (the table), printed too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from metarl import config as config_mod
+from metarl.cliargs import add_at_steps_arg, add_out_arg, claim_out, env_steps_list
 from metarl.config import ConfigError
 from metarl.evaluate import ci95
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv
@@ -35,8 +38,13 @@ class Episodes:
     source: str
     game: str
     seed: int
+    env_steps: np.ndarray
     frames: np.ndarray
     returns: np.ndarray
+
+    @property
+    def frames_per_step(self) -> float:
+        return float(self.frames[-1] / self.env_steps[-1]) if len(self.env_steps) and self.env_steps[-1] else 1.0
 
     def running(self, window: int) -> np.ndarray:
         """After each episode: the mean raw return of the last `window` episodes."""
@@ -45,11 +53,11 @@ class Episodes:
         lo = np.maximum(0, i - window)
         return (c[i] - c[lo]) / (i - lo)
 
-    def at(self, frames: float, window: int) -> float:
-        """The running mean over the last `window` episodes that ended by `frames` (NaN: none yet,
-        or the learner had not reached that many frames)."""
-        n = int(np.searchsorted(self.frames, frames, side="right"))
-        if n == 0 or (len(self.frames) and self.frames[-1] < frames * 0.98):
+    def at(self, steps: float, window: int) -> float:
+        """The running mean over the last `window` episodes that ended by `steps` env steps (NaN:
+        none yet, or the learner had not reached that many steps)."""
+        n = int(np.searchsorted(self.env_steps, steps, side="right"))
+        if n == 0 or (len(self.env_steps) and self.env_steps[-1] < steps * 0.98):
             return math.nan
         return float(self.returns[max(0, n - window):n].mean())
 
@@ -59,33 +67,32 @@ def from_learn_dir(path: Path, label: str) -> list[Episodes]:
     rows = list(csv.DictReader(open(path / "episodes.csv")))
     out: dict[tuple, list] = {}
     for r in rows:
-        out.setdefault((r["game"], r.get("init", ""), int(r["seed"])), []).append((float(r["frames"]),
-                                                                                float(r["return"])))
+        out.setdefault((r["game"], r.get("init", ""), int(r["seed"])), []).append(
+            (float(r["env_steps"]), float(r["frames"]), float(r["return"])))
     inits = {k[1] for k in out}
-    return [Episodes(label if len(inits) == 1 else f"{label} ({init})", game, seed,
-                     np.array([f for f, _ in v]), np.array([r for _, r in v]))
+    return [Episodes(label if len(inits) == 1 else f"{label} ({init})", game, seed, *map(np.array, zip(*v)))
             for (game, init, seed), v in out.items()]
 
 
 def from_run_dir(path: Path, label: str) -> list[Episodes]:
     """metrics.jsonl of `metarl run`: the episodes of θ's and θ′'s rollouts per task, each placed
-    at the run's cumulative frames after the iteration it ended in."""
-    per_game: dict[str, list[tuple[float, float]]] = {}
+    at the run's cumulative env steps (and frames) after the iteration it ended in."""
+    per_game: dict[str, list[tuple[float, float, float]]] = {}
     seed = 0
     for line in open(path / "metrics.jsonl"):
         if not line.strip():
             continue
         rec = json.loads(line)
-        if "frames/total" not in rec:
+        if "env_steps/total" not in rec:
             continue
+        at = (float(rec["env_steps/total"]), float(rec.get("frames/total", rec["env_steps/total"])))
         for key, values in rec.items():
             if key.startswith(("episodes_pre/", "episodes_post/")) and values:
                 game = key.split("/", 1)[1]
-                per_game.setdefault(game, []).extend((float(rec["frames/total"]), float(r)) for r in values)
+                per_game.setdefault(game, []).extend((*at, float(r)) for r in values)
     if (path / "config.yaml").exists():
         seed = config_mod.load(path / "config.yaml").meta.seed
-    return [Episodes(label, game, seed, np.array([f for f, _ in v]), np.array([r for _, r in v]))
-            for game, v in per_game.items()]
+    return [Episodes(label, game, seed, *map(np.array, zip(*v))) for game, v in per_game.items()]
 
 
 def load_source(spec: str) -> list[Episodes]:
@@ -118,24 +125,51 @@ def load_references(path: Path | None) -> list[dict]:
     return rows
 
 
-def summary_rows(episodes: list[Episodes], at: list[float], window: int) -> tuple[list[dict], list[dict]]:
-    points = [{"source": e.source, "game": e.game, "seed": e.seed, "frames": f, "running_return": e.at(f, window),
-               "episodes": int(np.searchsorted(e.frames, f, side="right"))} for e in episodes for f in at]
+def frames_per_step(episodes: list[Episodes], game: str | None = None) -> float | None:
+    """Frames per env step of the sources (of one game); None when they disagree."""
+    ratios = {round(e.frames_per_step, 6) for e in episodes if game is None or e.game == game}
+    return ratios.pop() if len(ratios) == 1 else None
+
+
+def column(steps: int, fps: float | None) -> str:
+    """A table column: env steps, with frames beside them when all sources share frames per step."""
+    return f"{steps:,} env steps" + (f" ({steps * fps / 1e6:g}M frames)" if fps and fps != 1 else "")
+
+
+def summary_rows(episodes: list[Episodes], at: tuple[int, ...], window: int) -> tuple[list[dict], list[dict]]:
+    points = [{"source": e.source, "game": e.game, "seed": e.seed, "env_steps": s,
+               "frames": int(round(s * e.frames_per_step)), "running_return": e.at(s, window),
+               "episodes": int(np.searchsorted(e.env_steps, s, side="right"))} for e in episodes for s in at]
     table = []
     for source, game in dict.fromkeys((e.source, e.game) for e in episodes):
         row = {"game": game, "learner": source}
-        for f in at:
+        for s in at:
             vals = [p["running_return"] for p in points if p["source"] == source and p["game"] == game
-                    and p["frames"] == f and math.isfinite(p["running_return"])]
+                    and p["env_steps"] == s and math.isfinite(p["running_return"])]
             seeds = sum(1 for e in episodes if e.source == source and e.game == game)
             if not vals:
-                row[f"{f:g}"] = "—"
+                row[str(s)] = "—"
             elif seeds > 1:
-                row[f"{f:g}"] = f"{np.mean(vals):.1f} ± {ci95(vals):.1f} ({len(vals)} seeds)"
+                row[str(s)] = f"{np.mean(vals):.1f} ± {ci95(vals):.1f} ({len(vals)} seeds)"
             else:
-                row[f"{f:g}"] = f"{vals[0]:.1f}"
+                row[str(s)] = f"{vals[0]:.1f}"
         table.append(row)
     return points, table
+
+
+def reference_rows(episodes: list[Episodes], refs: list[dict], at: tuple[int, ...]) -> list[dict]:
+    """One row per published learner of a game the sources hold: its values where its frames are
+    an --at-steps count times the game's frames per env step."""
+    rows = []
+    for game, source in dict.fromkeys((r["game"], r["source"]) for r in refs):
+        fps = frames_per_step(episodes, game)
+        if fps is None:
+            continue
+        mine = [r for r in refs if r["game"] == game and r["source"] == source]
+        rows.append({"game": game, "learner": f"reference: {source}",
+                     **{str(s): next((f"{r['value']:g}" for r in mine if math.isclose(r["frames"], s * fps)), "")
+                        for s in at}})
+    return rows
 
 
 def draw(out: Path, episodes: list[Episodes], refs: list[dict], window: int) -> list[Path]:
@@ -145,45 +179,43 @@ def draw(out: Path, episodes: list[Episodes], refs: list[dict], window: int) -> 
         for e in (e for e in episodes if e.game == game):
             tag = e.source if sum(1 for x in episodes if x.game == game and x.source == e.source) == 1 \
                 else f"{e.source} seed {e.seed}"
-            series.append(Series(f"{tag}: episodes", e.frames, e.returns, style="dots"))
-            series.append(Series(f"{tag}: last {window} episodes", e.frames, e.running(window)))
-        for source in dict.fromkeys(r["source"] for r in refs if r["game"] == game):
+            series.append(Series(f"{tag}: episodes", e.env_steps, e.returns, style="dots"))
+            series.append(Series(f"{tag}: last {window} episodes", e.env_steps, e.running(window)))
+        fps = frames_per_step(episodes, game)
+        for source in dict.fromkeys(r["source"] for r in refs if r["game"] == game and fps):
             mine = [r for r in refs if r["game"] == game and r["source"] == source]
-            series.append(Series(f"reference: {source}", [r["frames"] for r in mine], [r["value"] for r in mine],
+            series.append(Series(f"reference: {source}", [r["frames"] / fps for r in mine], [r["value"] for r in mine],
                                  style="points"))
-        panel = Panel(f"{game}: raw score while learning", "frames", "episode return", series, kind="mixed")
+        xlabel = "env steps" + (f" (frames = {fps:g} x env steps)" if fps and fps != 1 else "")
+        panel = Panel(f"{game}: raw score while learning", xlabel, "episode return", series, kind="mixed")
         paths.append(save_grid(out / f"curve_{game}.png", [panel], 1))
     return paths
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
+    out = claim_out(args.out)
     if args.window < 1:
         raise ConfigError(f"--window = {args.window} must be at least 1")
-    try:
-        at = [float(x) for x in args.at.split(",")]
-    except ValueError:
-        raise ConfigError(f"--at {args.at!r} must be frame counts separated by commas, e.g. 2.5e6,5e6,1e7") from None
+    at = env_steps_list(args.at_steps) if args.at_steps else None
     episodes = [e for spec in args.sources for e in load_source(spec)]
     if args.games:
         wanted = args.games.split(",")
         episodes = [e for e in episodes if e.game in wanted]
         if not episodes:
             raise ConfigError(f"--games {args.games}: none of these games is in the sources")
+    if at is None:  # as eval reads its curves: 1/4, 1/2 and all of the longest source
+        last = int(max(e.env_steps[-1] for e in episodes))
+        at = tuple(sorted({max(1, last // 4), max(1, last // 2), last}))
     refs = load_references(Path(args.references) if args.references else None)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     points, table = summary_rows(episodes, at, args.window)
     write_csv(out / "curve_points.csv", points)
-    for game, source in dict.fromkeys((r["game"], r["source"]) for r in refs):
-        if any(e.game == game for e in episodes):  # one row per published learner, its values where frames match
-            mine = [r for r in refs if r["game"] == game and r["source"] == source]
-            table.append({"game": game, "learner": f"reference: {source}",
-                          **{f"{f:g}": next((f"{r['value']:g}" for r in mine if math.isclose(r["frames"], f)), "")
-                             for f in at}})
+    table += reference_rows(episodes, refs, at)
     table = [r for r in table if any(v for k, v in r.items() if k not in ("game", "learner"))]
     table.sort(key=lambda r: r["game"])
+    fps = frames_per_step(episodes)
     md = markdown_table(table, {"game": "game", "learner": "learner",
-                                **{f"{f:g}": f"running mean at {f / 1e6:g}M frames" for f in at}})
+                                **{str(s): f"running mean at {column(s, fps)}" for s in at}})
     (out / "curve_summary.md").write_text(md)
     draw(out, episodes, refs, args.window)
     print(md, end="")
@@ -192,12 +224,14 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("curve", help="single-game learning curves (frames) of learn/eval/run outputs, "
-                                            "beside published references")
+    p = subparsers.add_parser("curve", help="single-game learning curves (env steps, frames beside) of learn/eval/run "
+                                            "outputs, beside published references")
     p.add_argument("sources", nargs="+", help="LABEL=DIR or DIR: a metarl learn/eval output or a metarl run directory")
-    p.add_argument("--out", required=True, help="output directory for the PNGs, CSV and table")
+    add_out_arg(p, "the PNGs, CSV and table")
     p.add_argument("--window", type=int, default=10, help="episodes in the running mean (default 10)")
-    p.add_argument("--at", default="2.5e6,5e6,1e7", help="frame counts for the table (default 2.5e6,5e6,1e7)")
+    add_at_steps_arg(p, "env steps for the table, comma separated (default: 1/4, 1/2 and all of the longest source)",
+                     at_was="counted frames; now --at-steps A,B,... in env steps (frames / 4 on Atari, "
+                            "e.g. --at 1e7 is --at-steps 2.5e6)")
     p.add_argument("--games", help="only these games, comma-separated")
     p.add_argument("--references", help="CSV of published values: game,source,frames,value[,protocol,note]")
     p.set_defaults(func=cmd_curve)

@@ -36,7 +36,8 @@ import torch
 
 from metarl import checkpoint, config as config_mod
 from metarl.backend import LocalBackend, RayBackend
-from metarl.cliargs import add_cluster_args, add_config_args, resolve_config
+from metarl.cliargs import (add_at_steps_arg, add_cluster_args, add_config_args, add_finetune_args, add_out_arg,
+                            add_seeds_arg, add_steps_arg, claim_out, env_steps_list, resolve_config)
 from metarl.config import Config, ConfigError
 from metarl.finetune import FineTuneLearner, FineTuner, initial_theta
 from metarl.plots import Panel, Series, save_grid, write_csv, write_json
@@ -330,18 +331,16 @@ def evaluate(cfg: Config, thetas: dict[str, np.ndarray], spec: EvalSpec, out: Pa
 # the command
 
 
-def add_eval_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """Flags that make an EvalSpec; `prefix` keeps them apart from the sweep's own --budget."""
+def add_eval_args(p: argparse.ArgumentParser, budget_was: str = "") -> None:
+    """Flags that make an EvalSpec (eval, learn, sweep): games, env steps, seeds, curve reading."""
     p.add_argument("--games", help="held-out games, comma separated (default: tasks.heldout of the config)")
-    p.add_argument(f"--{prefix}budget", dest="eval_budget", type=int, metavar="STEPS",
-                   help="env steps of fine-tuning per game, init and seed, rounded up to whole rollouts of T x B "
-                   "(default: 50 rollouts)")
-    p.add_argument(f"--{prefix}seeds", dest="eval_seeds", type=int, metavar="N",
-                   help="evaluation seeds 0..N-1 (default 3)")
+    add_steps_arg(p, "env steps of fine-tuning per game, init and seed, rounded up to whole rollouts of T x B "
+                     "(default: 50 rollouts)", budget_was)
+    add_seeds_arg(p, "one fine-tuning run per game, init and seed (default 3)")
     p.add_argument("--points", type=int, help="points per learning curve (default 10)")
     p.add_argument("--window", type=int, help="finished episodes in the running-mean return (default 10)")
     p.add_argument("--threshold", type=float, help="return for steps-to-threshold (default: fresh final return)")
-    p.add_argument("--at", help="env-step budgets to read the return at, comma separated (default: 1/4, 1/2, all)")
+    add_at_steps_arg(p, "env steps to read the return at, comma separated (default: 1/4, 1/2 and all of --steps)")
 
 
 def require_games(family: str) -> None:
@@ -350,7 +349,7 @@ def require_games(family: str) -> None:
                           f"({', '.join(config_mod.GAME_FAMILIES)}); use `metarl fewshot` for {family} tasks")
 
 
-def spec_from_args(args: argparse.Namespace, cfg: Config, prefix: str = "") -> EvalSpec:
+def spec_from_args(args: argparse.Namespace, cfg: Config) -> EvalSpec:
     require_games(cfg.tasks.family)
     games = tuple(cfg.tasks.heldout)
     if args.games:
@@ -358,18 +357,15 @@ def spec_from_args(args: argparse.Namespace, cfg: Config, prefix: str = "") -> E
     if not games:
         raise ConfigError("no held-out games: set tasks.heldout in the config or pass --games a,b")
     given = lambda value, default: default if value is None else value  # noqa: E731
-    budget = given(args.eval_budget, 50 * cfg.env.num_envs * cfg.env.rollout_len)
-    seeds, points, window = given(args.eval_seeds, 3), given(args.points, 10), given(args.window, 10)
-    for flag, v in ((f"{prefix}budget", budget), (f"{prefix}seeds", seeds), ("points", points), ("window", window)):
+    budget = given(args.steps, 50 * cfg.env.num_envs * cfg.env.rollout_len)
+    seeds, points, window = given(args.seeds, 3), given(args.points, 10), given(args.window, 10)
+    for flag, v in (("steps", budget), ("seeds", seeds), ("points", points), ("window", window)):
         if v < 1:
             raise ConfigError(f"--{flag} = {v} must be at least 1")
-    try:
-        at = (tuple(int(x) for x in args.at.split(",")) if args.at
-              else tuple(sorted({max(1, budget // 4), max(1, budget // 2), budget})))
-    except ValueError:
-        raise ConfigError(f"--at {args.at!r} must be env-step counts separated by commas") from None
-    if any(not 0 < b <= budget for b in at):
-        raise ConfigError(f"--at {args.at} must lie in 1..{budget} (the budget)")
+    at = (env_steps_list(args.at_steps) if args.at_steps
+          else tuple(sorted({max(1, budget // 4), max(1, budget // 2), budget})))
+    if any(b > budget for b in at):
+        raise ConfigError(f"--at-steps {args.at_steps} must lie in 1..{budget} (--steps, the fine-tuning env steps)")
     return EvalSpec(games, budget, tuple(range(seeds)), points, window, args.threshold, at)
 
 
@@ -399,38 +395,25 @@ def meta_compute(state: dict[str, Any]) -> dict[str, Any]:
             "meta_wall_s": round(float(c.get("wall_s", 0.0)), 1)}
 
 
-def with_finetune_flags(cfg: Config, args: argparse.Namespace) -> Config:
-    """--optimizer / --lr over the config's finetune section, validated."""
-    if args.optimizer:
-        cfg = config_mod.override(cfg, "finetune.optimizer", args.optimizer)
-    if args.lr is not None:
-        cfg = config_mod.override(cfg, "finetune.lr", args.lr)
-    return config_mod.validate(cfg)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.out:
+        claim_out(args.out)
     path, state, cfg = load_checkpoint(Path(args.checkpoint))
-    if args.wandb:
-        cfg = config_mod.override(cfg, "log.wandb_mode", args.wandb)
-    if args.address:
-        cfg = config_mod.override(cfg, "ray.address", args.address)
-    cfg = with_finetune_flags(cfg, args)
+    cfg = resolve_config(args, base=cfg)
     spec = spec_from_args(args, cfg)
     iteration = int(state["iteration"])
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    out = Path(args.out) if args.out else run_dir / f"eval-{iteration:06d}"
-    if (out / "eval.json").exists():
-        raise ConfigError(f"'{out}' already holds an evaluation (eval.json); pass --out for a new directory")
-    family = make_family(cfg)
-    thetas = {"meta": checkpoint_theta(state, family, path), "fresh": initial_theta(family, cfg.meta.seed)}
-    info = {"checkpoint": str(path), "iteration": iteration, "skip": cfg.meta.skip, "algo": cfg.meta.algo,
-            **meta_compute(state)}
+    out = claim_out(args.out or run_dir / f"eval-{iteration:06d}")
     learner, run = None, run_jobs
     if args.learner == "rllib-ppo":
         from metarl.rllib_module import PPOLearner, ppo_jobs
 
-        learner = PPOLearner(lr=args.lr or PPOLearner.lr)
+        learner = PPOLearner.of(cfg, env_runners=0 if args.local else 1)
         run = ppo_jobs(cfg, learner)
+    family = make_family(cfg)
+    thetas = {"meta": checkpoint_theta(state, family, path), "fresh": initial_theta(family, cfg.meta.seed)}
+    info = {"checkpoint": str(path), "iteration": iteration, "skip": cfg.meta.skip, "algo": cfg.meta.algo,
+            **meta_compute(state)}
     result = evaluate(cfg, thetas, spec, out, name=f"{cfg.run_name}-eval", local=args.local,
                       workers=args.workers, info=info, learner=learner, run=run)
     for r in result["summary"]:
@@ -442,22 +425,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     """From-scratch learning check: the fine-tuning learner on a fresh network, game by game."""
+    out = claim_out(args.out)
     cfg = resolve_config(args)
     if not args.games:
         cfg = config_mod.override(cfg, "tasks.heldout", list(dict.fromkeys(cfg.tasks.train + cfg.tasks.heldout)))
-    cfg = with_finetune_flags(cfg, args)
     spec = spec_from_args(args, cfg)
-    out = Path(args.out)
-    if (out / "eval.json").exists():
-        raise ConfigError(f"'{out}' already holds a learning check (eval.json); pass --out for a new directory")
     family = make_family(cfg)
     learner = FineTuneLearner.of(cfg)
     print(f"metarl learn: {', '.join(spec.games)} from a fresh network, {learner.label}, {spec.budget:,} env steps, "
           f"{len(spec.seeds)} seed(s) -> {out}")
     result = evaluate(cfg, {"fresh": initial_theta(family, cfg.meta.seed)}, spec, out,
                       name=f"{cfg.log.experiment}-learn", local=args.local, workers=args.workers)
+    fps = family.frames_per_step
     for r in result["summary"]:
-        at = "  ".join(f"{int(b):,}: {r[f'return_at_{b}_mean']:.2f}" for b in spec.at)
+        at = "  ".join(f"{int(b):,}{f' ({int(b) * fps:,} frames)' if fps != 1 else ''}: {r[f'return_at_{b}_mean']:.2f}"
+                       for b in spec.at)
         print(f"{r['game']:>16}: running return at {at}  (diverged {r['diverged']}/{r['seeds']})")
     print(f"learning curves written to {out}")
     return 0
@@ -467,22 +449,17 @@ def add_parser(subparsers: Any) -> None:
     q = subparsers.add_parser("learn", help="from-scratch learning check: eval's fine-tuning learner on a fresh network")
     add_config_args(q)
     add_eval_args(q)
-    q.add_argument("--optimizer", choices=config_mod.FINETUNE_OPTIMIZERS, help="finetune.optimizer")
-    q.add_argument("--lr", type=float, help="finetune.lr (0: meta.inner_lr)")
-    q.add_argument("--out", required=True, help="output directory")
-    q.add_argument("--workers", type=int, default=0, help="fine-tuning actors (default: one per cluster CPU)")
+    add_finetune_args(q)
+    add_out_arg(q, "curves, tables and episodes.csv")
     add_cluster_args(q, "fine-tune in this process, one job after another")
     q.set_defaults(func=cmd_learn)
 
     p = subparsers.add_parser("eval", help="held-out learning speed of a checkpoint vs an un-pretrained network")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run directory (latest checkpoint)")
+    add_config_args(p, source="checkpoint")
     add_eval_args(p)
-    p.add_argument("--optimizer", choices=config_mod.FINETUNE_OPTIMIZERS,
-                   help="finetune.optimizer: sgd (the inner loop) or adam (default: the checkpoint's config)")
-    p.add_argument("--lr", type=float, help="finetune.lr (0: meta.inner_lr); with --learner rllib-ppo PPO's step size")
+    add_finetune_args(p)
     p.add_argument("--learner", choices=("metarl", "rllib-ppo"), default="metarl",
-                   help="the fine-tuner: metarl's (finetune.*) or RLlib's PPO from the exported module (README)")
-    p.add_argument("--out", help="output directory (default <run>/eval-<iteration>)")
-    p.add_argument("--workers", type=int, default=0, help="fine-tuning actors (default: one per cluster CPU)")
-    add_cluster_args(p, "fine-tune in this process, one job after another")
+                   help="the fine-tuner: metarl's, or RLlib's PPO from the exported module; both take finetune.* (README)")
+    add_out_arg(p, "the evaluation", default="<run>/eval-<iteration>")
+    add_cluster_args(p, "fine-tune in this process, one job after another (rllib-ppo: its env runner too)")
     p.set_defaults(func=cmd_eval)

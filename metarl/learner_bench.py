@@ -1,4 +1,4 @@
-"""`metarl bench --learner`: the learner's work timed on each device, CPU beside GPU.
+"""`metarl bench --suite learner`: the learner's work timed on each device, CPU beside GPU.
 
 Four pieces of work, each on synthetic Atari-shaped data (the Nature CNN, 18 actions, 4 x 84 x 84
 uint8 observations), so no emulator, Ray or network is needed and the same command runs on any
@@ -145,7 +145,9 @@ def add_args(p: Any, json_flag: bool = True) -> None:
         p.add_argument("--out", help="also write the figures to this JSON file")
 
 
-def main_args(args: argparse.Namespace) -> int:
+def main_args(args: argparse.Namespace, out: Path | None = None) -> dict[str, float]:
+    """Time every piece of work, print the table, write the figures to `out` (a JSON file) or to
+    --out where this module runs alone; the figures by device, flat."""
     devices = [d for d in args.devices.split(",") if d] or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if args.evaluations < 1:
         raise config_mod.ConfigError(f"--evaluations must be >= 1, got {args.evaluations}")
@@ -156,12 +158,14 @@ def main_args(args: argparse.Namespace) -> int:
     print(f"torch {result['torch']}, CPU {result['cpu']} ({args.threads} thread(s))"
           + (f", GPU {result['gpu']}" if "gpu" in result else ""))
     print(table(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    return 0
+    out = out or getattr(args, "out", None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    return {f"{device}/{k}": v for device, figures in result["devices"].items() for k, v in figures.items()}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m metarl.learner_bench", description=__doc__.splitlines()[0])
     add_args(parser)
-    raise SystemExit(main_args(parser.parse_args()))
+    main_args(parser.parse_args())

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from metarl import config as config_mod
-from metarl.cliargs import add_config_args, resolve_config, with_sets
+from metarl.cliargs import add_config_args, add_out_arg, add_seeds_arg, claim_out, resolve_config
 from metarl.config import ConfigError
 from metarl.evaluate import checkpoint_theta, ci95, load_checkpoint
 from metarl.finetune import FineTuneLearner, initial_theta, make_optimizer, ppo_updates, update
@@ -183,14 +183,18 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    out = claim_out(args.out)
     alphas = parse_alphas(args.alphas)
     if args.seeds < 1:
         raise ConfigError(f"--seeds = {args.seeds} must be at least 1")
     if args.checkpoint:
         if args.config:
             raise ConfigError("--checkpoint brings its run's config; drop --config and change keys with --set")
+        if args.seed is not None:
+            raise ConfigError("--seed sets meta.seed, the fresh network's seed; with --checkpoint theta is the "
+                              "checkpoint's, so drop --seed (--seeds sets the rollouts' seeds)")
         path, state, cfg = load_checkpoint(Path(args.checkpoint))
-        cfg = config_mod.validate(with_sets(cfg, args.set))
+        cfg = resolve_config(args, base=cfg)
     else:
         cfg = resolve_config(args)
     if cfg.tasks.family not in config_mod.GAME_FAMILIES:
@@ -199,9 +203,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
     games = list(cfg.tasks.train)
     if args.games:  # checked as held-out games are: known names, one clear line otherwise
         games = list(config_mod.validate(config_mod.override(cfg, "tasks.heldout", args.games)).tasks.heldout)
-    out = Path(args.out)
-    if (out / "probe.csv").exists():
-        raise ConfigError(f"'{out}' already holds a probe (probe.csv); pass --out for a new directory")
     family = make_family(cfg)
     torch.set_num_threads(max(1, args.threads))
     model = family.make_model()
@@ -237,13 +238,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("probe", help="what one inner step of alpha does to the policy and the value, "
                                             "beside one fine-tuner update")
-    add_config_args(p)
-    p.add_argument("--checkpoint", help="probe this checkpoint's theta (a file or run directory; its config, "
-                                        "then --set) instead of a fresh network")
+    add_config_args(p, source="either")
     p.add_argument("--games", help="games, comma separated (default: tasks.train of the config)")
     p.add_argument("--alphas", default="0.001,0.003,0.01,0.03,0.1,0.3,1",
                    help="inner step sizes, comma separated (default 0.001,0.003,0.01,0.03,0.1,0.3,1)")
-    p.add_argument("--seeds", type=int, default=3, help="rollouts per game, each from its own env seed (default 3)")
+    add_seeds_arg(p, "one probe rollout per game and seed (default 3)", default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--out", required=True, help="output directory")
+    add_out_arg(p, "probe.csv, probe_summary.md and probe.png")
     p.set_defaults(func=cmd_probe)

@@ -5,9 +5,9 @@
 into it by name and its action logits and values are metarl's forward at theta. It implements
 `ValueFunctionAPI` with the network's own value head, which RLlib's PPO needs.
 
-  metarl export --checkpoint RUN_OR_CKPT --rllib DIR     an RLModule checkpoint of theta
+  metarl export --checkpoint RUN_OR_CKPT --out DIR       an RLModule checkpoint of theta
   metarl ppo --checkpoint RUN_OR_CKPT --game G --steps N --out DIR
-                                                         RLlib PPO on G starting from theta
+                                                         RLlib PPO (finetune.*) on G starting from theta
   metarl eval --checkpoint ... --learner rllib-ppo       the held-out comparison with RLlib's PPO
 
 The games RLlib steps are metarl's own emulators, one per gymnasium env: Atari through the same
@@ -254,21 +254,34 @@ class RawScore(RLlibCallback):
 
 @dataclass(frozen=True)
 class PPOLearner:
-    """RLlib's PPO as the fine-tuner: one training iteration per rollout of T x B env steps (the
+    """RLlib's PPO as the fine-tuner, with the config's finetune section (`of`): one training
+    iteration per rollout of T x B env steps (T = finetune.rollout_len or env.rollout_len, the
     rollout of metarl's fine-tuner), `epochs` passes over it in `minibatches` minibatches; clipped
     surrogate, no KL term (CleanRL's Atari PPO). gamma, lambda and the loss weights are the run's."""
 
-    lr: float = 2.5e-4
-    epochs: int = 4
-    minibatches: int = 4
-    clip: float = 0.1
-    max_grad_norm: float = 0.5
+    lr: float
+    epochs: int
+    minibatches: int
+    clip: float
+    max_grad_norm: float
     env_runners: int = 1
     """RLlib env-runner actors (0: sample in the driver's process)."""
 
+    @staticmethod
+    def of(cfg: Config, env_runners: int = 1) -> "PPOLearner":
+        """finetune.* as RLlib's PPO takes them; what it cannot honour is refused, naming the keys."""
+        f = cfg.finetune
+        cannot = [f"finetune.optimizer={f.optimizer}"] * (f.optimizer != "adam") + \
+                 [f"finetune.lr_decay={f.lr_decay}"] * (f.lr_decay != "constant") + \
+                 ["finetune.bf16=true"] * f.bf16 + [f"finetune.gpus={f.gpus:g}"] * (f.gpus > 0)
+        if cannot:
+            raise ConfigError(f"{PPO_LEARNER} fine-tunes with Adam at a constant step in float32 on the CPU; the config "
+                              f"asks for {', '.join(cannot)}: change {'it' if len(cannot) == 1 else 'them'} with --set")
+        return PPOLearner(cfg.finetune_lr, f.epochs, f.minibatches, f.clip, f.max_grad_norm, env_runners)
+
     @property
     def label(self) -> str:
-        return f"{PPO_LEARNER} lr {self.lr:g}, {self.epochs} epochs x {self.minibatches} minibatches"
+        return f"{PPO_LEARNER} lr {self.lr:g}, {self.epochs} epochs x {self.minibatches} minibatches, clip {self.clip:g}"
 
 
 def ppo_config(cfg: Config, game: str, start: Path, learner: PPOLearner, seed: int):
@@ -339,7 +352,7 @@ def ppo_jobs(cfg: Config, learner: PPOLearner):
 
     def run(family, _learner, thetas: dict[str, np.ndarray], spec, local: bool, address: str = "",
             workers: int = 0, log: Callable[[str], None] = print) -> list[dict]:
-        ray_init(address)
+        ray_init(address, local)
         jobs = [{"game": g, "init": init, "seed": s, "env_seed": task_seed(s, gi)}
                 for gi, g in enumerate(spec.games) for s in spec.seeds for init in thetas]
         with tempfile.TemporaryDirectory(prefix="metarl-rllib-") as tmp:
@@ -347,7 +360,7 @@ def ppo_jobs(cfg: Config, learner: PPOLearner):
             for init, theta in thetas.items():
                 export(cfg.tasks.family, theta, starts[init])
             for job in jobs:
-                job["trace"] = finetune_ppo(cfg, job["game"], starts[job["init"]], learner, spec.budget,
+                job["trace"] = finetune_ppo(cfg.finetuning, job["game"], starts[job["init"]], learner, spec.budget,
                                             job["env_seed"])
                 log(f"eval ({PPO_LEARNER}): {job['game']} from {job['init']}, seed {job['seed']}: "
                     f"{len(job['trace']['episodes'])} episodes in {job['trace']['seconds']:.1f}s")
@@ -356,14 +369,14 @@ def ppo_jobs(cfg: Config, learner: PPOLearner):
     return run
 
 
-def ray_init(address: str = "") -> None:
-    """Attach to `address` (or RAY_ADDRESS), else start a local Ray on loopback (as metarl.backend
-    does: never a cluster that happens to run on this machine)."""
+def ray_init(address: str = "", local: bool = False) -> None:
+    """Attach to `address` (or RAY_ADDRESS), else (and always with `local`) start a local Ray on
+    loopback (as metarl.backend does: never a cluster that happens to run on this machine)."""
     import os
 
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS", "")
+    address = "" if local else address or os.environ.get("RAY_ADDRESS", "")
     if ray.is_initialized():
         return
     if address:

@@ -1,4 +1,4 @@
-"""`metarl bench --scale`: how the cost of a meta-iteration grows with the number of tasks.
+"""`metarl bench --suite scale`: how the cost of a meta-iteration grows with the number of tasks.
 
 A simulated cluster — a head node (driver, learner) and several worker nodes, each a real Ray
 node (raylet and object store) on its own loopback address of this machine — runs real
@@ -218,7 +218,9 @@ def report(results: list[dict[str, Any]], out: Any = None) -> str:
     return table
 
 
-def cmd_scale(args: Any) -> int:
+def cmd_scale(args: Any, out: Any) -> dict[str, float]:
+    """`metarl bench --suite scale`: the table printed, scale.json/.md/.png written to `out`; the
+    figures by mode and size for the W&B summary."""
     try:
         sizes = [int(x) for x in args.scale_sizes.split(",")]
     except ValueError:
@@ -230,9 +232,10 @@ def cmd_scale(args: Any) -> int:
                                      f"nodes must be at least 1 (got {args.scale_reduce}, {sizes}, "
                                      f"{args.scale_workers}, {args.scale_nodes})")
     results = run_scale(sizes, args.scale_workers, args.scale_nodes, reduces, args.work_ms, args.scale_iterations)
-    print(report(results, args.out_dir), end="")
+    print(report(results, out), end="")
     a = cluster_arithmetic()
     print(f"# arithmetic, {a['tasks']} tasks on {a['nodes']} nodes x {a['workers'] // a['nodes']} workers, 10 GbE into "
           f"the learner: gradients {a['ingest_s_task']:.2f}s per iteration sent per task, {a['ingest_s_worker']:.2f}s per "
           f"worker, {a['ingest_s_node']:.2f}s per node; compute {a['compute_s']:.1f}s")
-    return 0
+    return {f"{r['reduce']}/N{r['tasks']}/{k}": r[k] for r in results
+            for k in ("wall_s", "overhead_s", "learner_bytes", "learner_messages", "overhead_share_at_atari_cost")}

@@ -8,7 +8,7 @@ A sweep directory holds:
   summary.md, summary.csv, comparison.png
   dashboard.json                  with W&B on: the W&B view of these runs (`metarl dashboard`)
 
-Budgets (--match): `iterations` gives every skip count the same number of meta-iterations;
+Budgets (--match, with --train-budget in its units): `iterations` gives every skip count the same number of meta-iterations;
 `env_steps` gives each as many iterations as fit the env-step budget (exact: an iteration at skip k
 costs ceil(N/k) S + N rollouts of T x B steps); `seconds` trains in chunks, and after each chunk the
 measured seconds per iteration set the next target, until one more iteration would not fit.
@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from metarl import checkpoint, config as config_mod, dashboard, folds as fold_summary
 from metarl.backend import RayBackend
-from metarl.cliargs import add_cluster_args, add_config_args, resolve_config
+from metarl.cliargs import add_cluster_args, add_config_args, add_out_arg, claim_out, resolve_config, retire
 from metarl.config import Config, ConfigError
 from metarl.evaluate import (EvalSpec, add_eval_args, assemble, checkpoint_theta, default_thresholds, evaluate,
                              mean_curves, meta_compute, spec_from_args)
@@ -474,23 +474,23 @@ def spec_from_sweep_args(args: argparse.Namespace, cfg: Config) -> SweepSpec:
                               f"{'fold' if args.folds else 'run'}; choose 1..{len(cfg.tasks.train)}")
         skip_config(cfg, f"skip{k}", 1)  # a skip count that does not fit the tasks fails here, naming meta.skip
     match = args.match or "iterations"
-    if args.budget is None and match == "seconds":
-        raise ConfigError("--match seconds needs --budget SECONDS of meta-iteration time per configuration")
-    budget = args.budget if args.budget is not None else (
+    if args.train_budget is None and match == "seconds":
+        raise ConfigError("--match seconds needs --train-budget SECONDS of meta-iteration time per configuration")
+    budget = args.train_budget if args.train_budget is not None else (
         cfg.meta.iterations if match == "iterations" else cfg.meta.iterations * iteration_env_steps(cfg, 1))
     if not budget > 0 or (match == "iterations" and budget != int(budget)):
         kind = "whole number" if match == "iterations" else "number"
-        raise ConfigError(f"--budget {budget:g} must be a positive {kind}")
+        raise ConfigError(f"--train-budget {budget:g} must be a positive {kind}")
     for k in skips:
         if match == "env_steps" and target_iterations(cfg, k, match, budget) < 1:
-            raise ConfigError(f"--budget {budget:g} env steps is less than one meta-iteration at skip {k} "
+            raise ConfigError(f"--train-budget {budget:g} env steps is less than one meta-iteration at skip {k} "
                               f"({iteration_env_steps(cfg, k):,} env steps)")
-    return SweepSpec(skips, not args.no_baseline, match, float(budget), spec_from_args(args, eval_cfg, prefix="eval-"),
+    return SweepSpec(skips, not args.no_baseline, match, float(budget), spec_from_args(args, eval_cfg),
                      joint=args.joint, folds=args.folds or "")
 
 
-SETTINGS = ("config", "set", "seed", "skips", "no_baseline", "joint", "folds", "match", "budget",
-            "games", "eval_budget", "eval_seeds", "points", "window", "threshold", "at")
+SETTINGS = ("config", "set", "seed", "skips", "no_baseline", "joint", "folds", "match", "train_budget",
+            "games", "steps", "seeds", "points", "window", "threshold", "at_steps")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -503,12 +503,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                               f"drop --{given[0].replace('_', '-')}")
         out = Path(args.out)
         cfg, spec = load_sweep(out)
-        for flag, key in (("wandb", "log.wandb_mode"), ("address", "ray.address")):
-            if getattr(args, flag):
-                cfg = config_mod.override(cfg, key, getattr(args, flag))
-        if args.no_progress:
-            cfg = config_mod.override(cfg, "log.progress", False)
+        cfg = resolve_config(args, base=cfg)  # only the cluster flags are left to apply
     else:
+        if args.out:
+            claim_out(args.out, resumable=True)
         cfg = resolve_config(args)
         spec = spec_from_sweep_args(args, cfg)
         out = Path(args.out or f"runs/sweep-{cfg.log.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -540,10 +538,14 @@ def add_parser(subparsers: Any) -> None:
                    help="also train joint multi-task pre-training (same loss at theta, no inner loop) under the same budget")
     p.add_argument("--folds", choices=("loo",), help="loo: leave-one-game-out over tasks.train, one fold per game")
     p.add_argument("--match", choices=MATCHES, help="what every configuration gets the same of (default iterations)")
-    p.add_argument("--budget", type=float, help="per configuration, in --match units (default: meta.iterations, "
-                   "or what skip 1 spends in them; seconds needs it)")
-    add_eval_args(p, prefix="eval-")
-    p.add_argument("--out", help="sweep directory (default runs/sweep-<experiment>-<time>); reused only with --resume")
+    p.add_argument("--train-budget", type=float, metavar="X",
+                   help="meta-training per configuration, in --match units: meta-iterations, env steps or seconds "
+                        "(default: meta.iterations, or what skip 1 spends in them; seconds needs it)")
+    add_eval_args(p, budget_was="sweep --budget (meta-training, in --match units) is now --train-budget; "
+                                "--steps is the fine-tuning env steps")
+    retire(p, "--eval-budget", "now --steps N (env steps of fine-tuning, as in eval)")
+    retire(p, "--eval-seeds", "now --seeds N (fine-tuning seeds, as in eval)")
+    add_out_arg(p, "the sweep", default="runs/sweep-<experiment>-<time>", resumable=True)
     p.add_argument("--resume", action="store_true", help="continue the sweep in --out with its stored settings")
     add_cluster_args(p, "run every actor in this process, without Ray", progress=True)
     p.set_defaults(func=cmd_sweep)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from metarl import config as config_mod
+from metarl.cliargs import add_out_arg, claim_out
 from metarl.config import ConfigError
 from metarl.evaluate import ci95
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv
@@ -133,9 +134,7 @@ def mean_ci(vals: list[float], digits: int = 2) -> str:
 
 
 def cmd_training(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if (out / "training_summary.csv").exists():
-        raise ConfigError(f"'{out}' already holds a training summary; choose another --out or remove it")
+    out = claim_out(args.out)
     runs: dict[str, list[dict]] = {}
     for spec in args.runs:
         label, _, p = spec.rpartition("=")
@@ -203,7 +202,7 @@ def cmd_training(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("training", help="how far meta-training got on its own training games (run directories)")
     p.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (metarl run output); runs sharing a label are seeds of one configuration")
-    p.add_argument("--out", required=True, help="output directory (refused if it already holds a summary)")
+    add_out_arg(p, "training_summary.md/.csv and training.png")
     p.add_argument("--scratch", help="a metarl learn directory: the single-game PPO learner at the same per-game steps")
     p.add_argument("--last", type=float, default=0.2, help="share of the env steps whose episodes make the final return (default 0.2)")
     p.add_argument("--window", type=int, default=20, help="episodes in the plotted running mean (default 20)")

@@ -57,7 +57,7 @@ def test_expected_skip_ratio_is_the_share_of_rollouts_skip_k_keeps():
 
 
 def test_quick_bench_prints_every_figure(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "bench"
     # Ray's socket paths must stay under 107 bytes: a short directory, not pytest's tmp_path
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     env = {**os.environ, "WANDB_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
@@ -74,7 +74,7 @@ def test_quick_bench_prints_every_figure(tmp_path):
             continue
         name, value = line.split(": ", 1)
         printed[name] = float(value)
-    written = json.loads(out.read_text())
+    written = json.loads((out / "bench.json").read_text())
     for name in FIGURES:
         for where, figures in (("printed", printed), ("JSON", written["figures"])):
             assert name in figures, f"{name} not {where}:\n{p.stdout}"
@@ -93,23 +93,23 @@ def test_quick_bench_prints_every_figure(tmp_path):
 
 
 def test_learner_bench_times_every_piece_of_work_and_refuses_a_missing_device(tmp_path, capsys):
-    """`metarl bench --learner` on the CPU: every piece of work timed (positive, finite), the table
+    """`metarl bench --suite learner` on the CPU: every piece of work timed (positive, finite), the table
     printed, the JSON written; asking for a device torch does not see is one line and exit 2."""
     import torch
 
     from metarl.cli import main
     from metarl.learner_bench import LABELS
 
-    out = tmp_path / "learner.json"
-    assert main(["bench", "--learner", "--devices", "cpu", "--evaluations", "1", "--min-seconds", "0",
+    out = tmp_path / "learner"
+    assert main(["bench", "--suite", "learner", "--devices", "cpu", "--evaluations", "1", "--min-seconds", "0",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    result = json.loads(out.read_text())
+    result = json.loads((out / "learner.json").read_text())
     figures = result["devices"]["cpu"]
     assert set(figures) == set(LABELS)
     assert all(math.isfinite(v) and v > 0 for v in figures.values()), figures
     assert all(label.format(n=1) in printed for label in LABELS.values())
     if not torch.cuda.is_available():
-        assert main(["bench", "--learner", "--devices", "cpu,cuda"]) == 2
+        assert main(["bench", "--suite", "learner", "--devices", "cpu,cuda", "--out", str(tmp_path / "c")]) == 2
         err = capsys.readouterr().err
         assert "torch sees no CUDA device" in err and len(err.strip().splitlines()) == 1

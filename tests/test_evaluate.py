@@ -102,7 +102,7 @@ def trained_run(tmp_path_factory):
 
 def test_eval_command_writes_curves_tables_pngs_and_records(trained_run, tmp_path, capsys):
     out = tmp_path / "eval"
-    args = ["eval", "--checkpoint", str(trained_run), "--local", "--budget", str(3 * PER_ROLLOUT),
+    args = ["eval", "--checkpoint", str(trained_run), "--local", "--steps", str(3 * PER_ROLLOUT),
             "--seeds", "2", "--points", "2", "--out", str(out), "--wandb", "disabled"]
     assert main(args) == 0
     result = json.loads((out / "eval.json").read_text())
@@ -129,8 +129,31 @@ def test_eval_command_writes_curves_tables_pngs_and_records(trained_run, tmp_pat
 
     before = (out / "eval.json").stat().st_mtime_ns
     assert main(args) == 2  # an evaluation is never overwritten
-    assert "already holds an evaluation" in capsys.readouterr().err
+    assert "already exists and is not empty" in capsys.readouterr().err
     assert (out / "eval.json").stat().st_mtime_ns == before
+
+
+def test_eval_flags_reach_the_finetuner(trained_run, tmp_path, monkeypatch):
+    """--optimizer, --lr and --set finetune.* make the fine-tuner, --threshold the steps-to-threshold
+    score, --workers the number of fine-tuning actors."""
+    from metarl import evaluate as evaluate_mod
+
+    seen, real = {}, evaluate_mod.run_jobs
+
+    def spy(family, learner, thetas, spec, local, address="", workers=0, log=print):
+        seen.update(learner=learner, workers=workers)
+        return real(family, learner, thetas, spec, local, address, workers, log)
+
+    monkeypatch.setattr(evaluate_mod, "run_jobs", spy)
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(trained_run), "--local", "--steps", str(PER_ROLLOUT), "--seeds", "1",
+                 "--points", "1", "--optimizer", "adam", "--lr", "0.003", "--set", "finetune.max_grad_norm=0.25",
+                 "--threshold", "-7.5", "--workers", "3", "--wandb", "disabled", "--out", str(out)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert (result["finetune"]["optimizer"], result["finetune"]["lr"], result["finetune"]["max_grad_norm"]) == \
+        ("adam", 0.003, 0.25) and result["learner"] == "adam lr 0.003, grad clip 0.25"
+    assert seen["learner"] == FineTuneLearner("adam", 0.003, 0.25) and seen["workers"] == 3
+    assert [r["threshold"] for r in result["summary"]] == [-7.5, -7.5]  # meta and fresh; default: fresh's final
 
 
 def test_eval_names_an_unknown_game(trained_run, capsys):

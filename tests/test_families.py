@@ -135,8 +135,7 @@ def test_meta_trained_init_adapts_far_better_than_pretrained(sine_runs):
 
 def test_fewshot_eval_writes_table_json_and_plot(sine_runs, tmp_path):
     out = tmp_path / "fs"
-    code = fewshot_cli.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=str(sine_runs / "pretrained"),
-                                  no_random=False, tasks=4, shots="5", steps="0,1", query=20, out=str(out)))
+    code = fewshot_eval(sine_runs, out, "--pretrained", str(sine_runs / "pretrained"), "--sgd-steps", "0,1")
     assert code == 0
     result = json.loads((out / "fewshot.json").read_text())
     assert [r["init"] for r in result["rows"]] == ["maml", "pre-trained", "random init"]
@@ -144,11 +143,10 @@ def test_fewshot_eval_writes_table_json_and_plot(sine_runs, tmp_path):
     assert "| maml | 5 | 0.01 |" in (out / "fewshot.md").read_text()
     assert_png(out / "fewshot.png")
     with pytest.raises(ConfigError, match="--episodes 1"):
-        fewshot_cli.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
-                               shots="5", steps="0", query=20, episodes=1, out=str(out)))
+        fewshot_eval(sine_runs, tmp_path / "e", "--no-random", "--sgd-steps", "0", "--episodes", "1")
     for later in ("tune", "0.003"):  # a step size after the trained steps: tuned on validation tasks, or given
-        fewshot_cli.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
-                               shots="5", steps="0,2", query=20, later_lr=later, out=str(out)))
+        out = tmp_path / f"later-{later}"
+        fewshot_eval(sine_runs, out, "--no-random", "--sgd-steps", "0,2", "--later-lr", later)
         row = json.loads((out / "fewshot.json").read_text())["rows"][0]
         assert row["inner_lr"] == 0.01 and row["later_from_step"] == 2
         if later == "tune":  # one step (step 2) after the trained one: one tuned size
@@ -159,17 +157,19 @@ def test_fewshot_eval_writes_table_json_and_plot(sine_runs, tmp_path):
     assert fewshot.schedule(0.5, (0.1,), 1, 3) == (0.5, 0.1, 0.1) and fewshot.schedule(0.5, (0.1,), 2, 3) == (0.5, 0.5, 0.1)
     assert fewshot.schedule(0.5, (0.2, 0.1), 1, 4) == (0.5, 0.2, 0.1, 0.1)
     with pytest.raises(ConfigError, match="--later-lr"):
-        fewshot_cli.cmd_eval(_args(checkpoint=[f"maml={sine_runs / 'maml'}"], pretrained=None, no_random=True, tasks=4,
-                               shots="5", steps="0", query=20, later_lr="fast", out=str(out)))
+        fewshot_eval(sine_runs, tmp_path / "f", "--no-random", "--sgd-steps", "0", "--later-lr", "fast")
     with pytest.raises(ConfigError, match="LABEL="):
-        fewshot_cli.cmd_eval(_args(checkpoint=["nonsense"], pretrained=None, no_random=True, tasks=4, shots="5",
-                               steps="0", query=20, out=str(out)))
+        fewshot_eval(sine_runs, tmp_path / "g", "--no-random", "--checkpoint", "nonsense")
 
 
-def _args(**kw):
-    import argparse
+def fewshot_eval(sine_runs, out, *flags: str) -> int:
+    """`metarl fewshot eval --checkpoint maml=RUN` on 4 tasks, K = 5, 20 query points, and `flags`,
+    as the CLI parses them."""
+    from metarl.cli import build_parser
 
-    return argparse.Namespace(**kw)
+    args = build_parser().parse_args(["fewshot", "eval", "--checkpoint", f"maml={sine_runs / 'maml'}", "--tasks", "4",
+                                      "--shots", "5", "--query", "20", *flags, "--out", str(out)])
+    return fewshot_cli.cmd_eval(args)
 
 
 def test_fewshot_cost_reports_every_algorithm():

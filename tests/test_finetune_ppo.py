@@ -103,7 +103,7 @@ def test_learn_runs_ppo_and_rejects_bad_ppo_settings(tmp_path, capsys):
     ppo = ["--set", "finetune.epochs=2", "--set", "finetune.minibatches=4", "--set", "finetune.rollout_len=8",
            "--set", "finetune.clip=0.1"]
     out = tmp_path / "ppo"
-    assert main([*base, *ppo, "--budget", "96", "--points", "3", "--out", str(out)]) == 0
+    assert main([*base, *ppo, "--steps", "96", "--points", "3", "--out", str(out)]) == 0
     assert "PPO 2 epochs x 4 minibatches, clip 0.1" in capsys.readouterr().out
     assert [int(r["env_steps"]) for r in csv.DictReader(open(out / "eval_curves.csv"))] == [32, 64, 96]
     for setting, message in (("finetune.epochs=0", "finetune.epochs and finetune.minibatches must be >= 1"),
@@ -111,7 +111,7 @@ def test_learn_runs_ppo_and_rejects_bad_ppo_settings(tmp_path, capsys):
                              ("finetune.clip=0", "finetune.clip = 0.0 must be > 0"),
                              ("finetune.lr_decay=fast", "finetune.lr_decay 'fast' is unknown")):
         target = tmp_path / setting.split("=")[0]
-        assert main([*base, *ppo, "--set", setting, "--budget", "96", "--out", str(target)]) == 2, setting
+        assert main([*base, *ppo, "--set", setting, "--steps", "96", "--out", str(target)]) == 2, setting
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (setting, err)
         assert not target.exists()
@@ -125,7 +125,7 @@ def test_ppo_needs_a_rollout_family():
 
 def test_a_gpu_finetuner_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys):
     base = ["learn", "--config", str(CONFIGS / "minatar.yaml"), "--set", "log.wandb_mode=disabled",
-            "--games", "breakout", "--budget", "64", "--seeds", "1", "--local"]
+            "--games", "breakout", "--steps", "64", "--seeds", "1", "--local"]
     assert main([*base, "--set", "finetune.gpus=-1", "--out", str(tmp_path / "a")]) == 2
     assert "finetune.gpus = -1.0 must be >= 0" in capsys.readouterr().err
     if not torch.cuda.is_available():

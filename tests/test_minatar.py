@@ -196,8 +196,8 @@ def test_two_fold_leave_one_game_out_sweep_writes_every_output(tmp_path, capsys)
     out = tmp_path / "loo"
     code = main(["sweep", "--config", str(CONFIGS / "minatar.yaml"), "--set", "tasks.train=[breakout,asterix]",
                  "--set", "env.num_envs=4", "--set", "env.rollout_len=8", "--set", "log.wandb_mode=disabled",
-                 "--skips", "1", "--joint", "--folds", "loo", "--match", "env_steps", "--budget", "320",
-                 "--eval-budget", "256", "--eval-seeds", "2", "--local", "--no-progress", *ONE_STEP_SETS,
+                 "--skips", "1", "--joint", "--folds", "loo", "--match", "env_steps", "--train-budget", "320",
+                 "--steps", "256", "--seeds", "2", "--local", "--no-progress", *ONE_STEP_SETS,
                  "--out", str(out)])
     assert code == 0
     for name in ("summary.md", "summary.csv", "summary_folds.csv", "per_seed.csv"):
@@ -272,7 +272,7 @@ def test_learn_refuses_unknown_games_and_a_finished_directory(tmp_path, capsys):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "eval.json").write_text("{}")
     assert main([*base, "--games", "breakout", "--out", str(tmp_path / "b")]) == 2
-    assert "already holds a learning check" in capsys.readouterr().err
+    assert "already exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "b" / "eval.json").read_text() == "{}"  # nothing overwritten
 
 
@@ -283,7 +283,7 @@ def test_learn_takes_the_finetuners_own_rollout_length(tmp_path, capsys):
     out = tmp_path / "l"
     assert main(["learn", "--config", str(CONFIGS / "minatar.yaml"), "--set", "log.wandb_mode=disabled",
                  "--set", "env.num_envs=4", "--set", "finetune.rollout_len=8", "--games", "breakout",
-                 "--budget", "96", "--seeds", "1", "--points", "3", "--local", "--out", str(out)]) == 0
+                 "--steps", "96", "--seeds", "1", "--points", "3", "--local", "--out", str(out)]) == 0
     steps = [int(r["env_steps"]) for r in csv.DictReader(open(out / "eval_curves.csv"))]
     assert steps == [32, 64, 96]  # 4 envs x 8 steps per update, not env.rollout_len
     assert main(["learn", "--config", str(CONFIGS / "minatar.yaml"), "--set", "finetune.rollout_len=-1",

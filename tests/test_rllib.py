@@ -136,7 +136,7 @@ def test_export_command_writes_a_loadable_module(tmp_path, capsys):
     theta = trained_theta("minatar")
     write_checkpoint(tmp_path / "run", cfg, theta)
     out = tmp_path / "module"
-    assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--rllib", str(out)]) == 0
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert "exported" in capsys.readouterr().out
     meta = json.loads((out / "metarl_export.json").read_text())
     assert meta["family"] == "minatar" and meta["iteration"] == 7 and meta["ray"] == "2.60.0"
@@ -155,8 +155,8 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
     for ckpt, out, says in ((foreign, tmp_path / "a", "not a metarl checkpoint"), (nav, tmp_path / "b", "nav2d"),
-                            (good, taken, "not an empty directory"), (tmp_path / "missing.pt", tmp_path / "c", "does not exist")):
-        assert cli.main(["export", "--checkpoint", str(ckpt), "--rllib", str(out)]) == 2
+                            (good, taken, "already exists and is not empty"), (tmp_path / "missing.pt", tmp_path / "c", "does not exist")):
+        assert cli.main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert says in err and len(err.splitlines()) == 1, err
         assert not (out / "module_state.pkl").exists()
@@ -191,7 +191,7 @@ def test_ppo_starts_from_theta_and_checkpoints(ray_local, tmp_path):
     cfg = minatar_cfg()
     theta = trained_theta("minatar")
     export("minatar", theta, tmp_path / "start")
-    learner = PPOLearner(epochs=1, minibatches=2, env_runners=0)
+    learner = PPOLearner(lr=2.5e-4, epochs=1, minibatches=2, clip=0.1, max_grad_norm=0.5, env_runners=0)
     algo = ppo_config(cfg, "breakout", tmp_path / "start", learner, seed=0).build_algo()
     try:
         start = algo.get_module().net
@@ -210,13 +210,38 @@ def test_ppo_starts_from_theta_and_checkpoints(ray_local, tmp_path):
     assert np.isfinite(after).all() and np.abs(after - theta).max() > 0
 
 
+def test_ppo_command_takes_finetune_and_meta_seed(ray_local, tmp_path, capsys):
+    """`metarl ppo --local`: PPO's settings are the checkpoint's finetune section under --lr, --epochs
+    and --set, --seed is meta.seed (the fresh network's and RLlib's); what RLlib cannot do is refused."""
+    from metarl.finetune import initial_theta
+    from metarl.tasks import make_family
+    from metarl.tracking import read_metrics
+
+    cfg = minatar_cfg()
+    write_checkpoint(tmp_path / "run", cfg, trained_theta("minatar"))
+    out = tmp_path / "ppo"
+    base = ["ppo", "--checkpoint", str(tmp_path / "run"), "--game", "breakout", "--steps", "64", "--local"]
+    assert cli.main([*base, "--set", "finetune.bf16=true", "--out", str(out)]) == 2
+    assert "asks for finetune.bf16=true" in capsys.readouterr().err and not out.exists()
+    assert cli.main([*base, "--lr", "1e-3", "--epochs", "1", "--set", "finetune.minibatches=2", "--seed", "3",
+                     "--init", "fresh", "--out", str(out)]) == 0
+    result = json.loads((out / "ppo.json").read_text())
+    assert result["learner"] == {"lr": 1e-3, "epochs": 1, "minibatches": 2, "clip": 0.2, "max_grad_norm": 0.5,
+                                 "env_runners": 0}  # clip and grad norm: configs/minatar.yaml's finetune
+    assert result["seed"] == 3 and result["env_steps"] >= 64 and (out / "rllib").is_dir()
+    start = RLModule.from_checkpoint(str(out / "start_module"))
+    assert np.array_equal(ParamSpec.of(start.net).flatten(dict(start.net.named_parameters())),
+                          initial_theta(make_family(cfg), 3))
+    assert [r["env_steps"] for r in read_metrics(out / "ppo_metrics.jsonl")] == result["trace"]["env_steps"]
+
+
 @pytest.mark.slow
 def test_eval_with_rllib_ppo(ray_local, tmp_path, capsys):
     """`metarl eval --learner rllib-ppo`: theta and the fresh network, each fine-tuned by RLlib's PPO."""
     write_checkpoint(tmp_path / "run", minatar_cfg(), trained_theta("minatar"))
     out = tmp_path / "eval"
     rc = cli.main(["eval", "--checkpoint", str(tmp_path / "run"), "--learner", "rllib-ppo", "--games", "breakout",
-                   "--budget", "64", "--seeds", "1", "--out", str(out)])
+                   "--steps", "64", "--seeds", "1", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     result = json.loads((out / "eval.json").read_text())
     assert result["learner"].startswith("rllib-ppo")

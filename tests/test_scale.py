@@ -18,9 +18,9 @@ WORK_MS = 50.0  # sleep per fixture rollout: task work the figures must account 
 @pytest.mark.slow
 def test_scale_benchmark_prints_every_figure_and_reduction_bounds_the_learners_ingest(tmp_path, capsys):
     out = tmp_path / "scale"
-    rc = main(["bench", "--scale", "--scale-sizes", "2,6", "--scale-workers", "2", "--scale-nodes", "2",
+    rc = main(["bench", "--suite", "scale", "--scale-sizes", "2,6", "--scale-workers", "2", "--scale-nodes", "2",
                "--scale-reduce", "task,worker,node", "--scale-iterations", "1", "--work-ms", str(WORK_MS),
-               "--out-dir", str(out)])
+               "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     for header in ("iteration (s)", "task work (s)", "overhead (s)", "learner ingest (MB)", "messages to learner",

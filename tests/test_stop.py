@@ -156,8 +156,8 @@ def test_sigterm_to_a_sweep_checkpoints_its_configuration(tmp_path, capsys):
     out = tmp_path / "sweep"
     sets = [a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]
     args = ["sweep", "--config", str(CONFIGS / "minatar.yaml"), *sets, "--set", "tasks.heldout=[asterix]",
-            "--skips", "1", "--match", "env_steps", "--budget", "1000000", "--eval-budget", "256",
-            "--eval-seeds", "1", "--set", "meta.checkpoint_every=1000", "--local", "--out", str(out)]
+            "--skips", "1", "--match", "env_steps", "--train-budget", "1000000", "--steps", "256",
+            "--seeds", "1", "--set", "meta.checkpoint_every=1000", "--local", "--out", str(out)]
     with sigterm_when(lambda: len(iterations_logged(out / "skip1")) >= 2):
         code = main(args)
     err = capsys.readouterr().err

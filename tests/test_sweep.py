@@ -43,7 +43,7 @@ def test_one_machine_runs_configurations_one_after_another(monkeypatch):
 
 SWEEP = ["sweep", "--config", str(CONFIGS / "smoke.yaml"), "--skips", "1,3", "--set", "meta.iterations=2",
          "--set", "meta.checkpoint_every=1", "--set", "log.wandb_mode=disabled", "--no-progress",
-         "--eval-budget", str(2 * PER_ROLLOUT), "--eval-seeds", "2", "--points", "2", "--local"]
+         "--steps", str(2 * PER_ROLLOUT), "--seeds", "2", "--points", "2", "--local"]
 
 
 def test_smoke_sweep_then_resume(tmp_path, capsys):
@@ -91,6 +91,24 @@ def test_smoke_sweep_then_resume(tmp_path, capsys):
     assert [r["iteration"] for r in read_metrics(out / "skip3" / "metrics.discarded.jsonl")] == [2]
     assert (out / "baseline" / "eval" / "eval.json").exists()
     assert [r["config"] for r in csv.DictReader(open(out / "summary.csv"))] == ["skip1", "skip3", "baseline"]
+
+
+def test_sweep_matches_seconds_from_the_command_line(tmp_path, monkeypatch):
+    """--match seconds --train-budget S: each configuration trains for S seconds of meta-iterations
+    (train_for_seconds; here less than its measuring chunk of PROBE_ITERATIONS), then is evaluated."""
+    from metarl import sweep as sweep_mod
+
+    budgets, real = [], sweep_mod.train_for_seconds
+    monkeypatch.setattr(sweep_mod, "train_for_seconds",
+                        lambda cfg, run_dir, seconds, *a, **kw: (budgets.append(seconds), real(cfg, run_dir, seconds, *a, **kw)))
+    out = tmp_path / "sweep"
+    assert main([*SWEEP[:4], "1", *SWEEP[5:], "--seeds", "1", "--no-baseline", "--match", "seconds",
+                 "--train-budget", "0.001", "--out", str(out)]) == 0
+    assert budgets == [0.001]
+    spec = json.loads((out / "sweep.json").read_text())["spec"]
+    assert (spec["match"], spec["budget"]) == ("seconds", 0.001)
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [(r["config"], int(r["iterations"])) for r in rows] == [("skip1", PROBE_ITERATIONS)]
 
 
 def test_sweep_refuses_to_reuse_or_reshape(tmp_path, capsys):

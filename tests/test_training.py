@@ -38,5 +38,5 @@ def test_training_report_from_a_real_run(tmp_path, capsys):
     assert_png(out / "training.png")
     capsys.readouterr()
     assert main(["training", f"ppo={run_dir}", "--out", str(out)]) == 2  # nothing overwritten
-    assert "already holds" in capsys.readouterr().err
+    assert "already exists and is not empty" in capsys.readouterr().err
     assert main(["training", f"ppo={tmp_path}", "--out", str(tmp_path / "x")]) == 2

@@ -97,7 +97,7 @@ def offline_sweep(tmp_path_factory):
     """Skip counts 1 and 2 and the baseline, 2 meta-iterations each, W&B offline (~5 s)."""
     out = tmp_path_factory.mktemp("wandb") / "sweep"
     code = main(["sweep", *TINY, "--set", "tasks.train=[asterix,seaquest]", "--set", "tasks.heldout=[breakout]",
-                 "--skips", "1,2", "--budget", "2", "--eval-budget", "128", "--eval-seeds", "1", "--out", str(out)])
+                 "--skips", "1,2", "--train-budget", "2", "--steps", "128", "--seeds", "1", "--out", str(out)])
     assert code == 0
     runs = {d: received(out / d) for d in ("skip1", "skip2", "skip1/eval", "skip2/eval", "baseline/eval", ".")}
     assert all(len(r) == 1 for r in runs.values()), {d: len(r) for d, r in runs.items()}
