@@ -11,6 +11,7 @@ Every figure is measured side by side in one run, through the real code paths:
                       forward+backward of the same network on the same batch
   skip_ratio_k        seconds per meta-iteration at skip k / at skip 1, on the config scaled down
   skip_ratio_k_expected  (ceil(N/k) S + N) / (N S + N): the share of rollouts skip k keeps
+                      (Reptile, which evaluates nothing: ceil(N/k) / N)
   end_to_end_ratio    env steps/s of whole meta-iterations (`iteration.meta_iteration`) / env steps/s of
                       the same fleet only sampling the same rollouts
   end_to_end_compute_bound  the best end_to_end_ratio when gradients share the cores with sampling:
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import threading
@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from metarl import config as config_mod, learner_bench, meta, scale
+from metarl.algorithms import rollouts_per_iteration
 from metarl.backend import LocalBackend, RayBackend
 from metarl.cliargs import add_cluster_args, add_config_args, add_out_arg, claim_out, resolve_config, retire
 from metarl.config import GAME_FAMILIES, Config, ConfigError
@@ -233,9 +234,10 @@ def _iteration(fleet: Fleet, cfg: Config, skip: int, rng: np.random.Generator) -
     return rec
 
 
-def expected_skip_ratio(n: int, k: int, s: int) -> float:
-    """Rollouts per iteration at skip k over those at skip 1: S per adaptation, one per evaluation."""
-    return (math.ceil(n / k) * s + n) / (n * s + n)
+def expected_skip_ratio(n: int, k: int, s: int, algo: str) -> float:
+    """Rollouts per iteration at skip k over those at skip 1 (`rollouts_per_iteration`: S per
+    adaptation, one per evaluation, none for Reptile's)."""
+    return rollouts_per_iteration(n, k, s, algo) / rollouts_per_iteration(n, 1, s, algo)
 
 
 def measure_skip(fleet: Fleet, cfg: Config, reps: int) -> dict[str, float]:
@@ -251,14 +253,15 @@ def measure_skip(fleet: Fleet, cfg: Config, reps: int) -> dict[str, float]:
     out = {"iteration_s_skip_1": base}
     for k in skips[1:]:
         out[f"skip_ratio_{k}"] = float(np.median(secs[k])) / base
-        out[f"skip_ratio_{k}_expected"] = expected_skip_ratio(cfg.num_tasks, k, cfg.meta.inner_steps)
+        out[f"skip_ratio_{k}_expected"] = expected_skip_ratio(cfg.num_tasks, k, cfg.meta.inner_steps, cfg.meta.algo)
     return out
 
 
 def _sampling_only(fleet: Fleet, cfg: Config, theta: Any) -> tuple[int, float]:
-    """Every task samples the rollouts one skip-1 iteration takes (S + 1), all at once."""
+    """Every task samples the rollouts it takes in one skip-1 iteration (S + 1; Reptile: S), all at once."""
     b, t0 = fleet.backend, time.perf_counter()
-    refs = [b.call(fleet.workers[fleet.owner[name]], "sample_only", name, theta, cfg.meta.inner_steps + 1)
+    per_task = rollouts_per_iteration(1, 1, cfg.meta.inner_steps, cfg.meta.algo)
+    refs = [b.call(fleet.workers[fleet.owner[name]], "sample_only", name, theta, per_task)
             for name in cfg.tasks.train]
     steps = sum(b.get(r) for r in refs)
     return steps, time.perf_counter() - t0

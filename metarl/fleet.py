@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metarl import config as config_mod
+from metarl.algorithms import ALGORITHMS
 from metarl.backend import LocalBackend, RayBackend
 from metarl.config import Config
 from metarl.learner import Learner
 from metarl.families import TRAITS
-from metarl.meta import ALGORITHMS, InnerPPO
+from metarl.meta import InnerPPO
 from metarl.outer import Plan
 from metarl.tasks import make_family
 from metarl.worker import TaskWorker

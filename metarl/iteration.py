@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from metarl import trust
+from metarl.algorithms import ALGORITHMS, Algorithm, Group
 from metarl.fleet import Fleet
-from metarl.meta import ALGORITHMS, Algorithm, Group
 from metarl.ppo import STAT_KEYS, mean_stats
 
 

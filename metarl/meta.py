@@ -23,41 +23,9 @@ import torch
 from torch import nn
 
 from metarl import ppo
+from metarl.algorithms import Group
 from metarl.policy import Params
 from metarl.tasks.base import Batch, StackedBatch, Task, TaskStack
-
-
-@dataclass(frozen=True)
-class Group:
-    leader: int
-    """Index of the task whose data adapts theta' for the whole group."""
-    members: tuple[int, ...]
-    """Indices of the tasks that evaluate theta' (the leader included)."""
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """What the driver needs to know of an outer algorithm; the math is in the functions below."""
-
-    name: str
-    leader_call: str
-    """The worker method a group's leader runs on theta: adapt (-> theta') or reptile (-> theta - theta')."""
-    evaluates: bool
-    """Members evaluate the leader's theta' and send first-order gradients (fomaml, maml); Reptile
-    uses the leaders' directions alone."""
-    corrects: bool
-    """Each leader pulls its group's summed gradient back through its inner steps (maml)."""
-
-    def gradient_tasks(self, group: Group) -> tuple[int, ...]:
-        """The tasks whose results make the group's contribution to the meta-gradient."""
-        return group.members if self.evaluates else (group.leader,)
-
-
-ALGORITHMS = {
-    "fomaml": Algorithm("fomaml", "adapt", evaluates=True, corrects=False),
-    "maml": Algorithm("maml", "adapt", evaluates=True, corrects=True),
-    "reptile": Algorithm("reptile", "reptile", evaluates=False, corrects=False),
-}
 
 
 def make_groups(num_tasks: int, skip: int, rng: np.random.Generator) -> list[Group]:

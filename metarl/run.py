@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 
 from metarl import checkpoint, config as config_mod
+from metarl.algorithms import ALGORITHMS
 from metarl.checkpoint import RunDirError
 from metarl.config import Config
 from metarl.fleet import Fleet, start_fleet
 from metarl.iteration import finite_mean, meta_iteration
-from metarl.meta import ALGORITHMS, group_sizes, make_groups
+from metarl.meta import group_sizes, make_groups
 from metarl.stopping import Stopped, StopRequest
 from metarl.tracking import Progress, Tracker, read_metrics
 

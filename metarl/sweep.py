@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from metarl import checkpoint, config as config_mod, dashboard, folds as fold_summary
+from metarl.algorithms import rollouts_per_iteration
 from metarl.backend import RayBackend
 from metarl.cliargs import add_cluster_args, add_config_args, add_out_arg, claim_out, resolve_config, retire
 from metarl.config import Config, ConfigError
@@ -109,10 +110,9 @@ def folds(cfg: Config, spec: SweepSpec, out: Path) -> list[tuple[str, Config, Sw
 
 
 def iteration_env_steps(cfg: Config, skip: int) -> int:
-    """Env steps of one meta-iteration at skip k: ceil(N/k) leaders adapt with S rollouts each and
-    all N tasks evaluate with one (Reptile evaluates none); a rollout is T x B steps."""
-    n = cfg.num_tasks
-    rollouts = math.ceil(n / skip) * cfg.meta.inner_steps + (0 if cfg.meta.algo == "reptile" else n)
+    """Env steps of one meta-iteration at skip k: its rollouts (`rollouts_per_iteration`) of T x B
+    steps each."""
+    rollouts = rollouts_per_iteration(cfg.num_tasks, skip, cfg.meta.inner_steps, cfg.meta.algo)
     return rollouts * cfg.env.num_envs * cfg.env.rollout_len
 
 

@@ -39,7 +39,8 @@ def rollout_share(n: int, k: int, s: int) -> float:
 
 def test_expected_skip_ratio_is_the_share_of_rollouts_skip_k_keeps():
     """bench's closed form against the rollouts make_groups' groups actually take (leaders adapt,
-    every member evaluates), and against hand-worked values for atari12 (N = 12, S = 1) and S = 3."""
+    every member evaluates; Reptile's members do not), and against hand-worked values for atari12
+    (N = 12, S = 1) and S = 3."""
     import numpy as np
 
     from metarl.bench import expected_skip_ratio
@@ -51,9 +52,12 @@ def test_expected_skip_ratio_is_the_share_of_rollouts_skip_k_keeps():
             for s in (1, 2, 3):
                 groups = make_groups(n, k, rng)
                 taken = len(groups) * s + sum(len(g.members) for g in groups)
-                assert expected_skip_ratio(n, k, s) == taken / (n * s + n), (n, k, s)
-    assert [expected_skip_ratio(12, k, 1) for k in (2, 3, 4, 6)] == [18 / 24, 16 / 24, 15 / 24, 14 / 24]
-    assert expected_skip_ratio(12, 4, 3) == (3 * 3 + 12) / (12 * 3 + 12)
+                for algo in ("fomaml", "maml"):
+                    assert expected_skip_ratio(n, k, s, algo) == taken / (n * s + n), (n, k, s, algo)
+                assert expected_skip_ratio(n, k, s, "reptile") == len(groups) * s / (n * s), (n, k, s)
+    assert [expected_skip_ratio(12, k, 1, "fomaml") for k in (2, 3, 4, 6)] == [18 / 24, 16 / 24, 15 / 24, 14 / 24]
+    assert expected_skip_ratio(12, 4, 3, "fomaml") == (3 * 3 + 12) / (12 * 3 + 12)
+    assert expected_skip_ratio(12, 4, 3, "reptile") == 3 / 12
 
 
 def test_quick_bench_prints_every_figure(tmp_path):
