@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from metarl.algorithms import ALGORITHMS
 from metarl.families import TRAITS
 
 
@@ -326,6 +327,20 @@ class Config:
         return min(n, self.num_tasks)
 
     @property
+    def stacked(self) -> bool:
+        """Every worker holds every task and computes whole groups in one batched call: where the
+        family has a stacked form, unless meta.task_batching = per_task (validation refuses
+        `stacked` for a family without one)."""
+        return TRAITS[self.tasks.family].stacked and self.meta.task_batching != "per_task"
+
+    @property
+    def grads_can_ship(self) -> bool:
+        """The members' evaluation gradients can be computed on the learner from shipped batches
+        (meta.grad_on = learner): an algorithm whose member gradients need only theta' and the
+        batch (fomaml), on game batches."""
+        return ALGORITHMS[self.meta.algo].ships and TRAITS[self.tasks.family].games
+
+    @property
     def run_name(self) -> str:
         algo = "joint" if self.meta.inner_steps == 0 else self.meta.algo
         return f"{self.log.experiment}-{algo}-skip{self.meta.skip}-seed{self.meta.seed}"
@@ -601,15 +616,14 @@ def _skip_fits(cfg: Config) -> str | None:
 
 def _grad_on_learner(cfg: Config) -> str | None:
     m = cfg.meta
-    if m.grad_on == "learner" and (m.algo != "fomaml" or not TRAITS[cfg.tasks.family].games):
+    if m.grad_on == "learner" and not cfg.grads_can_ship:
         return (f"meta.grad_on = learner ships game batches (atari, minatar) for first-order gradients; it does not apply to "
                 f"algo {m.algo} on {cfg.tasks.family} (use worker or auto)")
     return None
 
 
 def _stacking(cfg: Config) -> str | None:
-    m, fam = cfg.meta, cfg.tasks.family
-    stacked = TRAITS[fam].stacked and m.task_batching != "per_task"
+    m, fam, stacked = cfg.meta, cfg.tasks.family, cfg.stacked
     if m.task_batching == "stacked" and not TRAITS[fam].stacked:
         return (f"meta.task_batching = stacked needs a family computed in stacks ({', '.join(STACKED_FAMILIES)}); "
                 f"{fam} runs task by task: use auto or per_task")
@@ -629,7 +643,7 @@ def _outer_rounds(cfg: Config) -> str | None:
     m, fam = cfg.meta, cfg.tasks.family
     if not m.reused_outer:
         return None
-    if m.algo != "fomaml" or m.outer != "adam" or not TRAITS[fam].games or m.task_batching == "stacked":
+    if m.algo != "fomaml" or m.outer != "adam" or not TRAITS[fam].games or cfg.stacked:
         return (f"meta.outer_epochs x outer_minibatches > 1 or meta.outer_clip > 0 (PPO's outer loop) runs fomaml "
                 f"with meta.outer = adam on per-task game families ({', '.join(GAME_FAMILIES)}); got algo {m.algo}, "
                 f"outer {m.outer} on {fam}: set meta.outer_epochs=1 meta.outer_minibatches=1 meta.outer_clip=0")

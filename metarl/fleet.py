@@ -1,8 +1,9 @@
 """The fleet of a run: the learner and the task workers, placed on the cluster.
 
 `start_fleet` refuses a config the cluster cannot hold (`check_fits`), plans CPUs and GPUs node by
-node (`plan_resources`), decides where evaluation gradients are computed and whether tasks are
-stacked, and starts the actors on a backend (Ray, or this process with --local).
+node (`plan_resources`), decides where evaluation gradients are computed (`resolve_grad_on`: where
+`Config.grads_can_ship`, the learner's GPU decides), deals the tasks to the workers (all to every
+worker where `Config.stacked`), and starts the actors on a backend (Ray, or this process with --local).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from metarl.algorithms import ALGORITHMS
 from metarl.backend import LocalBackend, RayBackend
 from metarl.config import Config
 from metarl.learner import Learner
-from metarl.families import TRAITS
 from metarl.meta import InnerPPO
 from metarl.outer import Plan
 from metarl.tasks import make_family
@@ -69,9 +69,7 @@ def resolve_grad_on(cfg: Config, learner_gpus: float) -> str:
     (on CPU, `metarl bench` measured workers 1.76x faster than one learner core)."""
     if cfg.meta.grad_on != "auto":
         return cfg.meta.grad_on
-    a = ALGORITHMS[cfg.meta.algo]
-    shippable = a.evaluates and not a.corrects and TRAITS[cfg.tasks.family].games  # first-order game batches
-    return "learner" if shippable and learner_gpus > 0 and cfg.ray.gpus_per_worker == 0 else "worker"
+    return "learner" if cfg.grads_can_ship and learner_gpus > 0 and cfg.ray.gpus_per_worker == 0 else "worker"
 
 
 def outer_plan(cfg: Config) -> Plan | None:
@@ -88,14 +86,6 @@ def inner_plan(cfg: Config) -> InnerPPO | None:
     one actor-critic SGD step per inner step."""
     m = cfg.meta
     return InnerPPO(m.inner_epochs, m.inner_minibatches, m.inner_clip) if m.inner_updates > 1 else None
-
-
-def resolve_stacked(cfg: Config) -> bool:
-    """meta.task_batching auto: stacked wherever the family has a stacked form (cheap tasks, where
-    one call per task costs more than the task itself)."""
-    if cfg.meta.task_batching == "auto":
-        return TRAITS[cfg.tasks.family].stacked
-    return cfg.meta.task_batching == "stacked"
 
 
 def _packs(node_cpus: list[float], learner_cpus: float, cpw: float, n_workers: int) -> bool:
@@ -132,13 +122,13 @@ def plan_resources(cfg: Config, available_cpus: float, has_gpu: bool,
     return cpw, learner_cpus, learner_gpus, notes
 
 
-def check_fits(cfg: Config, family: Any, node_memory: list[float], node_cpus: list[float], stacked: bool) -> None:
+def check_fits(cfg: Config, family: Any, node_memory: list[float], node_cpus: list[float]) -> None:
     """Refuse, before any actor starts, a config the cluster cannot hold: a worker's rollout
     buffers (tasks it holds x env.num_envs x env.rollout_len observations) beyond the memory Ray
     reports for its largest node, or more emulator threads per task than that node has cores."""
     GB = 1024**3
     per_task = cfg.env.num_envs * cfg.env.rollout_len * family.obs_bytes
-    tasks = cfg.num_tasks if stacked else math.ceil(cfg.num_tasks / max(cfg.num_workers, 1))
+    tasks = cfg.num_tasks if cfg.stacked else math.ceil(cfg.num_tasks / max(cfg.num_workers, 1))
     memory, cpus = max(node_memory, default=0.0), max(node_cpus, default=0.0)
     if memory and tasks * per_task > memory:
         raise config_mod.ConfigError(
@@ -160,7 +150,7 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
     m = cfg.meta
     if backend is None:
         backend = LocalBackend() if local else RayBackend(cfg.ray.address, cfg.ray.num_cpus)
-    check_fits(cfg, family, backend.node_memory(), backend.node_cpus(), resolve_stacked(cfg))
+    check_fits(cfg, family, backend.node_memory(), backend.node_cpus())
     if local:
         cpw, lcpu, lgpu, notes = 0.0, 0.0, 0.0, []
     else:
@@ -174,11 +164,10 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
                             *learner_extra, num_cpus=lcpu, num_gpus=lgpu, restarts=0,
                             kwargs={"lr_decay": m.outer_lr_decay, "total_iterations": m.iterations})
     W = cfg.num_workers
-    stacked = resolve_stacked(cfg)
     assignment: list[dict[str, int]] = [{} for _ in range(W)]
     owner = {}
     for i, name in enumerate(cfg.tasks.train):
-        for w in (range(W) if stacked else [i % W]):  # stacked: tasks are cheap, every worker holds all
+        for w in (range(W) if cfg.stacked else [i % W]):  # stacked: tasks are cheap, every worker holds all
             assignment[w][name] = task_seed(m.seed, i)
         owner[name] = i % W
     worker_device = "cuda" if cfg.ray.gpus_per_worker > 0 and not local else "cpu"
@@ -195,7 +184,7 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
     info = backend.get(backend.call(learner, "info"))
     grad_on = resolve_grad_on(cfg, lgpu)
     notes.append(f"evaluation gradients on the {grad_on}" + (" (batches shipped to it)" if grad_on == "learner" else "s"))
-    if stacked:
+    if cfg.stacked:
         notes.append(f"stacked tasks: each of the {W} workers computes whole groups in one batched call per iteration")
     if plan is not None:
         where = "on the learner, no round trip" if grad_on == "learner" else f"{plan.updates} round trips to the workers"
@@ -209,5 +198,5 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
         nodes = len({w["node"] for w in worker_info})
         notes.append(f"gradients summed per {cfg.ray.grad_reduce} before the learner "
                      f"({len(workers) if cfg.ray.grad_reduce == 'worker' else nodes} messages per iteration)")
-    return Fleet(backend, learner, workers, owner, info, notes, grad_on, stacked, m.outer,
+    return Fleet(backend, learner, workers, owner, info, notes, grad_on, cfg.stacked, m.outer,
                  {"max_kl": m.max_kl, "cg_iters": m.cg_iters}, cfg.ray.grad_reduce, worker_info, plan)

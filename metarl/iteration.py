@@ -144,7 +144,7 @@ def collect_per_task(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], 
     behind its own work), then MAML's corrections on the leaders."""
     b, t_start = fleet.backend, time.perf_counter()
     worker_of = {i: fleet.owner[name] for i, name in enumerate(tasks)}
-    on_learner = fleet.grad_on == "learner" and algo.evaluates and not algo.corrects
+    on_learner = fleet.grad_on == "learner" and algo.ships
     plan = fleet.plan  # PPO's outer loop: members keep their rollouts for the later outer steps
     tp_refs, adapt_refs, kept_refs = {}, {}, {}
     for g in groups:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import smoke
+from conftest import CONFIGS, smoke
 
 
 # ---- rollouts per meta-iteration (metarl.algorithms) -------------------------------------------------
@@ -34,3 +34,73 @@ def test_sweep_and_bench_count_the_rollouts_an_iteration_takes(algo):
         assert expected_skip_ratio(cfg.num_tasks, k, 2, algo) == iteration_env_steps(cfg, k) / iteration_env_steps(cfg, 1)
     theta = fleet.backend.get(fleet.backend.call(fleet.learner, "get_theta"))
     assert _sampling_only(fleet, cfg, theta)[0] == iteration_env_steps(cfg, 1)
+
+
+# ---- stacked tasks and learner-side gradients (Config.stacked, Config.grads_can_ship) ------------------
+
+FAMILY_TASKS = {"sinusoid": "[sine-0, sine-1, sine-2]", "nav2d": "[goal-0, goal-1, goal-2]"}
+
+
+def family_config(family: str, **overrides):
+    """A validated config of `family` with three tasks (raises ConfigError where validation refuses)."""
+    from metarl import config as config_mod
+
+    if family == "atari":
+        return smoke(**overrides)
+    cfg = config_mod.load(CONFIGS / f"{family}.yaml")
+    sets = {"tasks.train": FAMILY_TASKS[family], "tasks.resample": False, "meta.outer": "adam", "meta.skip": 1, "ray.workers": 0,
+            "nav2d.episodes": 2, "nav2d.horizon": 5, "log.wandb_mode": "disabled", **overrides}
+    for key, value in sets.items():
+        cfg = config_mod.override(cfg, key, value)
+    return config_mod.validate(cfg)
+
+
+STACKED = {("sinusoid", "auto"): True, ("sinusoid", "stacked"): True, ("sinusoid", "per_task"): False,
+           ("nav2d", "auto"): True, ("nav2d", "stacked"): True, ("nav2d", "per_task"): False,
+           ("atari", "auto"): False, ("atari", "stacked"): None, ("atari", "per_task"): False}
+"""family, meta.task_batching -> whether the run is stacked (None: validation refuses it)."""
+
+
+@pytest.mark.parametrize("family,batching", list(STACKED))
+def test_validation_and_the_fleet_agree_on_stacking(family, batching):
+    """What validation assumes of a run's stacking (tasks.resample needs it) is what the fleet
+    starts: every worker holding every task, whole groups in one call."""
+    from metarl.config import ConfigError
+    from metarl.fleet import start_fleet
+
+    if STACKED[family, batching] is None:
+        with pytest.raises(ConfigError, match="task_batching = stacked"):
+            family_config(family, **{"meta.task_batching": batching})
+        return
+    cfg = family_config(family, **{"meta.task_batching": batching})
+    fleet = start_fleet(cfg, local=True)
+    holds_all = [set(w.tasks) == set(cfg.tasks.train) for w in fleet.workers]
+    assert cfg.stacked == fleet.stacked == all(holds_all) == STACKED[family, batching]
+    for w in fleet.workers:
+        w.close()
+    resample = {"meta.task_batching": batching, "tasks.resample": True}
+    if STACKED[family, batching]:
+        assert family_config(family, **resample).tasks.resample
+    else:
+        with pytest.raises(ConfigError, match="tasks.resample"):
+            family_config(family, **resample)
+
+
+@pytest.mark.parametrize("family", ["atari", "nav2d"])
+@pytest.mark.parametrize("algo", ["fomaml", "maml", "reptile"])
+def test_validation_and_auto_agree_on_where_gradients_can_go(algo, family):
+    """meta.grad_on = learner is accepted exactly where auto would put the gradients on a GPU
+    learner (first-order game batches, fomaml on atari), and the meta-iteration ships exactly then."""
+    from metarl.algorithms import ALGORITHMS
+    from metarl.config import ConfigError
+    from metarl.fleet import resolve_grad_on
+
+    cfg = family_config(family, **{"meta.algo": algo})
+    try:
+        family_config(family, **{"meta.algo": algo, "meta.grad_on": "learner"})
+        accepted = True
+    except ConfigError:
+        accepted = False
+    expected = (algo, family) == ("fomaml", "atari")
+    assert accepted == (resolve_grad_on(cfg, learner_gpus=1.0) == "learner") == expected
+    assert ALGORITHMS[algo].ships == (algo == "fomaml")  # what the meta-iteration asks before shipping
