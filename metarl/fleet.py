@@ -97,6 +97,25 @@ def _packs(node_cpus: list[float], learner_cpus: float, cpw: float, n_workers: i
     return cpw <= 0 or sum(int((f + 1e-9) // cpw) for f in free) >= n_workers
 
 
+LEARNER_CPUS = 1.0
+"""CPUs the learner asks for (plan_resources shrinks them with the workers' to fit the cluster)."""
+
+
+def learner_gpus(cfg: Config, has_gpu: bool) -> float:
+    """The learner's GPU: ray.learner_gpus 0 or 1, or (auto) one when the cluster has any."""
+    return {"0": 0.0, "1": 1.0}.get(cfg.ray.learner_gpus, 1.0 if has_gpu else 0.0)
+
+
+def run_cpus(cfg: Config) -> float:
+    """The CPUs a run's actors ask for as configured: every worker's share and the learner's."""
+    return cfg.num_workers * cfg.ray.cpus_per_worker + LEARNER_CPUS
+
+
+def run_gpus(cfg: Config, has_gpu: bool) -> float:
+    """The GPUs a run's actors ask for: every worker's share and the learner's."""
+    return cfg.num_workers * cfg.ray.gpus_per_worker + learner_gpus(cfg, has_gpu)
+
+
 def plan_resources(cfg: Config, available_cpus: float, has_gpu: bool,
                    node_cpus: list[float] | None = None) -> tuple[float, float, float, list[str]]:
     """(cpus per worker, learner cpus, learner gpus, notes): shrink fractional CPUs so all actors
@@ -104,8 +123,8 @@ def plan_resources(cfg: Config, available_cpus: float, has_gpu: bool,
     finds one. (An autoscaling cluster that will add nodes should pass node_cpus=None.)"""
     notes = []
     W = cfg.num_workers
-    cpw, learner_cpus = cfg.ray.cpus_per_worker, 1.0
-    need = W * cpw + learner_cpus
+    cpw, learner_cpus = cfg.ray.cpus_per_worker, LEARNER_CPUS
+    need = run_cpus(cfg)
     if need > available_cpus > 0:
         scale = available_cpus / need
         cpw, learner_cpus = cpw * scale, learner_cpus * scale
@@ -118,8 +137,7 @@ def plan_resources(cfg: Config, available_cpus: float, has_gpu: bool,
         if (cpw, learner_cpus) != before:
             notes.append(f"nodes have {node_cpus} CPUs: using {cpw:.3f} CPUs per worker and "
                          f"{learner_cpus:.3f} for the learner so that every actor fits on a node")
-    learner_gpus = {"0": 0.0, "1": 1.0}.get(cfg.ray.learner_gpus, 1.0 if has_gpu else 0.0)
-    return cpw, learner_cpus, learner_gpus, notes
+    return cpw, learner_cpus, learner_gpus(cfg, has_gpu), notes
 
 
 def check_fits(cfg: Config, family: Any, node_memory: list[float], node_cpus: list[float]) -> None:

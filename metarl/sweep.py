@@ -41,6 +41,7 @@ from metarl.config import Config, ConfigError
 from metarl.evaluate import (EvalSpec, add_eval_args, assemble, checkpoint_theta, default_thresholds, evaluate,
                              mean_curves, meta_compute, spec_from_args)
 from metarl.finetune import FineTuneLearner, initial_theta
+from metarl.fleet import run_cpus, run_gpus
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv, write_json
 from metarl.run import RunDirError, run
 from metarl.stopping import Stopped, StopRequest
@@ -245,9 +246,7 @@ def side_by_side(cfg: Config, n_configs: int, local: bool) -> tuple[bool, str]:
     if not ray.is_initialized():
         ray.init(address=address)
     res = ray.cluster_resources()
-    cpus = n_configs * (cfg.num_workers * cfg.ray.cpus_per_worker + 1.0)
-    learner_gpu = cfg.ray.learner_gpus == "1" or (cfg.ray.learner_gpus == "auto" and res.get("GPU", 0) > 0)
-    gpus = n_configs * (cfg.num_workers * cfg.ray.gpus_per_worker + (1.0 if learner_gpu else 0.0))
+    cpus, gpus = n_configs * run_cpus(cfg), n_configs * run_gpus(cfg, res.get("GPU", 0) > 0)
     if res.get("CPU", 0) < cpus or res.get("GPU", 0) < gpus:
         return False, (f"{n_configs} configurations at once need {cpus:g} CPUs and {gpus:g} GPUs, the cluster has "
                        f"{res.get('CPU', 0):g} and {res.get('GPU', 0):g}: one after another")
@@ -272,7 +271,7 @@ def run_all(cfg: Config, spec: SweepSpec, sweep_dir: Path, local: bool, log: Cal
     import ray
 
     # each driver's evaluation uses no more actors than its training reserved, so all fit at once
-    share = max(1, int(cfg.num_workers * cfg.ray.cpus_per_worker + 1.0))
+    share = max(1, int(run_cpus(cfg)))
     head = {"node:__internal_head__": 0.001}
     config_task = ray.remote(run_config).options(num_cpus=0, max_retries=0, resources=head)
     refs = [config_task.remote(cfg, spec, label, sweep_dir, False, share, print) for label in spec.labels]

@@ -104,3 +104,29 @@ def test_validation_and_auto_agree_on_where_gradients_can_go(algo, family):
     expected = (algo, family) == ("fomaml", "atari")
     assert accepted == (resolve_grad_on(cfg, learner_gpus=1.0) == "learner") == expected
     assert ALGORITHMS[algo].ships == (algo == "fomaml")  # what the meta-iteration asks before shipping
+
+
+# ---- CPUs and GPUs a run asks for (metarl.fleet: run_cpus, run_gpus) ---------------------------------
+
+
+@pytest.mark.parametrize("learner_gpus,gpus_per_worker", [("auto", 0.0), ("0", 0.25), ("1", 0.0), ("auto", 0.25)])
+def test_sweep_runs_configurations_side_by_side_only_where_each_keeps_its_shares(monkeypatch, learner_gpus,
+                                                                                 gpus_per_worker):
+    """The sweep runs n configurations at once exactly where a 1/n slice of the cluster holds one
+    run as the fleet plans it: the CPUs without shrinking any share, and the GPUs it would take."""
+    import ray
+
+    from metarl.fleet import LEARNER_CPUS, plan_resources
+    from metarl.sweep import side_by_side
+
+    cfg = smoke(**{"ray.address": "ray://head:10001", "ray.learner_gpus": learner_gpus,
+                   "ray.gpus_per_worker": gpus_per_worker, "ray.cpus_per_worker": 0.5})
+    n = 3
+    for cpus in (6.0, 7.0, 7.5, 8.0, 12.0):
+        for gpus in (0.0, 1.0, 3.0, 6.0):
+            monkeypatch.setattr(ray, "is_initialized", lambda: True)
+            monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus, "GPU": gpus})
+            cpw, lcpu, lgpu, notes = plan_resources(cfg, cpus / n, gpus > 0)
+            keeps_cpus = (cpw, lcpu, notes) == (cfg.ray.cpus_per_worker, LEARNER_CPUS, [])
+            fits_gpus = cfg.num_workers * cfg.ray.gpus_per_worker + lgpu <= gpus / n
+            assert side_by_side(cfg, n, local=False)[0] == (keeps_cpus and fits_gpus), (cpus, gpus)
