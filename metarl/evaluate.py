@@ -39,7 +39,8 @@ from metarl.backend import LocalBackend, RayBackend
 from metarl.cliargs import (add_at_steps_arg, add_cluster_args, add_config_args, add_finetune_args, add_out_arg,
                             add_seeds_arg, add_steps_arg, claim_out, env_steps_list, resolve_config)
 from metarl.config import Config, ConfigError
-from metarl.finetune import FineTuneLearner, FineTuner, initial_theta
+from metarl.finetune import FineTuneLearner, FineTuner
+from metarl.learner import initial_theta
 from metarl.plots import Panel, Series, save_grid, write_csv, write_json
 from metarl.policy import ParamSpec
 from metarl.fleet import task_seed

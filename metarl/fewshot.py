@@ -31,7 +31,8 @@ import torch
 from metarl import checkpoint, config as config_mod, meta
 from metarl.config import Config, ConfigError
 from metarl.evaluate import t95
-from metarl.policy import ParamSpec, init_params
+from metarl.learner import initial_theta
+from metarl.policy import ParamSpec
 from metarl.tasks import make_family
 
 PAPER = {  # Finn et al. 2017: Table 2 (sinusoid, K = 5, after 1/5/10 steps) and Figure 4 (2D navigation)
@@ -69,9 +70,7 @@ def load_init(label: str, path: str) -> Init:
 
 def random_init(cfg: Config) -> Init:
     """theta as the Learner initialises it at iteration 0 (seeded by meta.seed)."""
-    torch.manual_seed(cfg.meta.seed)
-    model = make_family(cfg).make_model()
-    return Init("random init", ParamSpec.of(model).flatten(init_params(model)), cfg, None)
+    return Init("random init", initial_theta(make_family(cfg), cfg.meta.seed), cfg, None)
 
 
 def heldout_names(cfg: Config, first: int, count: int) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ import torch
 
 from metarl import meta, ppo
 from metarl.config import Config
-from metarl.learner import Learner, lr_factor
+from metarl.learner import initial_theta, lr_factor  # noqa: F401 - initial_theta: imported from here too
 from metarl.policy import Params, ParamSpec, params_device
 from metarl.ppo import finite
 from metarl.tasks.base import Task, TaskFamily
@@ -176,8 +176,3 @@ class FineTuner:
         finally:
             task.close()
         return trace
-
-
-def initial_theta(family: TaskFamily, seed: int) -> np.ndarray:
-    """theta before meta-iteration 1: built by the Learner itself, so it is its exact init."""
-    return Learner(family, seed, outer_lr=1.0, max_grad_norm=1.0, device="cpu").get_theta()

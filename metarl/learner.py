@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from metarl.config import LR_DECAYS
-from metarl.policy import ParamSpec, init_params
+from metarl.policy import Params, ParamSpec, init_params
 from metarl import meta, outer
 from metarl.ppo import mean_stats
 from metarl.tasks.base import TaskFamily, batch_from_wire
@@ -42,16 +42,30 @@ def lr_factor(decay: str, iteration: int, total: int) -> float:
     raise ValueError(f"unknown outer-lr decay {decay!r}; allowed: {', '.join(LR_DECAYS)}")
 
 
+def initial_params(family: TaskFamily, seed: int) -> tuple[torch.nn.Module, Params]:
+    """theta before meta-iteration 1: the family's network built right after torch.manual_seed(seed),
+    and its parameters (detached copies). The Learner starts from it, and so does every fresh
+    network (`metarl eval`'s and the sweep's baseline, fewshot's random init, joint pre-training)."""
+    torch.manual_seed(seed)
+    model = family.make_model()
+    return model, init_params(model)
+
+
+def initial_theta(family: TaskFamily, seed: int) -> np.ndarray:
+    """`initial_params`, flat (the layout theta travels in)."""
+    model, params = initial_params(family, seed)
+    return ParamSpec.of(model).flatten(params)
+
+
 class Learner:
     def __init__(self, family: TaskFamily, seed: int, outer_lr: float, max_grad_norm: float,
                  device: str = "auto", torch_threads: int = 1, lr_decay: str = "constant",
                  total_iterations: int = 0):
         torch.set_num_threads(torch_threads)
         self.device = pick_device(device)
-        torch.manual_seed(seed)
-        model = family.make_model()
+        model, params = initial_params(family, seed)
         self.spec = ParamSpec.of(model)
-        flat = torch.from_numpy(self.spec.flatten(init_params(model)))
+        flat = torch.from_numpy(self.spec.flatten(params))
         self.theta = torch.nn.Parameter(flat.to(self.device))
         self.opt = torch.optim.Adam([self.theta], lr=outer_lr)
         self.max_grad_norm = max_grad_norm

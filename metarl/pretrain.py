@@ -11,7 +11,8 @@ import torch
 from metarl import checkpoint, config as config_mod
 from metarl.config import Config
 from metarl.fleet import task_seed
-from metarl.policy import ParamSpec, init_params
+from metarl.learner import initial_params
+from metarl.policy import ParamSpec
 from metarl.run import prepare_run_dir
 from metarl.tasks import make_family
 from metarl.worker import iteration_seed
@@ -23,9 +24,8 @@ def pretrain(cfg: Config, out: Path, iterations: int, lr: float, log=print) -> P
     meta-learners see them). Writes a checkpoint `fewshot eval` reads."""
     prepare_run_dir(out, resume=False)
     family = make_family(cfg)
-    torch.manual_seed(cfg.meta.seed)
-    model = family.make_model()
-    theta = {k: v.requires_grad_(True) for k, v in init_params(model).items()}
+    model, params = initial_params(family, cfg.meta.seed)
+    theta = {k: v.requires_grad_(True) for k, v in params.items()}
     opt = torch.optim.Adam(list(theta.values()), lr=lr)
     tasks = [family.make_task(n, task_seed(cfg.meta.seed, i)) for i, n in enumerate(cfg.tasks.train)]
     t0 = time.perf_counter()

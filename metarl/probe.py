@@ -41,7 +41,8 @@ from metarl import config as config_mod
 from metarl.cliargs import add_config_args, add_out_arg, add_seeds_arg, claim_out, resolve_config
 from metarl.config import ConfigError
 from metarl.evaluate import checkpoint_theta, ci95, load_checkpoint
-from metarl.finetune import FineTuneLearner, initial_theta, make_optimizer, ppo_updates, update
+from metarl.finetune import FineTuneLearner, make_optimizer, ppo_updates, update
+from metarl.learner import initial_theta
 from metarl.fleet import task_seed
 from metarl.meta import detached, sgd_step
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv

@@ -40,8 +40,9 @@ from metarl.cliargs import add_cluster_args, add_config_args, add_out_arg, claim
 from metarl.config import Config, ConfigError
 from metarl.evaluate import (EvalSpec, add_eval_args, assemble, checkpoint_theta, default_thresholds, evaluate,
                              mean_curves, meta_compute, spec_from_args)
-from metarl.finetune import FineTuneLearner, initial_theta
+from metarl.finetune import FineTuneLearner
 from metarl.fleet import run_cpus, run_gpus
+from metarl.learner import initial_theta
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv, write_json
 from metarl.run import RunDirError, run
 from metarl.stopping import Stopped, StopRequest

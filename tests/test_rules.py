@@ -130,3 +130,33 @@ def test_sweep_runs_configurations_side_by_side_only_where_each_keeps_its_shares
             keeps_cpus = (cpw, lcpu, notes) == (cfg.ray.cpus_per_worker, LEARNER_CPUS, [])
             fits_gpus = cfg.num_workers * cfg.ray.gpus_per_worker + lgpu <= gpus / n
             assert side_by_side(cfg, n, local=False)[0] == (keeps_cpus and fits_gpus), (cpus, gpus)
+
+
+# ---- the fresh network (metarl.learner.initial_params) ------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sinusoid", "nav2d", "atari"])
+def test_every_fresh_network_is_the_learners_init_bit_for_bit(family):
+    """theta at meta-iteration 0 as the Learner holds it is the fresh network of `metarl eval` and the
+    sweep's baseline (initial_theta), of fewshot's random init, and where joint pre-training starts,
+    whatever the global RNG did before."""
+    import torch
+
+    from metarl import fewshot
+    from metarl.learner import Learner, initial_params, initial_theta
+    from metarl.policy import ParamSpec
+    from metarl.tasks import make_family
+
+    for seed in (0, 3):
+        cfg = family_config(family, **{"meta.seed": seed})
+        fam = make_family(cfg)
+        torch.rand(7)  # a disturbed global RNG must not matter
+        learner = Learner(fam, seed, outer_lr=1e-3, max_grad_norm=1.0, device="cpu").get_theta()
+        torch.rand(3)
+        fresh = initial_theta(fam, seed)
+        random_init = fewshot.random_init(cfg).theta
+        model, params = initial_params(fam, seed)
+        pretrain_start = ParamSpec.of(model).flatten(params)
+        for other in (fresh, random_init, pretrain_start):
+            assert other.dtype == learner.dtype and np.array_equal(other, learner)
+    assert not np.array_equal(initial_theta(fam, 0), initial_theta(fam, 3))
