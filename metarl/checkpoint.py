@@ -3,7 +3,9 @@
 A checkpoint is a torch file of tensors and plain values (theta, Adam state, iteration, grouping
 RNG state, cumulative counters, the resolved config), written to a temporary file, fsynced and
 renamed into place, so a crash mid-write never leaves a half-written checkpoint under the real
-name. Loading uses `torch.load(weights_only=True)`, which refuses arbitrary pickled objects.
+name. Loading uses `torch.load(weights_only=True)`, which refuses arbitrary pickled objects;
+`load_configured` and `flat_theta` are how every reader of a trained theta (`metarl eval`, `sweep`,
+`probe`, `fewshot`, the RLlib export) opens one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from metarl import config as config_mod
 
 CKPT_RE = re.compile(r"^ckpt_(\d{6})\.pt$")
 
@@ -88,3 +93,21 @@ def load(path: Path) -> dict[str, Any]:
 def latest(run_dir: Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def load_configured(path: Path | str) -> tuple[Path, dict[str, Any], config_mod.Config]:
+    """A checkpoint file, or a run directory's latest checkpoint: its path, its state, and the
+    config it was trained with, validated (every reader of a trained theta starts here)."""
+    path = resolve(path)
+    state = load(path)
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"checkpoint '{path}' carries no config; it was not written by metarl run or pretrain")
+    return path, state, config_mod.validate(config_mod.from_dict(state["config"]))
+
+
+def flat_theta(state: dict[str, Any], path: Path, numel: int) -> np.ndarray:
+    """A checkpoint's theta as the flat float32 vector a network of `numel` parameters takes."""
+    theta = state["theta"].detach().to(torch.float32).numpy()
+    if theta.shape != (numel,):
+        raise CheckpointError(f"checkpoint '{path}' has {theta.size} parameters, the network {numel}")
+    return theta

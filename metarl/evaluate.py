@@ -371,21 +371,15 @@ def spec_from_args(args: argparse.Namespace, cfg: Config) -> EvalSpec:
 
 
 def load_checkpoint(path: Path) -> tuple[Path, dict[str, Any], Config]:
-    """A checkpoint file, or a run directory (its latest checkpoint), with its validated config."""
-    path = checkpoint.resolve(path)
-    state = checkpoint.load(path)
-    if "config" not in state:
-        raise checkpoint.CheckpointError(f"checkpoint '{path}' carries no config; it predates metarl eval")
-    require_games(state["config"].get("tasks", {}).get("family", "atari"))
-    return path, state, config_mod.validate(config_mod.from_dict(state["config"]))
+    """`checkpoint.load_configured`, for a game family."""
+    path, state, cfg = checkpoint.load_configured(path)
+    require_games(cfg.tasks.family)
+    return path, state, cfg
 
 
 def checkpoint_theta(state: dict[str, Any], family: TaskFamily, path: Path) -> np.ndarray:
-    theta = state["theta"].detach().to(torch.float32).numpy()
-    numel = ParamSpec.of(family.make_model()).numel
-    if theta.shape != (numel,):
-        raise checkpoint.CheckpointError(f"checkpoint '{path}' has {theta.size} parameters, the network {numel}")
-    return theta
+    """`checkpoint.flat_theta` for the family's network."""
+    return checkpoint.flat_theta(state, path, ParamSpec.of(family.make_model()).numel)
 
 
 def meta_compute(state: dict[str, Any]) -> dict[str, Any]:

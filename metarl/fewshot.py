@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarl import checkpoint, config as config_mod, meta
+from metarl import checkpoint, meta
 from metarl.config import Config, ConfigError
 from metarl.evaluate import t95
 from metarl.learner import initial_theta
@@ -56,16 +56,10 @@ class Init:
 
 def load_init(label: str, path: str) -> Init:
     """A run directory (its latest checkpoint) or a checkpoint file -> Init."""
-    p = Path(path)
-    ckpt = checkpoint.latest(p) if p.is_dir() else p
-    if ckpt is None:
-        raise ConfigError(f"--checkpoint {label}={path}: no checkpoint in that directory")
-    state = checkpoint.load(ckpt)
-    if "config" not in state:
-        raise ConfigError(f"checkpoint '{ckpt}' carries no config; it was not written by metarl run or pretrain")
-    cfg = config_mod.from_dict(state["config"])
+    ckpt, state, cfg = checkpoint.load_configured(path)
+    theta = checkpoint.flat_theta(state, ckpt, ParamSpec.of(make_family(cfg).make_model()).numel)
     tuned = state.get("kind") == "pretrained"
-    return Init(label, state["theta"].numpy().astype(np.float32), cfg, None if tuned else cfg.meta.inner_lr)
+    return Init(label, theta, cfg, None if tuned else cfg.meta.inner_lr)
 
 
 def random_init(cfg: Config) -> Init:

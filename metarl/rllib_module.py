@@ -39,7 +39,7 @@ from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
-from metarl import checkpoint, config as config_mod
+from metarl import checkpoint
 from metarl.config import Config, ConfigError, EnvConfig, LossConfig, MinAtarConfig
 from metarl.families import TRAITS
 from metarl.policy import MINATAR_CHANNELS, NUM_ATARI_ACTIONS, NUM_MINATAR_ACTIONS, ParamSpec
@@ -119,19 +119,10 @@ def build_module(family: str, theta: np.ndarray) -> MetarlModule:
 
 def load_theta(path: Path) -> tuple[Path, dict[str, Any], Config, np.ndarray]:
     """A metarl checkpoint (file or run directory) whose family can leave: path, state, config, theta."""
-    path = checkpoint.resolve(path)
-    state = checkpoint.load(path)
-    if not isinstance(state.get("config"), dict):
-        raise checkpoint.CheckpointError(f"checkpoint '{path}' carries no config; its family is unknown")
-    family = state["config"].get("tasks", {}).get("family", "atari")
-    if family not in RLLIB_FAMILIES:
-        raise ConfigError(refusal(family))
-    cfg = config_mod.validate(config_mod.from_dict(state["config"]))
-    theta = state["theta"].detach().to(torch.float32).numpy()
-    numel = ParamSpec.of(network(family)).numel
-    if theta.shape != (numel,):
-        raise checkpoint.CheckpointError(f"checkpoint '{path}' has {theta.size} parameters, the {family} network {numel}")
-    return path, state, cfg, theta
+    path, state, cfg = checkpoint.load_configured(path)
+    if cfg.tasks.family not in RLLIB_FAMILIES:
+        raise ConfigError(refusal(cfg.tasks.family))
+    return path, state, cfg, checkpoint.flat_theta(state, path, ParamSpec.of(network(cfg.tasks.family)).numel)
 
 
 def require_empty(out: Path) -> None:

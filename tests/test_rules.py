@@ -160,3 +160,62 @@ def test_every_fresh_network_is_the_learners_init_bit_for_bit(family):
         for other in (fresh, random_init, pretrain_start):
             assert other.dtype == learner.dtype and np.array_equal(other, learner)
     assert not np.array_equal(initial_theta(fam, 0), initial_theta(fam, 3))
+
+
+# ---- opening a trained theta (checkpoint.load_configured, flat_theta) ---------------------------------
+
+
+def _readers(family: str):
+    """Every reader of a trained theta for `family`: name -> path -> (config, flat theta)."""
+    from pathlib import Path
+
+    from metarl import evaluate, fewshot
+    from metarl.tasks import make_family
+
+    def eval_reader(path):
+        p, state, cfg = evaluate.load_checkpoint(Path(path))
+        return cfg, evaluate.checkpoint_theta(state, make_family(cfg), p)
+
+    def rllib_reader(path):
+        from metarl.rllib_module import load_theta
+
+        _, _, cfg, theta = load_theta(Path(path))
+        return cfg, theta
+
+    def fewshot_reader(path):
+        init = fewshot.load_init("maml", str(path))
+        return init.cfg, init.theta
+
+    return {"eval": eval_reader, "rllib": rllib_reader} if family == "atari" else {"fewshot": fewshot_reader}
+
+
+@pytest.mark.parametrize("family", ["atari", "sinusoid"])
+def test_every_reader_opens_a_checkpoint_alike_and_refuses_the_same_faults(family, tmp_path):
+    """`metarl eval` (and sweep, probe), the RLlib export and `fewshot` read a run directory's latest
+    checkpoint as the same validated config and float32 theta, and refuse an empty run directory, a
+    checkpoint without its config and one whose theta does not fit the network, each with the same line."""
+    import torch
+
+    from metarl import checkpoint, config as config_mod
+    from metarl.learner import initial_theta
+    from metarl.tasks import make_family
+
+    if family == "atari":
+        pytest.importorskip("ray.rllib")
+    cfg = family_config(family)
+    theta = initial_theta(make_family(cfg), 0)
+    ok, no_config, too_short, empty = (tmp_path / n for n in ("ok", "no-config", "short", "empty"))
+    state = {"theta": torch.from_numpy(theta).double(), "optimizer": {}, "iteration": 4,
+             "config": config_mod.to_dict(cfg)}
+    checkpoint.save(ok, {**state, "iteration": 2})
+    checkpoint.save(ok, state)
+    checkpoint.save(no_config, {k: v for k, v in state.items() if k != "config"})
+    checkpoint.save(too_short, {**state, "theta": state["theta"][:-1]})
+    empty.mkdir()
+    for name, read in _readers(family).items():
+        got_cfg, got = read(ok)
+        assert got_cfg == cfg and got.dtype == np.float32 and np.array_equal(got, theta), name
+        for path, match in ((empty, "holds no checkpoint"), (no_config, "carries no config"),
+                            (too_short, f"has {theta.size - 1} parameters, the network {theta.size}")):
+            with pytest.raises(checkpoint.CheckpointError, match=match):
+                read(path)
