@@ -654,7 +654,7 @@ def _inner_ppo(cfg: Config) -> str | None:
     m, fam = cfg.meta, cfg.tasks.family
     if m.inner_updates == 1:
         return None
-    if m.algo == "maml" or not TRAITS[fam].games or m.task_batching == "stacked" or (m.reused_outer and m.follow == "exact"):
+    if m.algo == "maml" or not TRAITS[fam].games or cfg.stacked or (m.reused_outer and m.follow == "exact"):
         return (f"meta.inner_epochs x inner_minibatches > 1 (PPO's update as the inner loop) is first-order: fomaml with "
                 f"meta.follow = shift, or reptile, on per-task game families ({', '.join(GAME_FAMILIES)}); got algo "
                 f"{m.algo}, follow {m.follow} on {fam}: set meta.inner_epochs=1 meta.inner_minibatches=1")
