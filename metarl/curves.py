@@ -27,7 +27,7 @@ import numpy as np
 from metarl import config as config_mod
 from metarl.cliargs import add_at_steps_arg, add_out_arg, claim_out, env_steps_list
 from metarl.config import ConfigError
-from metarl.evaluate import ci95
+from metarl.stats import mean_ci
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv
 
 
@@ -144,15 +144,8 @@ def summary_rows(episodes: list[Episodes], at: tuple[int, ...], window: int) -> 
     for source, game in dict.fromkeys((e.source, e.game) for e in episodes):
         row = {"game": game, "learner": source}
         for s in at:
-            vals = [p["running_return"] for p in points if p["source"] == source and p["game"] == game
-                    and p["env_steps"] == s and math.isfinite(p["running_return"])]
-            seeds = sum(1 for e in episodes if e.source == source and e.game == game)
-            if not vals:
-                row[str(s)] = "—"
-            elif seeds > 1:
-                row[str(s)] = f"{np.mean(vals):.1f} ± {ci95(vals):.1f} ({len(vals)} seeds)"
-            else:
-                row[str(s)] = f"{vals[0]:.1f}"
+            row[str(s)] = mean_ci([p["running_return"] for p in points if p["source"] == source
+                                   and p["game"] == game and p["env_steps"] == s], 1, "seed")
         table.append(row)
     return points, table
 

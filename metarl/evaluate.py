@@ -43,6 +43,7 @@ from metarl.finetune import FineTuneLearner, FineTuner
 from metarl.learner import initial_theta
 from metarl.plots import Panel, Series, save_grid, write_csv, write_json
 from metarl.policy import ParamSpec
+from metarl.stats import ci95, nan_stats
 from metarl.fleet import task_seed
 from metarl.tasks import make_family
 from metarl.tasks.base import TaskFamily
@@ -158,37 +159,6 @@ def score(trace: dict[str, Any], window: int, threshold: float | None, at: tuple
         "frames_to_threshold": int(trace["frames"][reached[0]]) if len(reached) else None,
         "episodes": len(trace["episodes"]),
     }
-
-
-def nan_stats(values: Any, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, sample std, count) over the finite entries; NaN mean where there are none."""
-    x = np.asarray(values, dtype=float)
-    ok = np.isfinite(x)
-    n = ok.sum(axis)
-    mean = np.where(ok, x, 0.0).sum(axis) / np.maximum(n, 1)
-    dev = np.where(ok, x - np.expand_dims(mean, axis), 0.0)
-    std = np.sqrt((dev ** 2).sum(axis) / np.maximum(n - 1, 1))
-    return np.where(n > 0, mean, math.nan), np.where(n > 0, std, math.nan), n
-
-
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045)
-"""Student's t quantile 0.975 for 1..29 degrees of freedom (1.96 beyond)."""
-
-
-def t95(df: int) -> float:
-    """Student's t quantile 0.975 for `df` degrees of freedom (the normal's 1.96 past 29)."""
-    return T95[df - 1] if 1 <= df <= len(T95) else 1.96
-
-
-def ci95(values: Any) -> float:
-    """Half-width of the 95% confidence interval of the mean of the finite values (t-based; NaN
-    for fewer than two)."""
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if x.size < 2:
-        return math.nan
-    return float(t95(x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
 
 
 def default_thresholds(jobs: list[dict], window: int, init: str = "fresh") -> dict[str, float]:

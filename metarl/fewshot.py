@@ -30,9 +30,9 @@ import torch
 
 from metarl import checkpoint, meta
 from metarl.config import Config, ConfigError
-from metarl.evaluate import t95
 from metarl.learner import initial_theta
 from metarl.policy import ParamSpec
+from metarl.stats import half_width
 from metarl.tasks import make_family
 
 PAPER = {  # Finn et al. 2017: Table 2 (sinusoid, K = 5, after 1/5/10 steps) and Figure 4 (2D navigation)
@@ -190,7 +190,7 @@ def evaluate(inits: list[Init], n_tasks: int, shots: tuple[int, ...], steps: tup
             row = {"init": init.label, "K": k if family == "sinusoid" else None, "inner_lr": lr, "later_lr": list(later),
                    "later_from_step": trained + 1, "tasks": len(names),
                    "mean": {s: float(c[:, s].mean()) for s in steps},
-                   "ci95": {s: float(1.96 * c[:, s].std(ddof=1) / np.sqrt(len(names))) for s in steps},
+                   "ci95": {s: half_width(c[:, s]) for s in steps},
                    # a non-finite score counts as the worst one, so the median stays defined
                    "median": {s: float(np.median(np.where(np.isfinite(c[:, s]), c[:, s],
                                                           np.inf if family == "sinusoid" else -np.inf)))
@@ -213,14 +213,13 @@ def over_training_runs(rows: list[dict[str, Any]], groups: dict[str, list[str]])
         for k in dict.fromkeys(r["K"] for r in rows if r["init"] in members):
             mine = [r for r in rows if r["init"] in members and r["K"] == k]
             n, steps = len(mine), list(mine[0]["mean"])
-            t = t95(n - 1)
             means = {s: np.array([r["mean"][s] for r in mine]) for s in steps}
             out.append({**{key: mine[0][key] for key in ("K", "inner_lr", "later_lr", "later_from_step", "tasks")},
                         "init": f"{label}: mean of {n} training runs",
                         **({} if len({tuple(r["later_lr"]) for r in mine}) == 1 else
                            {"later_lr": [], "alpha_note": "later steps tuned per run"}),
                         "mean": {s: float(means[s].mean()) for s in steps},
-                        "ci95": {s: float(t * means[s].std(ddof=1) / np.sqrt(n)) for s in steps},
+                        "ci95": {s: half_width(means[s]) for s in steps},
                         # robust: the median over runs of each run's median over tasks
                         "median": {s: float(np.median([r.get("median", r["mean"])[s] for r in mine])) for s in steps},
                         "diverged": {s: int(sum(r.get("diverged", {}).get(s, 0) for r in mine)) for s in steps},

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl.evaluate import ci95
+from metarl.stats import ci95, pm
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv
 
 Z_MDE = 1.96 + 0.84
@@ -42,10 +42,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def _pm(s: dict[str, float], fmt: str = ".2f") -> str:
-    if not math.isfinite(s["mean"]):
-        return "n/a"
-    ci = f" ± {s['ci95']:{fmt}}" if math.isfinite(s["ci95"]) else ""
-    return f"{s['mean']:{fmt}}{ci}"
+    return pm(s["mean"], s["ci95"], fmt)
 
 
 def paired(by: dict[tuple, dict[str, Any]], mine: list[dict[str, Any]], ref: str, key: str) -> list[float]:

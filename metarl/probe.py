@@ -40,13 +40,14 @@ import torch
 from metarl import config as config_mod
 from metarl.cliargs import add_config_args, add_out_arg, add_seeds_arg, claim_out, resolve_config
 from metarl.config import ConfigError
-from metarl.evaluate import checkpoint_theta, ci95, load_checkpoint
+from metarl.evaluate import checkpoint_theta, load_checkpoint
 from metarl.finetune import FineTuneLearner, make_optimizer, ppo_updates, update
 from metarl.learner import initial_theta
 from metarl.fleet import task_seed
 from metarl.meta import detached, sgd_step
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv
 from metarl.policy import Params, ParamSpec, forward
+from metarl.stats import ci95, pm
 from metarl.tasks import make_family
 
 METRICS = ("kl", "surrogate", "dv", "dv_err", "rel_step")
@@ -141,9 +142,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def fmt(x: float, ci: float) -> str:
-    if not math.isfinite(x):
-        return "n/a"
-    return f"{x:.2e}" + (f" ± {ci:.1e}" if math.isfinite(ci) and ci > 0 else "")
+    return pm(x, ci, ".2e", ".1e")
 
 
 def report(summary: list[dict[str, Any]]) -> str:

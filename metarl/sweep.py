@@ -45,6 +45,7 @@ from metarl.fleet import run_cpus, run_gpus
 from metarl.learner import initial_theta
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv, write_json
 from metarl.run import RunDirError, run
+from metarl.stats import pm
 from metarl.stopping import Stopped, StopRequest
 from metarl.tasks import make_family
 from metarl.tracking import Tracker, read_metrics
@@ -330,21 +331,14 @@ def collect(sweep_dir: Path, spec: SweepSpec) -> tuple[list[dict[str, Any]], dic
     return rows, curves, per_seed
 
 
-def _pm(mean: float | None, std: float | None, fmt: str = ".2f") -> str:
-    """'mean ± std' (just the mean when std is None); n/a for a missing value."""
-    if mean is None or not math.isfinite(mean):
-        return "n/a"
-    return f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
-
-
 def write_summary(sweep_dir: Path, spec: SweepSpec, rows: list[dict], curves: dict[str, dict]) -> Path:
     write_csv(sweep_dir / "summary.csv", rows)
-    shown = [{**r, "auc": _pm(r["auc_return_mean"], r["auc_return_ci95"]) + f" (median {r['auc_return_median']:.2f})",
-              "rate": _pm(r["auc_reward_rate_mean"], r["auc_reward_rate_ci95"], ".4f"),
-              "final": _pm(r["final_return_mean"], r["final_return_ci95"]),
-              "steps": f"{_pm(r['steps_to_threshold_mean'], r['steps_to_threshold_std'], '.0f')} "
+    shown = [{**r, "auc": pm(r["auc_return_mean"], r["auc_return_ci95"]) + f" (median {r['auc_return_median']:.2f})",
+              "rate": pm(r["auc_reward_rate_mean"], r["auc_reward_rate_ci95"], ".4f"),
+              "final": pm(r["final_return_mean"], r["final_return_ci95"]),
+              "steps": f"{pm(r['steps_to_threshold_mean'], r['steps_to_threshold_std'], '.0f')} "
                        f"({r['reached']}/{r['seeds']})",
-              "threshold": _pm(r["threshold"], None)} for r in rows]
+              "threshold": pm(r["threshold"])} for r in rows]
     columns = {"config": "config", "skip": "skip", "iterations": "meta-iterations", "env_steps": "meta env steps",
                "frames": "meta frames", "adaptations": "inner adaptations", "evaluations": "evaluations",
                "wall_s": "wall s", "game": "held-out game", "auc": "AUC return", "rate": "AUC score/step",

@@ -30,7 +30,7 @@ import numpy as np
 from metarl import config as config_mod
 from metarl.cliargs import add_out_arg, claim_out
 from metarl.config import ConfigError
-from metarl.evaluate import ci95
+from metarl.stats import mean_ci
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv
 
 PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -122,15 +122,6 @@ def scratch_finals(path: Path, budget: float, last: float) -> dict[str, list[flo
 def slug(label: str) -> str:
     """A label as a file-name part: 'FOMAML skip 1' -> 'fomaml-skip-1'."""
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "run"
-
-
-def mean_ci(vals: list[float], digits: int = 2) -> str:
-    vals = [v for v in vals if math.isfinite(v)]
-    if not vals:
-        return "—"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f} (1 run)"
-    return f"{np.mean(vals):.{digits}f} ± {ci95(vals):.{digits}f} ({len(vals)} runs)"
 
 
 def cmd_training(args: argparse.Namespace) -> int:

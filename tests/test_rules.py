@@ -219,3 +219,53 @@ def test_every_reader_opens_a_checkpoint_alike_and_refuses_the_same_faults(famil
                             (too_short, f"has {theta.size - 1} parameters, the network {theta.size}")):
             with pytest.raises(checkpoint.CheckpointError, match=match):
                 read(path)
+
+
+# ---- means and 95% intervals (metarl.stats) -----------------------------------------------------------
+
+
+def test_the_t_quantiles_are_students():
+    from scipy import stats as scipy_stats
+
+    from metarl.stats import t95
+
+    for df in range(1, 30):
+        assert t95(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=6e-4), df
+    assert t95(30) == t95(1000) == 1.96
+
+
+def test_every_report_gives_the_same_interval():
+    """Three seeds (or runs, or tasks) scoring 1, 2 and 4 (and a missing one where a report skips
+    those): every report's mean and interval is t(0.975, 2) s / sqrt(3) around 7/3, computed here
+    from scipy's quantile, and every table prints it the same way."""
+    import math
+
+    from scipy import stats as scipy_stats
+
+    from metarl import curves, evaluate, fewshot, folds, probe, training
+
+    vals = [1.0, 2.0, 4.0]
+    mean, half = 7 / 3, scipy_stats.t.ppf(0.975, 2) * float(np.std(vals, ddof=1)) / math.sqrt(3)
+    text = f"{mean:.2f} ± {half:.2f} (3 runs)"
+
+    scored = [{"game": "pong", "init": "meta", "trace": {}, "score": {
+        "auc_return": v, "auc_reward_rate": v, "final_return": v, "return_at": {}, "threshold": None,
+        "steps_to_threshold": None}} for v in vals + [math.nan]]
+    row = evaluate.aggregate(scored)[0]
+    got = {"eval": (row["auc_return_mean"], row["auc_return_ci95"])}
+    s = folds._stats(vals + [math.nan])
+    got["folds"] = (s["mean"], s["ci95"])
+    runs = fewshot.over_training_runs([{"init": f"run{i}", "K": 5, "inner_lr": 0.1, "later_lr": [0.1],
+                                        "later_from_step": 2, "tasks": 10, "mean": {1: v}} for i, v in enumerate(vals)],
+                                      {"maml": ["run0", "run1", "run2"]})[0]
+    got["fewshot runs"] = (runs["mean"][1], runs["ci95"][1])
+    rows = [{"game": "pong", "learner": learner, "alpha": alpha, **{m: v for m in probe.METRICS}}
+            for v in vals for learner, alpha in (("update", math.nan), ("inner SGD step", 0.1))]
+    got["probe"] = next((r["kl"], r["kl_ci95"]) for r in probe.summarise(rows) if r["learner"] == "update")
+    for report, (m, h) in got.items():
+        assert (m, h) == (pytest.approx(mean), pytest.approx(half, rel=1e-3)), report
+    assert training.mean_ci(vals + [math.nan]) == text
+    assert folds._pm(s) == text[:-len(" (3 runs)")]
+    ep = [curves.Episodes("fine-tuner", "pong", seed, np.array([10, 20]), np.array([10, 20]), np.array([v, v]))
+          for seed, v in enumerate(vals)]
+    assert curves.summary_rows(ep, (20,), window=1)[1][0]["20"] == f"{mean:.1f} ± {half:.1f} (3 seeds)"

@@ -1,0 +1,67 @@
+"""Means and 95% intervals, and how the reports print them: the one home of Student's t quantile,
+the interval of a mean, NaN-aware means over seeds, and the 'mean ± interval' text of every table
+(`metarl eval`, `sweep` and its folds, `fewshot`, `probe`, `curve`, `training`).
+
+An interval is the half-width t(0.975, n - 1) x s / sqrt(n) of the mean of n values (s their
+sample standard deviation): over seeds, tasks or training runs, whichever each report names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045)
+"""Student's t quantile 0.975 for 1..29 degrees of freedom (1.96 beyond)."""
+
+
+def t95(df: int) -> float:
+    """Student's t quantile 0.975 for `df` degrees of freedom (the normal's 1.96 past 29)."""
+    return T95[df - 1] if 1 <= df <= len(T95) else 1.96
+
+
+def half_width(values: Any) -> float:
+    """Half-width of the 95% interval of the mean of `values` as given (NaN for fewer than two; a
+    non-finite value makes it non-finite, as it does their mean)."""
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        return math.nan
+    return float(t95(x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+
+
+def ci95(values: Any) -> float:
+    """Half-width of the 95% interval of the mean of the finite values (NaN for fewer than two)."""
+    x = np.asarray(values, dtype=float)
+    return half_width(x[np.isfinite(x)])
+
+
+def nan_stats(values: Any, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, sample std, count) over the finite entries; NaN mean where there are none."""
+    x = np.asarray(values, dtype=float)
+    ok = np.isfinite(x)
+    n = ok.sum(axis)
+    mean = np.where(ok, x, 0.0).sum(axis) / np.maximum(n, 1)
+    dev = np.where(ok, x - np.expand_dims(mean, axis), 0.0)
+    std = np.sqrt((dev ** 2).sum(axis) / np.maximum(n - 1, 1))
+    return np.where(n > 0, mean, math.nan), np.where(n > 0, std, math.nan), n
+
+
+def pm(mean: float | None, spread: float | None = None, fmt: str = ".2f", spread_fmt: str | None = None) -> str:
+    """'mean ± spread' (an interval, or a std where a table says so); the mean alone when the
+    spread is missing or not finite; 'n/a' for a missing or non-finite mean."""
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    shown = spread is not None and math.isfinite(spread)
+    return f"{mean:{fmt}}" + (f" ± {spread:{spread_fmt or fmt}}" if shown else "")
+
+
+def mean_ci(values: list[float], digits: int = 2, unit: str = "run") -> str:
+    """'mean ± 95% interval (n units)' over the finite values; one value: 'value (1 unit)'; none: '—'."""
+    x = [v for v in values if math.isfinite(v)]
+    if not x:
+        return "—"
+    count = f"({len(x)} {unit}{'s' if len(x) != 1 else ''})"
+    return f"{pm(float(np.mean(x)), ci95(x), f'.{digits}f')} {count}"
