@@ -48,8 +48,9 @@ from metarl.backend import LocalBackend, RayBackend
 from metarl.cliargs import add_cluster_args, add_config_args, add_out_arg, claim_out, resolve_config, retire
 from metarl.config import GAME_FAMILIES, Config, ConfigError
 from metarl.learner import Learner
-from metarl.fleet import Fleet, start_fleet, task_seed
+from metarl.fleet import Fleet, start_fleet
 from metarl.iteration import meta_iteration
+from metarl.seeds import task_seed
 from metarl.tasks import make_family
 from metarl.tasks.base import batch_to_wire
 from metarl.tracking import Tracker

@@ -43,8 +43,8 @@ from metarl.finetune import FineTuneLearner, FineTuner
 from metarl.learner import initial_theta
 from metarl.plots import Panel, Series, save_grid, write_csv, write_json
 from metarl.policy import ParamSpec
+from metarl.seeds import task_seed
 from metarl.stats import ci95, nan_stats
-from metarl.fleet import task_seed
 from metarl.tasks import make_family
 from metarl.tasks.base import TaskFamily
 from metarl.tracking import Tracker

@@ -19,14 +19,9 @@ from metarl.config import Config
 from metarl.learner import Learner
 from metarl.meta import InnerPPO
 from metarl.outer import Plan
+from metarl.seeds import task_seed
 from metarl.tasks import make_family
 from metarl.worker import TaskWorker
-
-
-def task_seed(seed: int, index: int) -> int:
-    """Each task's RNG/emulator seed depends on the run seed and the task's place in the list,
-    not on which worker owns it."""
-    return int(seed) * 10_007 + 7919 * (index + 1)
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from metarl.seeds import key_seed
+
 Grads = tuple[torch.Tensor, ...]
 STAT_KEYS = ("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac")
 
@@ -38,10 +40,7 @@ def index_sets(n: int, epochs: int, minibatches: int, gen: torch.Generator,
 def seeded_generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded from integers (run seed, iteration, ...), the same on every process:
     the outer loop's minibatches do not depend on which worker or learner draws them."""
-    seed = 0
-    for k in keys:
-        seed = (seed * 1_000_003 + int(k) * 7919 + 1) % (2**62)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(key_seed(*keys))
 
 
 def mean_stats(parts: list[dict[str, float]], prefix: str = "outer/") -> dict[str, float]:

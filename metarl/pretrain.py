@@ -10,12 +10,11 @@ import torch
 
 from metarl import checkpoint, config as config_mod
 from metarl.config import Config
-from metarl.fleet import task_seed
 from metarl.learner import initial_params
 from metarl.policy import ParamSpec
 from metarl.run import prepare_run_dir
+from metarl.seeds import iteration_seed, task_seed
 from metarl.tasks import make_family
-from metarl.worker import iteration_seed
 
 
 def pretrain(cfg: Config, out: Path, iterations: int, lr: float, log=print) -> Path:

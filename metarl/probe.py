@@ -43,10 +43,10 @@ from metarl.config import ConfigError
 from metarl.evaluate import checkpoint_theta, load_checkpoint
 from metarl.finetune import FineTuneLearner, make_optimizer, ppo_updates, update
 from metarl.learner import initial_theta
-from metarl.fleet import task_seed
 from metarl.meta import detached, sgd_step
 from metarl.plots import Panel, Series, markdown_table, save_grid, write_csv
 from metarl.policy import Params, ParamSpec, forward
+from metarl.seeds import task_seed
 from metarl.stats import ci95, pm
 from metarl.tasks import make_family
 

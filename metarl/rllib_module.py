@@ -43,7 +43,7 @@ from metarl import checkpoint
 from metarl.config import Config, ConfigError, EnvConfig, LossConfig, MinAtarConfig
 from metarl.families import TRAITS
 from metarl.policy import MINATAR_CHANNELS, NUM_ATARI_ACTIONS, NUM_MINATAR_ACTIONS, ParamSpec
-from metarl.fleet import task_seed
+from metarl.seeds import task_seed
 from metarl.tasks.atari import AtariFamily, make_vector_env
 
 RLLIB_FAMILIES = tuple(n for n, t in TRAITS.items() if t.games)  # episodic games with a value head

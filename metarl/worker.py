@@ -18,6 +18,7 @@ import torch
 from metarl import meta
 from metarl import outer as outer_mod
 from metarl.policy import ParamSpec
+from metarl.seeds import iteration_seed
 from metarl.tasks.base import Batch, TaskFamily, batch_to_wire
 
 
@@ -44,11 +45,6 @@ def node_id() -> str:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     except Exception:  # noqa: BLE001 - no Ray runtime in this process
         return "local"
-
-
-def iteration_seed(task_seed: int, iteration: int) -> int:
-    """The data seed of one task at one meta-iteration (distinct for every pair a run meets)."""
-    return (int(task_seed) * 1_000_003 + 7919 * int(iteration)) % (2**63)
 
 
 class TaskWorker:

@@ -22,11 +22,12 @@ from metarl import meta
 from metarl.config import Config, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
 from metarl.meta import Group
 from metarl.policy import ParamSpec, init_params
-from metarl.fleet import start_fleet, task_seed
+from metarl.seeds import iteration_seed, task_seed
+from metarl.fleet import start_fleet
 from metarl.iteration import meta_iteration
 from metarl.tasks.nav2d import Nav2dFamily
 from metarl.tasks.sinusoid import SinusoidFamily, task_names
-from metarl.worker import TaskWorker, iteration_seed
+from metarl.worker import TaskWorker
 
 SINE = SinusoidFamily(SinusoidConfig(k_shot=6, hidden=(6, 5)))
 NAV = Nav2dFamily(Nav2dConfig(episodes=3, horizon=8, hidden=(6,), init_log_std=-1.0), LossConfig(ent_coef=0.01))

@@ -269,3 +269,43 @@ def test_every_report_gives_the_same_interval():
     ep = [curves.Episodes("fine-tuner", "pong", seed, np.array([10, 20]), np.array([10, 20]), np.array([v, v]))
           for seed, v in enumerate(vals)]
     assert curves.summary_rows(ep, (20,), window=1)[1][0]["20"] == f"{mean:.1f} ± {half:.1f} (3 seeds)"
+
+
+# ---- seeds (metarl.seeds) -------------------------------------------------------------------------------
+
+
+def test_joint_pre_training_draws_the_tasks_the_meta_learners_draw(tmp_path, monkeypatch):
+    """With tasks.resample, joint pre-training's tasks at iteration t are the curves a stacked
+    worker's tasks are redrawn to at meta-iteration t: the same seed for task i in both, the same
+    seed for (task, iteration)."""
+    from metarl import pretrain as pretrain_mod
+    from metarl.fleet import start_fleet
+    from metarl.iteration import meta_iteration
+    from metarl.meta import make_groups
+    from metarl.tasks import make_family
+
+    class Recording:
+        def __init__(self, family):
+            self.family, self.seeds, self.tasks = family, {}, {}
+
+        def make_model(self):
+            return self.family.make_model()
+
+        def make_task(self, name, seed):
+            self.seeds[name], self.tasks[name] = seed, self.family.make_task(name, seed)
+            return self.tasks[name]
+
+    cfg = family_config("sinusoid", **{"tasks.resample": True, "ray.workers": 1, "meta.seed": 5})
+    recorded = Recording(make_family(cfg))
+    monkeypatch.setattr(pretrain_mod, "make_family", lambda _: recorded)
+    pretrain_mod.pretrain(cfg, tmp_path / "pre", iterations=3, lr=1e-3, log=lambda *_: None)
+    fleet = start_fleet(cfg, local=True)
+    (worker,) = fleet.workers
+    assert worker.seeds == recorded.seeds
+    meta_iteration(fleet, cfg.tasks.train, make_groups(cfg.num_tasks, 1, np.random.default_rng(0)), "fomaml",
+                   timeout=60, iteration=2)  # pre-training's last iteration drew iteration 2's curves
+    for name, task in recorded.tasks.items():
+        assert (task.amplitude, task.phase) == (worker.tasks[name].amplitude, worker.tasks[name].phase), name
+    meta_iteration(fleet, cfg.tasks.train, make_groups(cfg.num_tasks, 1, np.random.default_rng(0)), "fomaml",
+                   timeout=60, iteration=3)
+    assert all(worker.tasks[n].amplitude != t.amplitude for n, t in recorded.tasks.items())
