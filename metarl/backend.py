@@ -4,13 +4,25 @@ Both backends offer the same four verbs — `actor`, `call`, `wait`, `get` — s
 (metarl.iteration, driven by the run loop in metarl.run) is written once. With Ray, calls return ObjectRefs that are handed to other calls
 without passing through the driver (theta and theta' travel by reference); locally, calls run
 at once and return their values wrapped the same way.
+
+A call names its method by the method itself, `backend.call(worker, TaskWorker.adapt, ...)`, not by
+a string: a misspelt method fails where it is written (and in tests/test_rules.py, which checks
+every call site), never as a task dropped at run time. The actor answers with its own method of
+that name, so subclasses (the bench's actors) keep their overrides.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+
+def method_name(method: Callable[..., Any]) -> str:
+    """The name an actor call goes by, read off the method itself (TaskWorker.adapt -> 'adapt')."""
+    if isinstance(method, str) or not callable(method):
+        raise TypeError(f"backend.call takes the actor's method itself (e.g. TaskWorker.adapt), not {method!r}")
+    return method.__name__
 
 
 @dataclass
@@ -36,9 +48,10 @@ class LocalBackend:
             return x.value
         return x
 
-    def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
+    def call(self, actor: Any, method: Callable[..., Any], *args: Any, num_returns: int = 1) -> Any:
+        bound = getattr(actor, method_name(method))  # an actor without it fails here, as with Ray
         try:
-            out = getattr(actor, method)(*(self._resolve(a) for a in args))
+            out = bound(*(self._resolve(a) for a in args))
         except Exception as e:  # the error surfaces where the result is read, as with Ray
             err = e
             return LocalRef(error=err) if num_returns == 1 else tuple(LocalRef(error=err) for _ in range(num_returns))
@@ -109,8 +122,8 @@ class RayBackend:
             opts["name"] = name
         return remote_cls.options(**opts).remote(*args, **(kwargs or {}))
 
-    def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
-        return getattr(actor, method).options(num_returns=num_returns).remote(*args)
+    def call(self, actor: Any, method: Callable[..., Any], *args: Any, num_returns: int = 1) -> Any:
+        return getattr(actor, method_name(method)).options(num_returns=num_returns).remote(*args)
 
     def put(self, x: Any) -> Any:
         return self.ray.put(x)

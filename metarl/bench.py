@@ -139,6 +139,12 @@ class BenchLearner(Learner):
         return {"pid": os.getpid(), "peak_rss": peak_rss_bytes()}
 
 
+def fleet_memory(fleet: Fleet) -> list[dict[str, int]]:
+    """The memory reports of a bench fleet: the learner's, then each worker's."""
+    b = fleet.backend
+    return b.get([b.call(fleet.learner, BenchLearner.memory), *[b.call(w, BenchWorker.memory) for w in fleet.workers]])
+
+
 def start_bench_fleet(cfg: Config, backend: Any) -> Fleet:
     """The actors `fleet.start_fleet` starts (same resources, seeds and task assignment), as the
     bench classes above, on the running backend (Ray, or this process: --local)."""
@@ -262,7 +268,7 @@ def _sampling_only(fleet: Fleet, cfg: Config, theta: Any) -> tuple[int, float]:
     """Every task samples the rollouts it takes in one skip-1 iteration (S + 1; Reptile: S), all at once."""
     b, t0 = fleet.backend, time.perf_counter()
     per_task = rollouts_per_iteration(1, 1, cfg.meta.inner_steps, cfg.meta.algo)
-    refs = [b.call(fleet.workers[fleet.owner[name]], "sample_only", name, theta, per_task)
+    refs = [b.call(fleet.workers[fleet.owner[name]], BenchWorker.sample_only, name, theta, per_task)
             for name in cfg.tasks.train]
     steps = sum(b.get(r) for r in refs)
     return steps, time.perf_counter() - t0
@@ -272,15 +278,14 @@ def measure_end_to_end(fleet: Fleet, cfg: Config, reps: int) -> dict[str, float]
     """Skip-1 meta-iterations vs sampling only, alternating; and the fleet's memory meanwhile."""
     b, rng = fleet.backend, np.random.default_rng(cfg.meta.seed)
     _iteration(fleet, cfg, 1, rng)  # warm-up
-    actors = [fleet.learner, *fleet.workers]
     tot = np.zeros(4)  # sampling-only steps, seconds; iteration steps, seconds
-    with PssSampler([b.get(b.call(a, "memory"))["pid"] for a in actors]) as pss:
+    with PssSampler([m["pid"] for m in fleet_memory(fleet)]) as pss:
         for _ in range(reps):
-            theta = b.put(b.get(b.call(fleet.learner, "get_theta")))
+            theta = b.put(b.get(b.call(fleet.learner, BenchLearner.get_theta)))
             rec = _iteration(fleet, cfg, 1, rng)
             tot += [*_sampling_only(fleet, cfg, theta), rec["env_steps/adapt"] + rec["env_steps/eval"],
                     rec["time/iteration_s"]]
-    peaks = [b.get(b.call(a, "memory"))["peak_rss"] / MB for a in actors]
+    peaks = [m["peak_rss"] / MB for m in fleet_memory(fleet)]
     fs = make_family(cfg).frames_per_step
     return {"end_to_end_ratio": (tot[2] / tot[3]) / (tot[0] / tot[1]),
             "end_to_end_env_steps_per_s": tot[2] / tot[3], "end_to_end_frames_per_s": tot[2] * fs / tot[3],
@@ -294,16 +299,16 @@ def measure_placement(fleet: Fleet, cfg: Config) -> dict[str, float]:
     gradients to the learner) vs on the learner (batches to the learner); both end in one step."""
     b, tasks = fleet.backend, cfg.tasks.train
     worker = lambda name: fleet.workers[fleet.owner[name]]  # noqa: E731
-    theta = b.put(b.get(b.call(fleet.learner, "get_theta")))
-    sizes = [b.get(b.call(worker(n), "hold_batch", n, theta)) for n in tasks]
+    theta = b.put(b.get(b.call(fleet.learner, BenchLearner.get_theta)))
+    sizes = [b.get(b.call(worker(n), BenchWorker.hold_batch, n, theta)) for n in tasks]
     t0 = time.perf_counter()
-    grads = [b.call(worker(n), "held_grad", n, theta) for n in tasks]
-    b.get(b.call(fleet.learner, "step", len(tasks), *grads))
+    grads = [b.call(worker(n), BenchWorker.held_grad, n, theta) for n in tasks]
+    b.get(b.call(fleet.learner, BenchLearner.step, len(tasks), *grads))
     t1 = time.perf_counter()
-    batches = [b.call(worker(n), "held_arrays", n) for n in tasks]
-    b.get(b.call(fleet.learner, "receive", *batches))
+    batches = [b.call(worker(n), BenchWorker.held_arrays, n) for n in tasks]
+    b.get(b.call(fleet.learner, BenchLearner.receive, *batches))
     t_ship = time.perf_counter()
-    b.get(b.call(fleet.learner, "step_on_batches", len(tasks), *[x for ref in batches for x in (theta, ref)]))
+    b.get(b.call(fleet.learner, BenchLearner.step_on_batches, len(tasks), *[x for ref in batches for x in (theta, ref)]))
     t2 = time.perf_counter()
     samples = len(tasks) * cfg.env.num_envs * cfg.env.rollout_len
     return {"grad_on_worker_s": t1 - t0, "grad_on_learner_s": t2 - t1, "batch_ship_s": t_ship - t1,

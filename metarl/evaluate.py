@@ -86,8 +86,8 @@ def run_jobs(family: TaskFamily, learner: FineTuneLearner, thetas: dict[str, np.
         actors = [backend.actor(FineTuner, family, learner, num_cpus=1.0, num_gpus=0.0 if local else learner.gpus)
                   for _ in range(max(1, min(n, len(jobs))))]
         refs = {name: backend.put(theta) for name, theta in thetas.items()}
-        calls = [backend.call(actors[i % len(actors)], "run", j["game"], j["env_seed"], refs[j["init"]], spec.budget)
-                 for i, j in enumerate(jobs)]
+        calls = [backend.call(actors[i % len(actors)], FineTuner.run, j["game"], j["env_seed"], refs[j["init"]],
+                              spec.budget) for i, j in enumerate(jobs)]
         for job, call in zip(jobs, calls):
             try:
                 job["trace"] = backend.get(call)

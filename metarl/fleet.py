@@ -194,7 +194,7 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
                               "fisher_fraction": m.fisher_fraction, "plan": plan, "inner": inner_plan(cfg)})
         for seeds in assignment
     ]
-    info = backend.get(backend.call(learner, "info"))
+    info = backend.get(backend.call(learner, Learner.info))
     grad_on = resolve_grad_on(cfg, lgpu)
     notes.append(f"evaluation gradients on the {grad_on}" + (" (batches shipped to it)" if grad_on == "learner" else "s"))
     if cfg.stacked:
@@ -206,7 +206,7 @@ def start_fleet(cfg: Config, local: bool, backend: Any = None, worker_cls: type 
     if m.outer == "trpo":
         notes.append(f"outer step: trpo (mean KL <= {m.max_kl}, {m.cg_iters} CG iterations on "
                      f"{m.fisher_fraction:.0%} of the samples), searched by the driver with the workers' products")
-    worker_info = backend.get([backend.call(w, "info") for w in workers])
+    worker_info = backend.get([backend.call(w, TaskWorker.info) for w in workers])
     if cfg.ray.grad_reduce != "task" and grad_on == "worker":
         nodes = len({w["node"] for w in worker_info})
         notes.append(f"gradients summed per {cfg.ray.grad_reduce} before the learner "

@@ -11,14 +11,19 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from metarl import trust
 from metarl.algorithms import ALGORITHMS, Algorithm, Group
 from metarl.fleet import Fleet
+from metarl.learner import Learner
 from metarl.ppo import STAT_KEYS, mean_stats
+from metarl.worker import TaskWorker
+
+LEADER_CALL = {name: getattr(TaskWorker, a.leader_call) for name, a in ALGORITHMS.items()}
+"""The worker method each algorithm's leaders run (Algorithm.leader_call), resolved at import."""
 
 
 class Failure(str):
@@ -104,7 +109,7 @@ def _sum_parts(fleet: Fleet, parts: list[GradPart], key: Any, timeout: float) ->
         merged = GradPart(ps[0].worker, [i for p in ps for i in p.tasks], ps[0].ref, sum(p.count for p in ps),
                           all(p.finite for p in ps))
         if len(ps) > 1:
-            merged.ref, status[len(out)] = b.call(fleet.workers[ps[0].worker], "reduce", *[p.ref for p in ps],
+            merged.ref, status[len(out)] = b.call(fleet.workers[ps[0].worker], TaskWorker.reduce, *[p.ref for p in ps],
                                                   num_returns=2)
         out.append(merged)
     _, failed = _gather(b, status, timeout)
@@ -148,22 +153,23 @@ def collect_per_task(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], 
     plan = fleet.plan  # PPO's outer loop: members keep their rollouts for the later outer steps
     tp_refs, adapt_refs, kept_refs = {}, {}, {}
     for g in groups:
-        tp_refs[g.leader], adapt_refs[g.leader] = b.call(fleet.workers[worker_of[g.leader]], algo.leader_call,
+        tp_refs[g.leader], adapt_refs[g.leader] = b.call(fleet.workers[worker_of[g.leader]], LEADER_CALL[algo.name],
                                                          tasks[g.leader], theta_ref, num_returns=2)
         if on_learner and plan is not None and plan.follow == "exact":  # the learner redoes the inner steps
-            kept_refs[g.leader] = b.call(fleet.workers[worker_of[g.leader]], "adaptation_batches", tasks[g.leader])
+            kept_refs[g.leader] = b.call(fleet.workers[worker_of[g.leader]], TaskWorker.adaptation_batches,
+                                         tasks[g.leader])
     grad_refs, eval_refs, leader_of = ({}, {}, {}) if algo.evaluates else (dict(tp_refs), {}, {})
     for g in groups if algo.evaluates else ():
         for j in g.members:
             leader_of[j] = g.leader
             w = fleet.workers[worker_of[j]]
             if on_learner:
-                grad_refs[j], eval_refs[j] = b.call(w, "rollout", tasks[j], tp_refs[g.leader], num_returns=2)
+                grad_refs[j], eval_refs[j] = b.call(w, TaskWorker.rollout, tasks[j], tp_refs[g.leader], num_returns=2)
             elif plan is not None:
-                grad_refs[j], eval_refs[j] = b.call(w, "evaluate_rounds", tasks[j], tp_refs[g.leader], theta_ref,
-                                                    iteration, num_returns=2)
+                grad_refs[j], eval_refs[j] = b.call(w, TaskWorker.evaluate_rounds, tasks[j], tp_refs[g.leader],
+                                                    theta_ref, iteration, num_returns=2)
             else:
-                grad_refs[j], eval_refs[j] = b.call(w, "evaluate", tasks[j], tp_refs[g.leader], num_returns=2)
+                grad_refs[j], eval_refs[j] = b.call(w, TaskWorker.evaluate, tasks[j], tp_refs[g.leader], num_returns=2)
     adapts, adapt_failed = _gather(b, adapt_refs, timeout)
     evals, eval_failed = _gather(b, eval_refs, max(timeout - (time.perf_counter() - t_start), 1.0))
     if not algo.evaluates:
@@ -173,7 +179,7 @@ def collect_per_task(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], 
     ok = {g.leader: [j for j in algo.gradient_tasks(g) if g.leader in adapts and j in evals and s_ok(evals[j])]
           for g in groups}
     if algo.corrects:  # each leader pulls its group's summed gradient back through its inner steps
-        corr_refs = {g.leader: b.call(fleet.workers[worker_of[g.leader]], "maml_correct", tasks[g.leader],
+        corr_refs = {g.leader: b.call(fleet.workers[worker_of[g.leader]], TaskWorker.maml_correct, tasks[g.leader],
                                       *[grad_refs[j] for j in ok[g.leader]]) for g in groups if ok[g.leader]}
         _, corr_failed = _gather(b, corr_refs, timeout)
         for i, r in corr_failed.items():
@@ -213,7 +219,7 @@ def collect_stacked(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], a
     drops every task of its groups."""
     b = fleet.backend
     shares = deal_groups(groups, len(fleet.workers))
-    calls = {w: b.call(fleet.workers[w], "groups_step", theta_ref, iteration, share, algo.name, num_returns=2)
+    calls = {w: b.call(fleet.workers[w], TaskWorker.groups_step, theta_ref, iteration, share, algo.name, num_returns=2)
              for w, share in enumerate(shares) if share}
     stats, failed_w = _gather(b, {w: c[1] for w, c in calls.items()}, timeout)
     adapts, evals, failed, worker_of = {}, {}, {}, {}
@@ -241,7 +247,7 @@ def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], al
     evaluations that completed, and the metrics name every dropped task. A hung worker is killed
     so Ray restarts it."""
     b, a, t_start = fleet.backend, ALGORITHMS[algo], time.perf_counter()
-    theta_ref = b.call(fleet.learner, "get_theta")  # stays in the object store; passed by reference
+    theta_ref = b.call(fleet.learner, Learner.get_theta)  # stays in the object store; passed by reference
     collect = collect_stacked if fleet.stacked else collect_per_task
     c = collect(fleet, tasks, groups, a, theta_ref, timeout, iteration)
     nonfinite = (sorted(tasks[j] for j, s in c.evals.items() if not s_ok(s))
@@ -253,13 +259,13 @@ def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], al
     else:
         refs, n_ok = [], len(c.shipped_tasks)
     if n_ok == 0 or nonfinite:
-        lstats = b.get(b.call(fleet.learner, "skip_step"))
+        lstats = b.get(b.call(fleet.learner, Learner.skip_step))
     elif c.shipped is not None:
         if fleet.plan is None:
-            lstats = b.get(b.call(fleet.learner, "step_on_batches", n_ok, *c.shipped), timeout=timeout)
+            lstats = b.get(b.call(fleet.learner, Learner.step_on_batches, n_ok, *c.shipped), timeout=timeout)
         else:
-            lstats = b.get(b.call(fleet.learner, "step_rounds", fleet.plan, iteration, c.shipped_groups, len(groups),
-                                  *c.shipped), timeout=timeout)
+            lstats = b.get(b.call(fleet.learner, Learner.step_rounds, fleet.plan, iteration, c.shipped_groups,
+                                  len(groups), *c.shipped), timeout=timeout)
         for j, loss, norm in zip(c.shipped_tasks, lstats["losses"], lstats["grad_norms"]):
             c.evals[j].update(loss=loss, grad_norm=norm, finite=math.isfinite(norm))
         nonfinite = sorted(tasks[c.shipped_tasks[p]] for p in lstats["nonfinite"])
@@ -269,7 +275,7 @@ def meta_iteration(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], al
         lstats = worker_rounds(fleet, tasks, groups, c, refs, n_ok, timeout, iteration)
         nonfinite = lstats.pop("nonfinite_tasks", [])
     else:
-        lstats = b.get(b.call(fleet.learner, "step", n_ok, *refs), timeout=timeout)
+        lstats = b.get(b.call(fleet.learner, Learner.step, n_ok, *refs), timeout=timeout)
     learner_s = time.perf_counter() - t_learn
     for w in {c.worker_of[i] for i, why in c.failed.items() if why.kind == "timed_out"}:
         b.kill(fleet.workers[w])  # Ray restarts it for the next iteration
@@ -288,14 +294,14 @@ def worker_rounds(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], c: 
     total = plan.updates
     leader_of = {j: g.leader for g in groups for j in g.members}
     alive = sorted({j for p in c.parts for j in p.tasks} - set(c.failed))
-    steps = [b.get(b.call(learner, "round_step", n_ok, 0, total, *refs), timeout=timeout)]
+    steps = [b.get(b.call(learner, Learner.round_step, n_ok, 0, total, *refs), timeout=timeout)]
     parts = [{k: s[k] for k in STAT_KEYS if k in s} for j, s in c.evals.items() if j in alive]
     nonfinite: list[str] = []
     for r in range(1, total):
-        theta_ref = b.call(learner, "get_theta")
-        tp = ({i: b.call(fleet.workers[c.worker_of[i]], "readapt", tasks[i], theta_ref) for i in {leader_of[j] for j in alive}}
-              if plan.follow == "exact" else {})
-        calls = {j: b.call(fleet.workers[c.worker_of[j]], "round_grad", tasks[j], r, theta_ref,
+        theta_ref = b.call(learner, Learner.get_theta)
+        tp = ({i: b.call(fleet.workers[c.worker_of[i]], TaskWorker.readapt, tasks[i], theta_ref)
+               for i in {leader_of[j] for j in alive}} if plan.follow == "exact" else {})
+        calls = {j: b.call(fleet.workers[c.worker_of[j]], TaskWorker.round_grad, tasks[j], r, theta_ref,
                            tp.get(leader_of[j]), num_returns=2) for j in alive}
         got, failed = _gather(b, {j: call[1] for j, call in calls.items()}, timeout)
         c.failed.update({j: why.at(f"outer step {r + 1}") for j, why in failed.items()})
@@ -309,9 +315,9 @@ def worker_rounds(fleet: Fleet, tasks: tuple[str, ...], groups: list[Group], c: 
         alive = [j for j in alive if j not in dropped]
         if not alive:
             break
-        steps.append(b.get(b.call(learner, "round_step", n, r, total, *reduced), timeout=timeout))
+        steps.append(b.get(b.call(learner, Learner.round_step, n, r, total, *reduced), timeout=timeout))
     if len(steps) < total:  # the steps stopped early: the iteration still counts once
-        steps[-1] = {**steps[-1], **b.get(b.call(learner, "finish_iteration"))}
+        steps[-1] = {**steps[-1], **b.get(b.call(learner, Learner.finish_iteration))}
     out = {**steps[-1], "grad_norm": steps[0]["grad_norm"], "outer_lr": steps[0]["outer_lr"],
            "update_skipped": all(s["update_skipped"] for s in steps), "outer/steps": sum(not s["update_skipped"] for s in steps),
            "outer/grad_norm_last": steps[-1]["grad_norm"], "outer/round_trips": len(steps),
@@ -333,18 +339,18 @@ def trust_step(fleet: Fleet, theta_ref: Any, workers: list[Any], grad_refs: list
     b, m = fleet.backend, fleet.trust
     deadline = time.perf_counter() + timeout  # one budget for the whole search
 
-    def over_workers(method: str, x: np.ndarray) -> list[Any]:
+    def over_workers(method: Callable[..., Any], x: np.ndarray) -> list[Any]:
         ref = b.put(x.astype(np.float32))
         try:
             return b.get([b.call(w, method, ref) for w in workers], timeout=max(deadline - time.perf_counter(), 1.0))
         except Exception as exc:  # noqa: BLE001 - a worker died, raised or ran out of time
-            raise WorkerFailed(f"{method}: {type(exc).__name__}: {exc}"[:300]) from exc
+            raise WorkerFailed(f"{method.__name__}: {type(exc).__name__}: {exc}"[:300]) from exc
 
     def fvp(v: np.ndarray) -> np.ndarray:
-        return np.sum([np.asarray(p, dtype=np.float64) for p in over_workers("region_fvp", v)], 0) / n_ok
+        return np.sum([np.asarray(p, dtype=np.float64) for p in over_workers(TaskWorker.region_fvp, v)], 0) / n_ok
 
     def objective(theta: np.ndarray) -> tuple[float, float]:
-        parts = over_workers("region_objective", theta)
+        parts = over_workers(TaskWorker.region_objective, theta)
         return sum(p[0] for p in parts) / n_ok, sum(p[1] for p in parts) / n_ok
 
     theta = np.asarray(b.get(theta_ref), dtype=np.float64)  # the theta this iteration's groups started from
@@ -353,11 +359,11 @@ def trust_step(fleet: Fleet, theta_ref: Any, workers: list[Any], grad_refs: list
         res = trust.trust_region_step(theta, g, fvp, objective, m["max_kl"], m["cg_iters"])
     except WorkerFailed as exc:  # theta stays; the driver's own errors are not caught here
         print(f"warning: trust-region step skipped, theta unchanged this iteration: {exc}", file=sys.stderr)
-        out = b.get(b.call(fleet.learner, "skip_step"))
+        out = b.get(b.call(fleet.learner, Learner.skip_step))
         return {**out, "trust/error": str(exc)}
     stats = {"kl": res.kl, "step_fraction": res.fraction, "surrogate_gain": res.surrogate_before - res.surrogate_after,
              "cg_residual": res.cg_residual, "full_step_norm": res.full_step_norm}
-    return b.get(b.call(fleet.learner, "assign", res.theta, float(np.linalg.norm(g)), res.accepted, stats),
+    return b.get(b.call(fleet.learner, Learner.assign, res.theta, float(np.linalg.norm(g)), res.accepted, stats),
                  timeout=timeout)
 
 

@@ -16,9 +16,11 @@ from metarl.checkpoint import RunDirError
 from metarl.config import Config
 from metarl.fleet import Fleet, start_fleet
 from metarl.iteration import finite_mean, meta_iteration
+from metarl.learner import Learner
 from metarl.meta import group_sizes, make_groups
 from metarl.stopping import Stopped, StopRequest
 from metarl.tracking import Progress, Tracker, read_metrics
+from metarl.worker import TaskWorker
 
 
 
@@ -80,7 +82,7 @@ def save_checkpoint(fleet: Fleet, out: Path, cfg: Config, rng: np.random.Generat
                     iteration: int) -> Path:
     """The learner's state after exactly `iteration` iterations (also when the one after it was
     abandoned part-way), with the driver's RNG and counters as of then."""
-    lstate = fleet.backend.get(fleet.backend.call(fleet.learner, "state", iteration), timeout=cfg.ray.call_timeout_s)
+    lstate = fleet.backend.get(fleet.backend.call(fleet.learner, Learner.state, iteration), timeout=cfg.ray.call_timeout_s)
     return checkpoint.save(out, {**lstate, "rng": rng.bit_generator.state, "counters": dict(counters),
                                  "config": config_mod.to_dict(cfg)})
 
@@ -99,7 +101,7 @@ def close_fleet(fleet: Fleet, wait: bool = True) -> None:
     workers still busy with an abandoned iteration: ending the backend ends them."""
     for w in fleet.workers if wait else ():
         try:
-            fleet.backend.get(fleet.backend.call(w, "close"), timeout=30)
+            fleet.backend.get(fleet.backend.call(w, TaskWorker.close), timeout=30)
         except Exception:  # noqa: BLE001 - a dead worker has nothing left to close
             pass
     fleet.backend.shutdown()
@@ -128,7 +130,7 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
     start_iter, counters = 0, {"env_steps": 0, "frames": 0, "wall_s": 0.0}
     rng = np.random.default_rng(cfg.meta.seed)
     if state is not None:
-        fleet.backend.get(fleet.backend.call(fleet.learner, "load_state", state))
+        fleet.backend.get(fleet.backend.call(fleet.learner, Learner.load_state, state))
         start_iter = int(state["iteration"])
         rng.bit_generator.state = state["rng"]
         counters.update(state.get("counters", {}))

@@ -80,7 +80,7 @@ class CountingBackend(RayBackend):
 
     calls = 0
 
-    def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
+    def call(self, actor: Any, method: Callable[..., Any], *args: Any, num_returns: int = 1) -> Any:
         self.calls += 1
         return super().call(actor, method, *args, num_returns=num_returns)
 

@@ -12,16 +12,17 @@ from metarl import meta
 from metarl.config import ConfigError
 from metarl.fleet import resolve_grad_on, start_fleet
 from metarl.iteration import meta_iteration
+from metarl.learner import Learner
 
 
 def one_iteration(grad_on: str, skip: int):
     cfg = smoke(**{"meta.grad_on": grad_on, "meta.skip": skip, "loss.grad_chunk": 16})
     fleet = start_fleet(cfg, local=True)
     b = fleet.backend
-    theta0 = b.get(b.call(fleet.learner, "get_theta"))
+    theta0 = b.get(b.call(fleet.learner, Learner.get_theta))
     groups = meta.make_groups(cfg.num_tasks, skip, np.random.default_rng(5))
     rec = meta_iteration(fleet, cfg.tasks.train, groups, "fomaml", timeout=120)
-    theta1 = b.get(b.call(fleet.learner, "get_theta"))
+    theta1 = b.get(b.call(fleet.learner, Learner.get_theta))
     for w in fleet.workers:
         w.close()
     return fleet.grad_on, rec, theta0, theta1

@@ -25,6 +25,7 @@ from metarl.policy import ParamSpec, init_params
 from metarl.seeds import iteration_seed, task_seed
 from metarl.fleet import start_fleet
 from metarl.iteration import meta_iteration
+from metarl.learner import Learner
 from metarl.tasks.nav2d import Nav2dFamily
 from metarl.tasks.sinusoid import SinusoidFamily, task_names
 from metarl.worker import TaskWorker
@@ -290,10 +291,10 @@ def test_meta_iteration_feeds_the_learner_the_right_direction(algo, skip, inner_
     cfg = small_config(algo, skip, inner_steps)
     fleet = start_fleet(cfg, local=True)
     b = fleet.backend
-    theta0 = b.get(b.call(fleet.learner, "get_theta"))
+    theta0 = b.get(b.call(fleet.learner, Learner.get_theta))
     groups = meta.make_groups(cfg.num_tasks, skip, np.random.default_rng(11))
     rec = meta_iteration(fleet, cfg.tasks.train, groups, algo, timeout=60)
-    theta1 = b.get(b.call(fleet.learner, "get_theta"))
+    theta1 = b.get(b.call(fleet.learner, Learner.get_theta))
     expected = reference_direction(cfg, groups, theta0)
     assert rec["tasks_dropped"] == [] and not rec["update_skipped"]
     assert rec["adaptations"] == len(groups)
@@ -316,10 +317,10 @@ def test_stacked_meta_iteration_feeds_the_learner_the_same_direction(algo, skip,
     fleet = start_fleet(cfg, local=True)
     assert fleet.stacked and all(len(w.tasks) == cfg.num_tasks for w in fleet.workers)
     b = fleet.backend
-    theta0 = b.get(b.call(fleet.learner, "get_theta"))
+    theta0 = b.get(b.call(fleet.learner, Learner.get_theta))
     groups = meta.make_groups(cfg.num_tasks, skip, np.random.default_rng(11))
     rec = meta_iteration(fleet, cfg.tasks.train, groups, algo, timeout=60, iteration=7)
-    theta1 = b.get(b.call(fleet.learner, "get_theta"))
+    theta1 = b.get(b.call(fleet.learner, Learner.get_theta))
     expected = reference_direction(cfg, groups, theta0, iteration=7)
     assert rec["tasks_dropped"] == [] and not rec["update_skipped"]
     assert rec["adaptations"] == len(groups)

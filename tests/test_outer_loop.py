@@ -44,12 +44,12 @@ def iterations(cfg, n: int = 1, skip: int = 2, backend=None, worker_cls=TaskWork
     """n meta-iterations with fixed groups; theta before, after, and the metrics rows."""
     fleet = start_fleet(cfg, local=backend is None, backend=backend, worker_cls=worker_cls)
     b = fleet.backend
-    theta0 = b.get(b.call(fleet.learner, "get_theta"))
+    theta0 = b.get(b.call(fleet.learner, Learner.get_theta))
     rng = np.random.default_rng(3)
     recs = [meta_iteration(fleet, cfg.tasks.train, meta.make_groups(cfg.num_tasks, skip, rng), "fomaml", 120, it)
             for it in range(n)]
-    theta = b.get(b.call(fleet.learner, "get_theta"))
-    iteration = b.get(b.call(fleet.learner, "info"))["iteration"]
+    theta = b.get(b.call(fleet.learner, Learner.get_theta))
+    iteration = b.get(b.call(fleet.learner, Learner.info))["iteration"]
     return fleet, theta0, theta, recs, iteration
 
 
@@ -196,7 +196,7 @@ def test_a_worker_killed_between_outer_steps_drops_its_task_for_the_rest(ray_ses
     for rec in recs[1:-1]:  # while Ray restarts the worker, its task is dropped, the others still step
         assert rec["tasks_dropped"] == ["space_invaders"] and rec["outer/steps"] == 4
     assert recs[-1]["tasks_dropped"] == [] and recs[-1]["outer/steps"] == 4, recs[-1]["drop_reasons"]
-    assert fleet.backend.get(fleet.backend.call(fleet.learner, "info"))["iteration"] == len(recs)
+    assert fleet.backend.get(fleet.backend.call(fleet.learner, Learner.info))["iteration"] == len(recs)
 
 
 def test_inner_ppo_takes_several_clipped_steps_that_improve_the_adaptation_batch():

@@ -32,7 +32,7 @@ def test_sweep_and_bench_count_the_rollouts_an_iteration_takes(algo):
         assert not rec["tasks_dropped"], rec["drop_reasons"]
         assert rec["env_steps/adapt"] + rec["env_steps/eval"] == iteration_env_steps(cfg, k), (algo, k)
         assert expected_skip_ratio(cfg.num_tasks, k, 2, algo) == iteration_env_steps(cfg, k) / iteration_env_steps(cfg, 1)
-    theta = fleet.backend.get(fleet.backend.call(fleet.learner, "get_theta"))
+    theta = fleet.backend.get(fleet.backend.call(fleet.learner, BenchLearner.get_theta))
     assert _sampling_only(fleet, cfg, theta)[0] == iteration_env_steps(cfg, 1)
 
 
@@ -309,3 +309,86 @@ def test_joint_pre_training_draws_the_tasks_the_meta_learners_draw(tmp_path, mon
     meta_iteration(fleet, cfg.tasks.train, make_groups(cfg.num_tasks, 1, np.random.default_rng(0)), "fomaml",
                    timeout=60, iteration=3)
     assert all(worker.tasks[n].amplitude != t.amplitude for n, t in recorded.tasks.items())
+
+
+# ---- actor calls name their methods (backend.call) --------------------------------------------------------
+
+ACTOR_CLASSES = ("TaskWorker", "Learner", "BenchWorker", "BenchLearner", "FineTuner")
+PASS_THROUGH = {"method"}
+"""Variables a call may forward its method in (a wrapper's parameter, typed Callable)."""
+REFUSAL_TEST = "test_a_method_named_by_a_string_is_refused_and_subclasses_answer_for_themselves"
+
+
+def _sources():
+    from pathlib import Path
+
+    import metarl
+
+    package = Path(metarl.__file__).parent
+    return sorted([*package.rglob("*.py"), *Path(__file__).parent.glob("*.py")])
+
+
+def _actor_classes() -> dict[str, type]:
+    from metarl import bench, finetune, learner, worker
+
+    return {name: getattr(m, name) for m in (worker, learner, bench, finetune) for name in ACTOR_CLASSES
+            if hasattr(m, name)}
+
+
+def test_every_actor_call_names_a_method_its_class_has():
+    """Every `<backend>.call(actor, method, ...)` in the package and its tests passes the method itself
+    (Class.method), never its name as a string, and every Class.method written anywhere exists: a
+    misspelt method fails here, not as a task dropped at run time."""
+    import ast
+
+    classes = _actor_classes()
+    assert sorted(classes) == sorted(ACTOR_CLASSES)
+    calls = references = 0
+    for path in _sources():
+        tree = ast.parse(path.read_text())
+        refusal = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == REFUSAL_TEST
+                   for n in ast.walk(f)}  # the test below calls with a string on purpose
+        for node in ast.walk(tree):
+            if id(node) in refusal:
+                continue
+            where = f"{path.name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "call" \
+                    and len(node.args) >= 2:
+                m = node.args[1]
+                assert not isinstance(m, (ast.Constant, ast.JoinedStr)), f"{where}: names its method by a string"
+                typed = isinstance(m, ast.Attribute) and isinstance(m.value, ast.Name) and m.value.id in classes
+                forwarded = isinstance(m, ast.Name) and m.id in PASS_THROUGH
+                chosen = isinstance(m, ast.Subscript) and isinstance(m.value, ast.Name) and m.value.id == "LEADER_CALL"
+                assert typed or forwarded or chosen, f"{where}: the method {ast.unparse(m)} is not Class.method"
+                calls += 1
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in classes:
+                assert callable(getattr(classes[node.value.id], node.attr, None)), \
+                    f"{where}: {node.value.id} has no method {node.attr}"
+                references += 1
+    assert calls >= 40 and references >= calls
+
+
+def test_a_method_named_by_a_string_is_refused_and_subclasses_answer_for_themselves():
+    from metarl.backend import LocalBackend
+    from metarl.bench import BenchLearner
+    from metarl.iteration import LEADER_CALL
+    from metarl.learner import Learner
+    from metarl.worker import TaskWorker
+
+    assert LEADER_CALL == {"fomaml": TaskWorker.adapt, "maml": TaskWorker.adapt, "reptile": TaskWorker.reptile}
+
+    class Answer:
+        def info(self):
+            return "base"
+
+    class Override(Answer):
+        def info(self):
+            return "override"
+
+    b = LocalBackend()
+    with pytest.raises(TypeError, match="method itself"):
+        b.call(Answer(), "info")
+    assert b.get(b.call(Override(), Answer.info)) == "override"
+    with pytest.raises(AttributeError):  # an actor without the method fails at the call, not at its result
+        b.call(Answer(), BenchLearner.receive)
+    assert Learner.info.__name__ == "info"
