@@ -133,7 +133,8 @@ def checkpoints(tmp_path_factory):
     minatar = config_mod.validate(config_mod.load(CONFIGS / "minatar.yaml"))
     fake_checkpoint(d / "smoke", smoke())
     fake_checkpoint(d / "minatar", minatar, initial_theta(make_family(minatar), 0))
-    fake_checkpoint(d / "sine", config_mod.validate(config_mod.load(CONFIGS / "sinusoid.yaml")))
+    sine = config_mod.validate(config_mod.load(CONFIGS / "sinusoid.yaml"))
+    fake_checkpoint(d / "sine", sine, initial_theta(make_family(sine), 0))
     return d
 
 
