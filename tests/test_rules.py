@@ -31,9 +31,12 @@ def test_sweep_and_bench_count_the_rollouts_an_iteration_takes(algo):
         rec = meta_iteration(fleet, cfg.tasks.train, make_groups(cfg.num_tasks, k, rng), algo, timeout=120)
         assert not rec["tasks_dropped"], rec["drop_reasons"]
         assert rec["env_steps/adapt"] + rec["env_steps/eval"] == iteration_env_steps(cfg, k), (algo, k)
-        assert expected_skip_ratio(cfg.num_tasks, k, 2, algo) == iteration_env_steps(cfg, k) / iteration_env_steps(cfg, 1)
+        share = iteration_env_steps(cfg, k) / iteration_env_steps(cfg, 1)
+        assert expected_skip_ratio(cfg.num_tasks, k, 2, algo) == share, (algo, k)
     theta = fleet.backend.get(fleet.backend.call(fleet.learner, BenchLearner.get_theta))
     assert _sampling_only(fleet, cfg, theta)[0] == iteration_env_steps(cfg, 1)
+    for w in fleet.workers:
+        w.close()
 
 
 # ---- stacked tasks and learner-side gradients (Config.stacked, Config.grads_can_ship) ------------------
@@ -48,8 +51,8 @@ def family_config(family: str, **overrides):
     if family == "atari":
         return smoke(**overrides)
     cfg = config_mod.load(CONFIGS / f"{family}.yaml")
-    sets = {"tasks.train": FAMILY_TASKS[family], "tasks.resample": False, "meta.outer": "adam", "meta.skip": 1, "ray.workers": 0,
-            "nav2d.episodes": 2, "nav2d.horizon": 5, "log.wandb_mode": "disabled", **overrides}
+    sets = {"tasks.train": FAMILY_TASKS[family], "tasks.resample": False, "meta.outer": "adam", "meta.skip": 1,
+            "ray.workers": 0, "nav2d.episodes": 2, "nav2d.horizon": 5, "log.wandb_mode": "disabled", **overrides}
     for key, value in sets.items():
         cfg = config_mod.override(cfg, key, value)
     return config_mod.validate(cfg)
@@ -90,7 +93,8 @@ def test_validation_and_the_fleet_agree_on_stacking(family, batching):
 @pytest.mark.parametrize("algo", ["fomaml", "maml", "reptile"])
 def test_validation_and_auto_agree_on_where_gradients_can_go(algo, family):
     """meta.grad_on = learner is accepted exactly where auto would put the gradients on a GPU
-    learner (first-order game batches, fomaml on atari), and the meta-iteration ships exactly then."""
+    learner (first-order game batches, fomaml on atari), and the algorithm trait the meta-iteration
+    asks before shipping (Algorithm.ships) says the same of the algorithm."""
     from metarl.algorithms import ALGORITHMS
     from metarl.config import ConfigError
     from metarl.fleet import resolve_grad_on
