@@ -15,7 +15,7 @@ import torch
 
 from metarl import meta, ppo
 from metarl.config import Config
-from metarl.learner import initial_theta, lr_factor  # noqa: F401 - initial_theta: imported from here too
+from metarl.learner import lr_factor
 from metarl.policy import Params, ParamSpec, params_device
 from metarl.ppo import finite
 from metarl.tasks.base import Task, TaskFamily

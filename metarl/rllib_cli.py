@@ -14,7 +14,7 @@ import numpy as np
 from metarl import config as config_mod
 from metarl.cliargs import (add_cluster_args, add_config_args, add_finetune_args, add_out_arg, add_steps_arg, claim_out,
                             resolve_config, retire)
-from metarl.finetune import initial_theta
+from metarl.learner import initial_theta
 from metarl.tasks import make_family
 from metarl.tracking import Tracker
 

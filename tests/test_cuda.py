@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from metarl import config as config_mod
-from metarl.finetune import FineTuneLearner, FineTuner, initial_theta
+from metarl.finetune import FineTuneLearner, FineTuner
+from metarl.learner import initial_theta
 from metarl.learner import Learner
 from metarl.policy import ParamSpec
 from metarl.tasks import make_family

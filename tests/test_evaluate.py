@@ -13,7 +13,8 @@ import torch
 from metarl import checkpoint, config as config_mod, meta
 from metarl.cli import main
 from metarl.evaluate import EvalSpec, curve, curve_steps, nan_stats, run_jobs, running_return, score
-from metarl.finetune import FineTuneLearner, finetune, initial_theta
+from metarl.finetune import FineTuneLearner, finetune
+from metarl.learner import initial_theta
 from metarl.policy import ParamSpec
 from metarl.run import run
 from metarl.tasks import make_family

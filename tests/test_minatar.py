@@ -15,7 +15,8 @@ from metarl import config as config_mod
 from metarl.cli import main
 from metarl.families import MINATAR_GAMES
 from metarl.evaluate import EvalSpec, assemble
-from metarl.finetune import FineTuneLearner, finetune, initial_theta
+from metarl.finetune import FineTuneLearner, finetune
+from metarl.learner import initial_theta
 from metarl.policy import MINATAR_CHANNELS, NUM_MINATAR_ACTIONS, init_params
 from metarl.run import run
 from metarl.tasks import make_family

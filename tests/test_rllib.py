@@ -37,7 +37,7 @@ def config_of(family: str):
 
 
 def fresh_theta(family: str) -> np.ndarray:
-    from metarl.finetune import initial_theta
+    from metarl.learner import initial_theta
     from metarl.tasks import make_family
 
     return initial_theta(make_family(config_of(family)), seed=0)
@@ -213,7 +213,7 @@ def test_ppo_starts_from_theta_and_checkpoints(ray_local, tmp_path):
 def test_ppo_command_takes_finetune_and_meta_seed(ray_local, tmp_path, capsys):
     """`metarl ppo --local`: PPO's settings are the checkpoint's finetune section under --lr, --epochs
     and --set, --seed is meta.seed (the fresh network's and RLlib's); what RLlib cannot do is refused."""
-    from metarl.finetune import initial_theta
+    from metarl.learner import initial_theta
     from metarl.tasks import make_family
     from metarl.tracking import read_metrics
 
