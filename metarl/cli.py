@@ -10,11 +10,14 @@ import os
 import sys
 from pathlib import Path
 
-from metarl import bench, config as config_mod, curves, dashboard, evaluate, fewshot_cli, probe, rllib_cli, sweep, training
+from metarl.tools import bench
+from metarl.core import config as config_mod
+from metarl.experiments import curves, dashboard, evaluate, fewshot_cli, probe, sweep, training
+from metarl.interop import rllib_cli
 from metarl.cliargs import (USAGE_ERRORS, Parser, add_cluster_args, add_config_args, add_out_arg, check_cluster_args,
                             claim_out, config_flag, default_out, resolve_config)
-from metarl.run import run
-from metarl.stopping import Stopped, resume_command
+from metarl.distributed.run import run
+from metarl.distributed.stopping import Stopped, resume_command
 
 SUBCOMMAND_MODULES = (evaluate, sweep, dashboard, bench, fewshot_cli, curves, probe, rllib_cli, training)
 

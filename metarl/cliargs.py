@@ -18,8 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from metarl import config as config_mod
-from metarl.checkpoint import CheckpointError, RunDirError
+from metarl.core import config as config_mod
+from metarl.core.checkpoint import CheckpointError, RunDirError
 
 USAGE_ERRORS: tuple[type[BaseException], ...] = (config_mod.ConfigError, CheckpointError, RunDirError)
 """Bad input: printed as `metarl: error: ...`, exit code 2."""

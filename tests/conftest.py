@@ -37,7 +37,7 @@ PER_ROLLOUT = 4 * 16  # smoke config: num_envs x rollout_len
 
 def smoke(**overrides):
     """configs/smoke.yaml with W&B off, no progress lines, and `section.key=value` overrides."""
-    from metarl import config as config_mod
+    from metarl.core import config as config_mod
 
     cfg = config_mod.load(CONFIGS / "smoke.yaml")
     for k, v in {"log.wandb_mode": "disabled", "log.progress": False, **overrides}.items():
@@ -57,7 +57,7 @@ def one_update(task, model, theta, batch, learner):
     the loss on that batch before and after, and the updated parameters."""
     import torch
 
-    from metarl.finetune import make_optimizer, update
+    from metarl.experiments.finetune import make_optimizer, update
 
     params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
     with torch.no_grad():

@@ -43,8 +43,8 @@ def test_expected_skip_ratio_is_the_share_of_rollouts_skip_k_keeps():
     (N = 12, S = 1) and S = 3."""
     import numpy as np
 
-    from metarl.bench import expected_skip_ratio
-    from metarl.meta import make_groups
+    from metarl.tools.bench import expected_skip_ratio
+    from metarl.core.meta import make_groups
 
     rng = np.random.default_rng(0)
     for n in (3, 6, 7, 12):
@@ -102,7 +102,7 @@ def test_learner_bench_times_every_piece_of_work_and_refuses_a_missing_device(tm
     import torch
 
     from metarl.cli import main
-    from metarl.learner_bench import LABELS
+    from metarl.tools.learner_bench import LABELS
 
     out = tmp_path / "learner"
     assert main(["bench", "--suite", "learner", "--devices", "cpu", "--evaluations", "1", "--min-seconds", "0",

@@ -149,7 +149,7 @@ def test_help_config_documents_every_key():
     # (docs are printed whitespace-collapsed, so the last "  # " of a line starts the doc)
     import dataclasses
 
-    from metarl.config import Config
+    from metarl.core.config import Config
 
     listed: dict[str, dict[str, str]] = {}
     section = None
@@ -185,7 +185,7 @@ def test_every_enumerated_field_is_checked_whatever_builds_the_config():
     import dataclasses
     import typing
 
-    from metarl import config as config_mod
+    from metarl.core import config as config_mod
 
     cfg = config_mod.Config()
     checked = 0

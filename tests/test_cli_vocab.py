@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from metarl import checkpoint, config as config_mod
+from metarl.core import checkpoint, config as config_mod
 from metarl.cli import build_parser, main
 from metarl.cliargs import resolve_config
 
@@ -126,7 +126,7 @@ def test_every_command_that_writes_results_refuses_a_directory_with_files(comman
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Checkpoints whose config is what matters here (theta: the right size where it is read)."""
-    from metarl.learner import initial_theta
+    from metarl.distributed.learner import initial_theta
     from metarl.tasks import make_family
 
     d = tmp_path_factory.mktemp("ckpts")

@@ -28,7 +28,7 @@ import jsonschema
 import pytest
 import yaml
 
-from metarl import config as config_mod
+from metarl.core import config as config_mod
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

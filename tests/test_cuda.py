@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from metarl import config as config_mod
-from metarl.finetune import FineTuneLearner, FineTuner
-from metarl.learner import initial_theta
-from metarl.learner import Learner
-from metarl.policy import ParamSpec
+from metarl.core import config as config_mod
+from metarl.experiments.finetune import FineTuneLearner, FineTuner
+from metarl.distributed.learner import initial_theta
+from metarl.distributed.learner import Learner
+from metarl.core.policy import ParamSpec
 from metarl.tasks import make_family
 from metarl.tasks.base import batch_to_wire
-from metarl.worker import TaskWorker
+from metarl.distributed.worker import TaskWorker
 
 from conftest import CONFIGS
 
@@ -82,8 +82,8 @@ def test_finetuner_learns_on_cuda_with_ppo_in_bf16(path, game):
 def ppo_loss_before_after(family, model, learner, game):
     """PPO's loss on one whole rollout, before and after the learner's epochs x minibatches updates
     on it (the fine-tuner's code path, its device and autocast)."""
-    from metarl import meta
-    from metarl.evaluate import make_optimizer, ppo_updates
+    from metarl.core import meta
+    from metarl.experiments.evaluate import make_optimizer, ppo_updates
 
     task = family.make_task(game, 1)
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from metarl.cli import main
-from metarl.curves import Episodes
+from metarl.experiments.curves import Episodes
 
 
 def test_running_mean_and_value_at_frames():

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from metarl import checkpoint, config as config_mod, meta
+from metarl.core import checkpoint, config as config_mod, meta
 from metarl.cli import main
-from metarl.evaluate import EvalSpec, curve, curve_steps, nan_stats, run_jobs, running_return, score
-from metarl.finetune import FineTuneLearner, finetune
-from metarl.learner import initial_theta
-from metarl.policy import ParamSpec
-from metarl.run import run
+from metarl.experiments.evaluate import EvalSpec, curve, curve_steps, nan_stats, run_jobs, running_return, score
+from metarl.experiments.finetune import FineTuneLearner, finetune
+from metarl.distributed.learner import initial_theta
+from metarl.core.policy import ParamSpec
+from metarl.distributed.run import run
 from metarl.tasks import make_family
-from metarl.tracking import read_metrics
+from metarl.distributed.tracking import read_metrics
 
 from conftest import PER_ROLLOUT, assert_png, one_update, smoke
 
@@ -137,7 +137,7 @@ def test_eval_command_writes_curves_tables_pngs_and_records(trained_run, tmp_pat
 def test_eval_flags_reach_the_finetuner(trained_run, tmp_path, monkeypatch):
     """--optimizer, --lr and --set finetune.* make the fine-tuner, --threshold the steps-to-threshold
     score, --workers the number of fine-tuning actors."""
-    from metarl import evaluate as evaluate_mod
+    from metarl.experiments import evaluate as evaluate_mod
 
     seen, real = {}, evaluate_mod.run_jobs
 
@@ -204,7 +204,7 @@ def test_ray_actors_give_the_same_curves_as_local(own_ray):
 
 
 def test_fewshot_counts_diverged_tasks_from_their_first_bad_step():
-    from metarl.fewshot import diverged
+    from metarl.experiments.fewshot import diverged
 
     c = np.array([[1.0, 0.5, 0.4], [2.0, 5000.0, 1.0], [1.0, math.nan, 0.3], [3.0, 2.0, math.inf]])
     assert diverged(c, "sinusoid").sum(0).tolist() == [0, 2, 3]
@@ -212,7 +212,7 @@ def test_fewshot_counts_diverged_tasks_from_their_first_bad_step():
 
 
 def test_fewshot_pools_training_runs_with_a_t_interval_over_runs():
-    from metarl.fewshot import over_training_runs
+    from metarl.experiments.fewshot import over_training_runs
 
     rows = [{"init": f"m [{i}]", "K": None, "inner_lr": 0.5, "later_lr": [0.1], "later_from_step": 2, "tasks": 40,
              "mean": {0: v, 1: 2 * v}, "ci95": {0: 0.1, 1: 0.1}, "diverged": {0: 0, 1: i}}

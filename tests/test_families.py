@@ -15,15 +15,17 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO, assert_png
-from metarl import config as config_mod, fewshot, fewshot_cli, pretrain, profiling
-from metarl.config import Config, ConfigError, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
-from metarl.losses import gae
-from metarl.meta import make_groups
-from metarl.policy import init_params
-from metarl.run import run
+from metarl.core import config as config_mod
+from metarl.experiments import fewshot, fewshot_cli, pretrain
+from metarl.distributed import profiling
+from metarl.core.config import Config, ConfigError, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
+from metarl.core.losses import gae
+from metarl.core.meta import make_groups
+from metarl.core.policy import init_params
+from metarl.distributed.run import run
 from metarl.tasks.nav2d import Nav2dFamily, advantages, discounted, goal_of
 from metarl.tasks.sinusoid import SinusoidFamily, curve, task_names
-from metarl.tracking import read_metrics
+from metarl.distributed.tracking import read_metrics
 
 # ---- definitions ---------------------------------------------------------------------------------------
 
@@ -256,7 +258,7 @@ def test_log_every_writes_one_averaged_row_per_window(tmp_path):
 
 
 def test_deal_groups_balances_whole_groups():
-    from metarl.iteration import deal_groups
+    from metarl.distributed.iteration import deal_groups
 
     groups = make_groups(10, 3, np.random.default_rng(0))  # sizes 3, 3, 3, 1
     shares = deal_groups(groups, 2)
@@ -266,9 +268,9 @@ def test_deal_groups_balances_whole_groups():
 
 
 def test_a_failing_stacked_worker_drops_its_groups_and_the_rest_updates(tmp_path):
-    from metarl.fleet import start_fleet
-    from metarl.iteration import meta_iteration
-    from metarl.worker import TaskWorker
+    from metarl.distributed.fleet import start_fleet
+    from metarl.distributed.iteration import meta_iteration
+    from metarl.distributed.worker import TaskWorker
 
     class Flaky(TaskWorker):
         calls = 0
@@ -295,7 +297,7 @@ def test_stacked_run_resumed_midway_ends_where_an_uninterrupted_one_does(tmp_pat
     Bit for bit on any CPU: both runs are in this process (local actors, called in a fixed order), the
     checkpoint stores float32 theta and Adam's state losslessly, and so the resumed run repeats the
     same float operations on the same inputs with the same kernels. (Two machines need not agree.)"""
-    from metarl import checkpoint
+    from metarl.core import checkpoint
 
     whole = dataclasses.replace(_tiny_sine(), meta=dataclasses.replace(_tiny_sine().meta, iterations=6, checkpoint_every=3))
     run(whole, tmp_path / "whole", local=True, log=lambda *_: None)
@@ -315,7 +317,7 @@ def test_trust_region_run_resumed_midway_ends_where_an_uninterrupted_one_does(tm
     the iteration: a nav2d TRPO run stopped after 2 iterations and resumed to 4 ends at the same theta,
     bit for bit on any CPU for the reasons above (one process, fixed order, lossless checkpoint; the
     driver's CG and line search are deterministic float64 code)."""
-    from metarl import checkpoint
+    from metarl.core import checkpoint
 
     cfg = config_mod.load(CONFIGS / "nav2d.yaml")
     for key, value in (("tasks.train", "[goal-0, goal-1, goal-2, goal-3]"), ("nav2d.episodes", 3),

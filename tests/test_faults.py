@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 
-from metarl import checkpoint, config as config_mod
-from metarl.run import run
-from metarl.tracking import read_metrics
+from metarl.core import checkpoint, config as config_mod
+from metarl.distributed.run import run
+from metarl.distributed.tracking import read_metrics
 
 from conftest import CONFIGS, REPO, smoke
 
@@ -177,7 +177,7 @@ def test_lost_node_is_survived(tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from metarl.backend import RayBackend
+    from metarl.distributed.backend import RayBackend
 
     if ray.is_initialized():
         ray.shutdown()
@@ -275,7 +275,7 @@ def test_a_task_down_longer_than_task_downtime_s_stops_the_run(tmp_path, monkeyp
     down for ray.task_downtime_s, then stops with one message that names it and how to resume."""
     import pytest
 
-    from metarl.worker import TaskWorker
+    from metarl.distributed.worker import TaskWorker
 
     real = TaskWorker.adapt
 

@@ -9,10 +9,10 @@ import csv
 import pytest
 import torch
 
-from metarl import config as config_mod, meta
+from metarl.core import config as config_mod, meta
 from metarl.cli import main
-from metarl.finetune import FineTuneLearner, finetune, make_optimizer, ppo_updates
-from metarl.policy import init_params
+from metarl.experiments.finetune import FineTuneLearner, finetune, make_optimizer, ppo_updates
+from metarl.core.policy import init_params
 from metarl.tasks import make_family
 
 from conftest import CONFIGS
@@ -84,7 +84,7 @@ def test_a_ppo_budget_run_anneals_the_step_size_and_reports_kl(monkeypatch):
         seen.append((lr, opt.param_groups[0]["lr"]))
         return real_update(task, model, params, batch, learner, opt, lr, gen)
 
-    monkeypatch.setattr("metarl.finetune.ppo_updates", spy)
+    monkeypatch.setattr("metarl.experiments.finetune.ppo_updates", spy)
     lines: list[str] = []
     learner = FineTuneLearner("adam", 1e-3, 0.5, epochs=2, minibatches=2, clip=0.2, lr_decay="linear", bf16=True)
     trace, after = finetune(family.make_task("space_invaders", 0), model, theta, learner, budget=512,

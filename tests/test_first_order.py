@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from metarl import meta
-from metarl.config import EnvConfig, LossConfig
-from metarl.learner import Learner
-from metarl.policy import NatureCNN, ParamSpec, init_params
+from metarl.core import meta
+from metarl.core.config import EnvConfig, LossConfig
+from metarl.distributed.learner import Learner
+from metarl.core.policy import NatureCNN, ParamSpec, init_params
 from metarl.tasks.atari import AtariFamily
-from metarl.worker import TaskWorker
+from metarl.distributed.worker import TaskWorker
 
 ENV = EnvConfig(num_envs=2, rollout_len=6)
 FAMILY = AtariFamily(ENV, LossConfig())
@@ -193,7 +193,7 @@ def test_learner_clips_the_averaged_gradient_before_adam():
 def test_outer_lr_schedule_follows_the_iteration_and_survives_a_resume():
     """Cosine decay: the step size the learner uses is beta * (1 + cos(pi t / T)) / 2, logged per
     step, and a learner restored from a mid-run state continues the schedule where it was."""
-    from metarl.learner import lr_factor
+    from metarl.distributed.learner import lr_factor
 
     total, g = 4, np.ones(ParamSpec.of(NatureCNN()).numel, dtype=np.float32)
     learner = Learner(FAMILY, 0, outer_lr=1e-3, max_grad_norm=1e9, device="cpu", lr_decay="cosine",

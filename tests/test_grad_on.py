@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import smoke
-from metarl import meta
-from metarl.config import ConfigError
-from metarl.fleet import resolve_grad_on, start_fleet
-from metarl.iteration import meta_iteration
-from metarl.learner import Learner
+from metarl.core import meta
+from metarl.core.config import ConfigError
+from metarl.distributed.fleet import resolve_grad_on, start_fleet
+from metarl.distributed.iteration import meta_iteration
+from metarl.distributed.learner import Learner
 
 
 def one_iteration(grad_on: str, skip: int):

@@ -8,15 +8,15 @@ import dataclasses
 import numpy as np
 import pytest
 
-from metarl import checkpoint, config as config_mod
-from metarl.config import Config, MetaConfig, SinusoidConfig, TasksConfig
-from metarl.meta import make_groups
-from metarl.fleet import start_fleet
-from metarl.iteration import meta_iteration
-from metarl.run import run
+from metarl.core import checkpoint, config as config_mod
+from metarl.core.config import Config, MetaConfig, SinusoidConfig, TasksConfig
+from metarl.core.meta import make_groups
+from metarl.distributed.fleet import start_fleet
+from metarl.distributed.iteration import meta_iteration
+from metarl.distributed.run import run
 from metarl.tasks.sinusoid import task_names
-from metarl.tracking import read_metrics
-from metarl.worker import TaskWorker
+from metarl.distributed.tracking import read_metrics
+from metarl.distributed.worker import TaskWorker
 
 
 def final_theta(out) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metarl.meta import group_sizes, make_groups
+from metarl.core.meta import group_sizes, make_groups
 
 
 @pytest.mark.parametrize("n,k", [(12, 1), (12, 2), (12, 3), (12, 4), (12, 6), (12, 12), (12, 5), (7, 3), (3, 2)])

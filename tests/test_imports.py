@@ -54,7 +54,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert "metarl.run" in graph["metarl.cli"] and "metarl.cliargs" in graph["metarl.evaluate"]
+    assert "metarl.distributed.run" in graph["metarl.cli"] and "metarl.cliargs" in graph["metarl.experiments.evaluate"]
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
@@ -62,3 +62,25 @@ def test_the_import_graph_has_no_cycle():
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+LAYERS = {"core": 0, "tasks": 0, "distributed": 1, "cliargs": 2, "experiments": 3, "interop": 3, "tools": 4, "cli": 5,
+          "__main__": 5}
+"""The package's layers, lowest first: the mathematics and the environments, the distributed run,
+the commands' shared flags, the experiments and the RLlib interop, the benchmarks, the command
+line. A module may import its own layer or lower ones, never a higher one."""
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return "package" if len(parts) == 1 else parts[1]
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_its_own_or_lower_ones():
+    graph = import_graph()
+    for name in graph:
+        assert layer(name) in LAYERS or layer(name) == "package", f"{name} is in no layer (folders: {sorted(LAYERS)})"
+    upward = [f"{m} ({layer(m)}) imports {n} ({layer(n)})" for m, targets in graph.items() for n in targets
+              if layer(m) in LAYERS and layer(n) in LAYERS and LAYERS[layer(n)] > LAYERS[layer(m)]]
+    assert upward == [], "\n".join(upward)
+    assert {layer(m) for m in graph} >= {"core", "distributed", "experiments", "tools", "interop"}

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from metarl.losses import actor_critic_loss, gae, mse, ppo_loss
+from metarl.core.losses import actor_critic_loss, gae, mse, ppo_loss
 
 
 def gae_reference(r, v, done, v_last, gamma, lam):

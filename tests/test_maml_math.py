@@ -6,7 +6,7 @@ The post-adaptation objective with task skipping, for a group led by task i with
 
 with every batch D held FIXED (collected once by the real code), so F is a deterministic function
 of theta and its gradient can be checked by central differences in float64. The real functions
-(metarl.meta.adapt / loss_grad / maml_backward, TaskWorker.adapt / evaluate / maml_correct /
+(metarl.core.meta.adapt / loss_grad / maml_backward, TaskWorker.adapt / evaluate / maml_correct /
 reptile, and run.meta_iteration) are what is tested; the references below are deliberately slow.
 """
 
@@ -18,17 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from metarl import meta
-from metarl.config import Config, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
-from metarl.meta import Group
-from metarl.policy import ParamSpec, init_params
-from metarl.seeds import iteration_seed, task_seed
-from metarl.fleet import start_fleet
-from metarl.iteration import meta_iteration
-from metarl.learner import Learner
+from metarl.core import meta
+from metarl.core.config import Config, LossConfig, MetaConfig, Nav2dConfig, SinusoidConfig, TasksConfig
+from metarl.core.meta import Group
+from metarl.core.policy import ParamSpec, init_params
+from metarl.core.seeds import iteration_seed, task_seed
+from metarl.distributed.fleet import start_fleet
+from metarl.distributed.iteration import meta_iteration
+from metarl.distributed.learner import Learner
 from metarl.tasks.nav2d import Nav2dFamily
 from metarl.tasks.sinusoid import SinusoidFamily, task_names
-from metarl.worker import TaskWorker
+from metarl.distributed.worker import TaskWorker
 
 SINE = SinusoidFamily(SinusoidConfig(k_shot=6, hidden=(6, 5)))
 NAV = Nav2dFamily(Nav2dConfig(episodes=3, horizon=8, hidden=(6,), init_log_std=-1.0), LossConfig(ent_coef=0.01))

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from metarl import config as config_mod
+from metarl.core import config as config_mod
 from metarl.cli import main
-from metarl.families import MINATAR_GAMES
-from metarl.evaluate import EvalSpec, assemble
-from metarl.finetune import FineTuneLearner, finetune
-from metarl.learner import initial_theta
-from metarl.policy import MINATAR_CHANNELS, NUM_MINATAR_ACTIONS, init_params
-from metarl.run import run
+from metarl.core.families import MINATAR_GAMES
+from metarl.experiments.evaluate import EvalSpec, assemble
+from metarl.experiments.finetune import FineTuneLearner, finetune
+from metarl.distributed.learner import initial_theta
+from metarl.core.policy import MINATAR_CHANNELS, NUM_MINATAR_ACTIONS, init_params
+from metarl.distributed.run import run
 from metarl.tasks import make_family
-from metarl.tracking import read_metrics
+from metarl.distributed.tracking import read_metrics
 
 from conftest import CONFIGS, assert_png, one_update
 
@@ -142,7 +142,7 @@ def test_one_finetuning_update_lowers_the_loss_and_favours_good_actions():
     advantage-weighted log-probability of the actions taken (recomputed here from GAE). Measured
     decreases: 4e-4 of a 0.065 loss, 7e-6 to 1.6e-5 for the policy term alone, against a float32
     rounding of the 512-sample mean below 2e-7: the outcome does not depend on the CPU."""
-    from metarl.losses import gae
+    from metarl.core.losses import gae
 
     for coefs in ({}, {"loss.vf_coef": 0.0, "loss.ent_coef": 0.0}):
         cfg = minatar(**{"env.num_envs": 16, "env.rollout_len": 32, **coefs})
@@ -234,7 +234,7 @@ def test_fresh_init_of_the_family_is_seeded():
 
 
 def test_pooling_normalises_by_the_fresh_final_return_and_pairs_by_seed():
-    from metarl.folds import pool
+    from metarl.experiments.folds import pool
 
     cost = {"env_steps": 100, "env_steps_adapt": 50, "env_steps_eval": 50, "wall_s": 1.0}
     rows = []

@@ -1,4 +1,4 @@
-"""PPO's outer loop (metarl.outer): meta.outer_epochs x outer_minibatches clipped Adam steps per
+"""PPO's outer loop (metarl.core.outer): meta.outer_epochs x outer_minibatches clipped Adam steps per
 meta-iteration on the members' evaluation rollouts, theta' following theta by the shift or the
 exact rule, computed on the workers (one round trip per step) or all on the learner. Real MinAtar
 rollouts, real torch gradients; the fault test kills a real Ray worker between outer steps."""
@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from metarl import config as config_mod, meta, outer
-from metarl.config import ConfigError
-from metarl.fleet import outer_plan, start_fleet
-from metarl.iteration import meta_iteration
-from metarl.learner import Learner
-from metarl.losses import actor_critic_loss, ppo_loss
-from metarl.policy import init_params
+from metarl.core import config as config_mod, meta, outer
+from metarl.core.config import ConfigError
+from metarl.distributed.fleet import outer_plan, start_fleet
+from metarl.distributed.iteration import meta_iteration
+from metarl.distributed.learner import Learner
+from metarl.core.losses import actor_critic_loss, ppo_loss
+from metarl.core.policy import init_params
 from metarl.tasks import make_family
-from metarl.worker import TaskWorker
+from metarl.distributed.worker import TaskWorker
 
 from conftest import CONFIGS
 
@@ -176,7 +176,7 @@ def test_a_worker_killed_between_outer_steps_drops_its_task_for_the_rest(ray_ses
 
     from ray import cloudpickle
 
-    from metarl.backend import RayBackend
+    from metarl.distributed.backend import RayBackend
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor class travels with its code
 
@@ -204,7 +204,7 @@ def test_inner_ppo_takes_several_clipped_steps_that_improve_the_adaptation_batch
     leader's rollout. From the same rollout, theta' moves the policy further than the one
     actor-critic step of the MAML form and raises the importance-weighted advantage on that
     rollout more; the refusal names the first-order settings it needs."""
-    from metarl.policy import forward
+    from metarl.core.policy import forward
 
     cfg = config_mod.validate(config_mod.override(config_mod.override(
         config_mod.load(CONFIGS / "minatar.yaml"), "env.num_envs", 8), "env.rollout_len", 32))

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import CONFIGS
 from metarl.cli import main
-from metarl.probe import kl_match
+from metarl.experiments.probe import kl_match
 
 pytest.importorskip("minatar")
 

@@ -1,4 +1,4 @@
-"""theta as an RLlib RLModule (metarl.rllib_module): the exported module computes metarl's forward
+"""theta as an RLlib RLModule (metarl.interop.rllib_module): the exported module computes metarl's forward
 at theta, RLlib's loader gives it back, and RLlib's PPO starts from it on metarl's own games."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import CONFIGS, smoke
-from metarl import checkpoint, cli, config as config_mod
-from metarl.policy import ParamSpec, forward
-from metarl.rllib_module import (AtariGame, MetarlModule, MinAtarGame, PPOLearner, build_module, export,
+from metarl.core import checkpoint, config as config_mod
+from metarl import cli
+from metarl.core.policy import ParamSpec, forward
+from metarl.interop.rllib_module import (AtariGame, MetarlModule, MinAtarGame, PPOLearner, build_module, export,
                                  finetune_ppo, network, ppo_config, spaces)
 
 pytest.importorskip("minatar")
@@ -37,7 +38,7 @@ def config_of(family: str):
 
 
 def fresh_theta(family: str) -> np.ndarray:
-    from metarl.learner import initial_theta
+    from metarl.distributed.learner import initial_theta
     from metarl.tasks import make_family
 
     return initial_theta(make_family(config_of(family)), seed=0)
@@ -45,7 +46,7 @@ def fresh_theta(family: str) -> np.ndarray:
 
 def trained_theta(family: str) -> np.ndarray:
     """theta after metarl's own fine-tuner (Adam, 3 rollouts of a real game): weights that moved."""
-    from metarl.finetune import FineTuneLearner, finetune
+    from metarl.experiments.finetune import FineTuneLearner, finetune
     from metarl.tasks import make_family
 
     fam = make_family(config_of(family))
@@ -166,7 +167,7 @@ def test_export_refuses_bad_input(tmp_path, capsys):
 def test_games_follow_metarl_protocol():
     """The gymnasium envs RLlib steps are metarl's emulators: the same first observation for a seed,
     clipped training reward with the raw one in info (Atari), raw rewards on MinAtar."""
-    from metarl.config import EnvConfig
+    from metarl.core.config import EnvConfig
     from metarl.tasks.atari import make_vector_env
     from metarl.tasks.minatar import MinAtarTask
 
@@ -213,9 +214,9 @@ def test_ppo_starts_from_theta_and_checkpoints(ray_local, tmp_path):
 def test_ppo_command_takes_finetune_and_meta_seed(ray_local, tmp_path, capsys):
     """`metarl ppo --local`: PPO's settings are the checkpoint's finetune section under --lr, --epochs
     and --set, --seed is meta.seed (the fresh network's and RLlib's); what RLlib cannot do is refused."""
-    from metarl.learner import initial_theta
+    from metarl.distributed.learner import initial_theta
     from metarl.tasks import make_family
-    from metarl.tracking import read_metrics
+    from metarl.distributed.tracking import read_metrics
 
     cfg = minatar_cfg()
     write_checkpoint(tmp_path / "run", cfg, trained_theta("minatar"))

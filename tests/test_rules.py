@@ -10,7 +10,7 @@ import pytest
 from conftest import CONFIGS, smoke
 
 
-# ---- rollouts per meta-iteration (metarl.algorithms) -------------------------------------------------
+# ---- rollouts per meta-iteration (metarl.core.algorithms) -------------------------------------------------
 
 
 @pytest.mark.parametrize("algo", ["fomaml", "maml", "reptile"])
@@ -18,11 +18,11 @@ def test_sweep_and_bench_count_the_rollouts_an_iteration_takes(algo):
     """The env steps a local meta-iteration really samples, at skip 1, 2 and 3 with S = 2, are what
     the sweep budgets (iteration_env_steps), what the bench's expected skip ratio divides, and
     what the bench's sampling-only baseline samples at skip 1 (Reptile evaluates nothing)."""
-    from metarl.bench import BenchLearner, BenchWorker, _sampling_only, expected_skip_ratio
-    from metarl.fleet import start_fleet
-    from metarl.iteration import meta_iteration
-    from metarl.meta import make_groups
-    from metarl.sweep import iteration_env_steps
+    from metarl.tools.bench import BenchLearner, BenchWorker, _sampling_only, expected_skip_ratio
+    from metarl.distributed.fleet import start_fleet
+    from metarl.distributed.iteration import meta_iteration
+    from metarl.core.meta import make_groups
+    from metarl.experiments.sweep import iteration_env_steps
 
     cfg = smoke(**{"meta.algo": algo, "meta.inner_steps": 2})
     fleet = start_fleet(cfg, True, None, BenchWorker, BenchLearner)
@@ -46,7 +46,7 @@ FAMILY_TASKS = {"sinusoid": "[sine-0, sine-1, sine-2]", "nav2d": "[goal-0, goal-
 
 def family_config(family: str, **overrides):
     """A validated config of `family` with three tasks (raises ConfigError where validation refuses)."""
-    from metarl import config as config_mod
+    from metarl.core import config as config_mod
 
     if family == "atari":
         return smoke(**overrides)
@@ -68,8 +68,8 @@ STACKED = {("sinusoid", "auto"): True, ("sinusoid", "stacked"): True, ("sinusoid
 def test_validation_and_the_fleet_agree_on_stacking(family, batching):
     """What validation assumes of a run's stacking (tasks.resample needs it) is what the fleet
     starts: every worker holding every task, whole groups in one call."""
-    from metarl.config import ConfigError
-    from metarl.fleet import start_fleet
+    from metarl.core.config import ConfigError
+    from metarl.distributed.fleet import start_fleet
 
     if STACKED[family, batching] is None:
         with pytest.raises(ConfigError, match="task_batching = stacked"):
@@ -95,9 +95,9 @@ def test_validation_and_auto_agree_on_where_gradients_can_go(algo, family):
     """meta.grad_on = learner is accepted exactly where auto would put the gradients on a GPU
     learner (first-order game batches, fomaml on atari), and the algorithm trait the meta-iteration
     asks before shipping (Algorithm.ships) says the same of the algorithm."""
-    from metarl.algorithms import ALGORITHMS
-    from metarl.config import ConfigError
-    from metarl.fleet import resolve_grad_on
+    from metarl.core.algorithms import ALGORITHMS
+    from metarl.core.config import ConfigError
+    from metarl.distributed.fleet import resolve_grad_on
 
     cfg = family_config(family, **{"meta.algo": algo})
     try:
@@ -110,7 +110,7 @@ def test_validation_and_auto_agree_on_where_gradients_can_go(algo, family):
     assert ALGORITHMS[algo].ships == (algo == "fomaml")  # what the meta-iteration asks before shipping
 
 
-# ---- CPUs and GPUs a run asks for (metarl.fleet: run_cpus, run_gpus) ---------------------------------
+# ---- CPUs and GPUs a run asks for (metarl.distributed.fleet: run_cpus, run_gpus) ---------------------------------
 
 
 @pytest.mark.parametrize("learner_gpus,gpus_per_worker", [("auto", 0.0), ("0", 0.25), ("1", 0.0), ("auto", 0.25)])
@@ -120,8 +120,8 @@ def test_sweep_runs_configurations_side_by_side_only_where_each_keeps_its_shares
     run as the fleet plans it: the CPUs without shrinking any share, and the GPUs it would take."""
     import ray
 
-    from metarl.fleet import LEARNER_CPUS, plan_resources
-    from metarl.sweep import side_by_side
+    from metarl.distributed.fleet import LEARNER_CPUS, plan_resources
+    from metarl.experiments.sweep import side_by_side
 
     cfg = smoke(**{"ray.address": "ray://head:10001", "ray.learner_gpus": learner_gpus,
                    "ray.gpus_per_worker": gpus_per_worker, "ray.cpus_per_worker": 0.5})
@@ -136,7 +136,7 @@ def test_sweep_runs_configurations_side_by_side_only_where_each_keeps_its_shares
             assert side_by_side(cfg, n, local=False)[0] == (keeps_cpus and fits_gpus), (cpus, gpus)
 
 
-# ---- the fresh network (metarl.learner.initial_params) ------------------------------------------------
+# ---- the fresh network (metarl.distributed.learner.initial_params) ------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["sinusoid", "nav2d", "atari"])
@@ -146,9 +146,9 @@ def test_every_fresh_network_is_the_learners_init_bit_for_bit(family):
     whatever the global RNG did before."""
     import torch
 
-    from metarl import fewshot
-    from metarl.learner import Learner, initial_params, initial_theta
-    from metarl.policy import ParamSpec
+    from metarl.experiments import fewshot
+    from metarl.distributed.learner import Learner, initial_params, initial_theta
+    from metarl.core.policy import ParamSpec
     from metarl.tasks import make_family
 
     for seed in (0, 3):
@@ -173,7 +173,7 @@ def _readers(family: str):
     """Every reader of a trained theta for `family`: name -> path -> (config, flat theta)."""
     from pathlib import Path
 
-    from metarl import evaluate, fewshot
+    from metarl.experiments import evaluate, fewshot
     from metarl.tasks import make_family
 
     def eval_reader(path):
@@ -181,7 +181,7 @@ def _readers(family: str):
         return cfg, evaluate.checkpoint_theta(state, make_family(cfg), p)
 
     def rllib_reader(path):
-        from metarl.rllib_module import load_theta
+        from metarl.interop.rllib_module import load_theta
 
         _, _, cfg, theta = load_theta(Path(path))
         return cfg, theta
@@ -200,8 +200,8 @@ def test_every_reader_opens_a_checkpoint_alike_and_refuses_the_same_faults(famil
     checkpoint without its config and one whose theta does not fit the network, each with the same line."""
     import torch
 
-    from metarl import checkpoint, config as config_mod
-    from metarl.learner import initial_theta
+    from metarl.core import checkpoint, config as config_mod
+    from metarl.distributed.learner import initial_theta
     from metarl.tasks import make_family
 
     if family == "atari":
@@ -225,13 +225,13 @@ def test_every_reader_opens_a_checkpoint_alike_and_refuses_the_same_faults(famil
                 read(path)
 
 
-# ---- means and 95% intervals (metarl.stats) -----------------------------------------------------------
+# ---- means and 95% intervals (metarl.core.stats) -----------------------------------------------------------
 
 
 def test_the_t_quantiles_are_students():
     from scipy import stats as scipy_stats
 
-    from metarl.stats import t95
+    from metarl.core.stats import t95
 
     for df in range(1, 30):
         assert t95(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=6e-4), df
@@ -246,7 +246,7 @@ def test_every_report_gives_the_same_interval():
 
     from scipy import stats as scipy_stats
 
-    from metarl import curves, evaluate, fewshot, folds, probe, training
+    from metarl.experiments import curves, evaluate, fewshot, folds, probe, training
 
     vals = [1.0, 2.0, 4.0]
     mean, half = 7 / 3, scipy_stats.t.ppf(0.975, 2) * float(np.std(vals, ddof=1)) / math.sqrt(3)
@@ -275,17 +275,17 @@ def test_every_report_gives_the_same_interval():
     assert curves.summary_rows(ep, (20,), window=1)[1][0]["20"] == f"{mean:.1f} ± {half:.1f} (3 seeds)"
 
 
-# ---- seeds (metarl.seeds) -------------------------------------------------------------------------------
+# ---- seeds (metarl.core.seeds) -------------------------------------------------------------------------------
 
 
 def test_joint_pre_training_draws_the_tasks_the_meta_learners_draw(tmp_path, monkeypatch):
     """With tasks.resample, joint pre-training's tasks at iteration t are the curves a stacked
     worker's tasks are redrawn to at meta-iteration t: the same seed for task i in both, the same
     seed for (task, iteration)."""
-    from metarl import pretrain as pretrain_mod
-    from metarl.fleet import start_fleet
-    from metarl.iteration import meta_iteration
-    from metarl.meta import make_groups
+    from metarl.experiments import pretrain as pretrain_mod
+    from metarl.distributed.fleet import start_fleet
+    from metarl.distributed.iteration import meta_iteration
+    from metarl.core.meta import make_groups
     from metarl.tasks import make_family
 
     class Recording:
@@ -333,7 +333,9 @@ def _sources():
 
 
 def _actor_classes() -> dict[str, type]:
-    from metarl import bench, finetune, learner, worker
+    from metarl.tools import bench
+    from metarl.experiments import finetune
+    from metarl.distributed import learner, worker
 
     return {name: getattr(m, name) for m in (worker, learner, bench, finetune) for name in ACTOR_CLASSES
             if hasattr(m, name)}
@@ -373,11 +375,11 @@ def test_every_actor_call_names_a_method_its_class_has():
 
 
 def test_a_method_named_by_a_string_is_refused_and_subclasses_answer_for_themselves():
-    from metarl.backend import LocalBackend
-    from metarl.bench import BenchLearner
-    from metarl.iteration import LEADER_CALL
-    from metarl.learner import Learner
-    from metarl.worker import TaskWorker
+    from metarl.distributed.backend import LocalBackend
+    from metarl.tools.bench import BenchLearner
+    from metarl.distributed.iteration import LEADER_CALL
+    from metarl.distributed.learner import Learner
+    from metarl.distributed.worker import TaskWorker
 
     assert LEADER_CALL == {"fomaml": TaskWorker.adapt, "maml": TaskWorker.adapt, "reptile": TaskWorker.reptile}
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from metarl import checkpoint, config as config_mod
-from metarl.policy import NatureCNN, ParamSpec
-from metarl.run import run
-from metarl.tracking import read_metrics
+from metarl.core import checkpoint, config as config_mod
+from metarl.core.policy import NatureCNN, ParamSpec
+from metarl.distributed.run import run
+from metarl.distributed.tracking import read_metrics
 
 from conftest import PER_ROLLOUT, smoke
 
@@ -88,7 +88,7 @@ def test_resume_refuses_changed_skip(tmp_path):
     out = tmp_path / "run"
     cfg = smoke(**{"meta.iterations": 1})
     run(cfg, out, local=True)
-    from metarl.run import RunDirError
+    from metarl.distributed.run import RunDirError
 
     with pytest.raises(RunDirError, match="meta.skip"):
         run(config_mod.override(cfg, "meta.skip", 3), out, resume=True, local=True)

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from metarl.cli import main
-from metarl.scale import ATARI_TASK_S, cluster_arithmetic, theta_bytes
+from metarl.tools.scale import ATARI_TASK_S, cluster_arithmetic, theta_bytes
 
 from conftest import assert_png
 

@@ -1,4 +1,4 @@
-"""A stopped run keeps its work (metarl.stopping): SIGTERM or Ctrl-C finishes or abandons the
+"""A stopped run keeps its work (metarl.distributed.stopping): SIGTERM or Ctrl-C finishes or abandons the
 iteration in flight, writes a checkpoint of the last finished iteration, prints the resume command
 and exits non-zero; the resumed run's metrics have no gap and no duplicate. Real signals sent to this
 process while it drives the run (on Ray actors or in-process), real MinAtar rollouts."""
@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from metarl import checkpoint, config as config_mod
+from metarl.core import checkpoint, config as config_mod
 from metarl.cli import main
-from metarl.learner import Learner
-from metarl.run import run
+from metarl.distributed.learner import Learner
+from metarl.distributed.run import run
 from metarl.tasks import make_family
-from metarl.stopping import Stopped, StopRequest, resume_command
-from metarl.tracking import read_metrics
+from metarl.distributed.stopping import Stopped, StopRequest, resume_command
+from metarl.distributed.tracking import read_metrics
 
 from conftest import CONFIGS
 

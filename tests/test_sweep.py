@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from metarl import checkpoint, config as config_mod
+from metarl.core import checkpoint, config as config_mod
 from metarl.cli import main
-from metarl.sweep import PROBE_ITERATIONS, iteration_env_steps, side_by_side, target_iterations, train_for_seconds
-from metarl.tracking import read_metrics
+from metarl.experiments.sweep import PROBE_ITERATIONS, iteration_env_steps, side_by_side, target_iterations, train_for_seconds
+from metarl.distributed.tracking import read_metrics
 
 from conftest import CONFIGS, smoke, assert_png, PER_ROLLOUT
 
@@ -96,7 +96,7 @@ def test_smoke_sweep_then_resume(tmp_path, capsys):
 def test_sweep_matches_seconds_from_the_command_line(tmp_path, monkeypatch):
     """--match seconds --train-budget S: each configuration trains for S seconds of meta-iterations
     (train_for_seconds; here less than its measuring chunk of PROBE_ITERATIONS), then is evaluated."""
-    from metarl import sweep as sweep_mod
+    from metarl.experiments import sweep as sweep_mod
 
     budgets, real = [], sweep_mod.train_for_seconds
     monkeypatch.setattr(sweep_mod, "train_for_seconds",
@@ -152,7 +152,7 @@ def test_seconds_budget_stops_at_the_last_iteration_that_fits(tmp_path, monkeypa
     largest iteration count whose time fits the budget (never less than the measuring chunk)."""
     import torch
 
-    from metarl import sweep
+    from metarl.experiments import sweep
 
     chunks = []
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from metarl import meta, trust
-from metarl.config import LossConfig, Nav2dConfig
-from metarl.policy import init_params
+from metarl.core import meta, trust
+from metarl.core.config import LossConfig, Nav2dConfig
+from metarl.core.policy import init_params
 from metarl.tasks.nav2d import Nav2dFamily
 
 NAV = Nav2dFamily(Nav2dConfig(episodes=3, horizon=8, hidden=(6,), init_log_std=-0.5), LossConfig(ent_coef=0.01))

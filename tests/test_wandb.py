@@ -20,9 +20,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from metarl import dashboard
+from metarl.experiments import dashboard
 from metarl.cli import main
-from metarl.tracking import read_metrics
+from metarl.distributed.tracking import read_metrics
 
 from conftest import CONFIGS
 

@@ -1,10 +1,10 @@
-"""Task families. `make_family(cfg)` builds the one a config names, as metarl.families declares it
+"""Task families. `make_family(cfg)` builds the one a config names, as metarl.core.families declares it
 (its module is imported only then: the optional minatar package loads only for MinAtar runs)."""
 
 from __future__ import annotations
 
-from metarl.config import Config
-from metarl.families import TRAITS
+from metarl.core.config import Config
+from metarl.core.families import TRAITS
 from metarl.tasks.base import Batch, Task, TaskFamily
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from metarl.families import TRAITS
-from metarl.config import EnvConfig, LossConfig
-from metarl.policy import NUM_ATARI_ACTIONS, NatureCNN, Params, forward, params_device
+from metarl.core.families import TRAITS
+from metarl.core.config import EnvConfig, LossConfig
+from metarl.core.policy import NUM_ATARI_ACTIONS, NatureCNN, Params, forward, params_device
 from metarl.tasks.base import Batch, Task, TaskFamily
 from metarl.tasks.rollout import ActorCriticTask
 

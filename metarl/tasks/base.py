@@ -2,7 +2,7 @@
 
 A `Task` (a) produces a batch of data with given parameters and (b) scores a differentiable loss
 on that batch with any parameters. A `TaskFamily` builds the one network every task of the
-family shares and the tasks themselves. The core (metarl.meta) never knows which kind it has.
+family shares and the tasks themselves. The core (metarl.core.meta) never knows which kind it has.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from metarl.families import Traits
-from metarl.policy import Params
+from metarl.core.families import Traits
+from metarl.core.policy import Params
 
 
 @dataclass
@@ -120,9 +120,9 @@ class StackedBatch:
 class TaskStack(abc.ABC):
     """Many tasks of one family computed together: sampling and losses for n (task, parameter
     set) rows at once, parameters stacked along a first dimension of size n (see
-    metarl.policy.linear). Row r's loss depends on row r's parameters and data alone, so the
+    metarl.core.policy.linear). Row r's loss depends on row r's parameters and data alone, so the
     gradient of the summed losses is every row's own gradient, and a Hessian-vector product of it
-    is every row's own HVP: the meta-math of metarl.meta, done for all groups in one pass."""
+    is every row's own HVP: the meta-math of metarl.core.meta, done for all groups in one pass."""
 
     def __init__(self, tasks: list[Task]):
         self.tasks = tasks
@@ -173,7 +173,7 @@ class TaskFamily(abc.ABC):
         return None
 
     traits: Traits
-    """What the family can do (metarl.families.TRAITS): stacked, policy, games, task names."""
+    """What the family can do (metarl.core.families.TRAITS): stacked, policy, games, task names."""
 
     frames_per_step: int = 1
     """Emulator frames per agent step (Atari: the frameskip)."""

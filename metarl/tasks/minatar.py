@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from metarl.families import MINATAR_GAMES, TRAITS
-from metarl.config import EnvConfig, LossConfig, MinAtarConfig
-from metarl.policy import MINATAR_CHANNELS, NUM_MINATAR_ACTIONS, MinAtarNet, Params, forward, params_device
+from metarl.core.families import MINATAR_GAMES, TRAITS
+from metarl.core.config import EnvConfig, LossConfig, MinAtarConfig
+from metarl.core.policy import MINATAR_CHANNELS, NUM_MINATAR_ACTIONS, MinAtarNet, Params, forward, params_device
 from metarl.tasks.base import Batch, Task, TaskFamily
 from metarl.tasks.rollout import ActorCriticTask
 

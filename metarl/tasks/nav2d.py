@@ -8,7 +8,7 @@ rewards. The task name fixes the goal: `goal-0017` draws it uniformly from the g
 RNG seeded by the index alone; `make_task`'s seed drives the policy's action noise.
 
 The policy is a diagonal Gaussian: a ReLU MLP gives the mean, a state-independent log-std is part
-of theta. The loss is REINFORCE (metarl.losses.gaussian_pg_loss) with advantages from GAE over a
+of theta. The loss is REINFORCE (metarl.core.losses.gaussian_pg_loss) with advantages from GAE over a
 linear feature baseline fitted to the batch's own returns (as in the paper's rllab setup). The
 advantages depend only on the batch, never on the parameters being scored, so the loss is a pure
 function of (params, batch) and its Hessian is the surrogate's, as in MAML.
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from metarl.families import TRAITS
-from metarl.config import ConfigError, LossConfig, Nav2dConfig
-from metarl.losses import gaussian_log_prob as log_prob, gaussian_pg_loss
-from metarl.policy import Params, linear
+from metarl.core.families import TRAITS
+from metarl.core.config import ConfigError, LossConfig, Nav2dConfig
+from metarl.core.losses import gaussian_log_prob as log_prob, gaussian_pg_loss
+from metarl.core.policy import Params, linear
 from metarl.tasks.base import Batch, StackedBatch, Task, TaskFamily, TaskStack
 
 NAME_RE = re.compile(r"^goal-(\d+)$")
@@ -55,7 +55,7 @@ def goal_of(index: int, cfg: Nav2dConfig) -> tuple[float, float]:
 def gaussian_policy(params: Params, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The policy as a pure function of its parameters: obs N x 2 -> (mean action N x 2, log-std 2).
     ReLU layers `layers.<i>` with the last one linear; the log-std does not depend on the state.
-    With per-task stacked parameters (metarl.policy.linear): obs n x N x 2 -> (n x N x 2, n x 1 x 2)."""
+    With per-task stacked parameters (metarl.core.policy.linear): obs n x N x 2 -> (n x N x 2, n x 1 x 2)."""
     n = sum(1 for k in params if k.endswith(".weight"))
     h = obs
     for i in range(n):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metarl.config import LossConfig
-from metarl.losses import actor_critic_loss, gae, ppo_loss
-from metarl.policy import Params, forward
+from metarl.core.config import LossConfig
+from metarl.core.losses import actor_critic_loss, gae, ppo_loss
+from metarl.core.policy import Params, forward
 from metarl.tasks.base import Batch, Task
 
 

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from metarl.families import TRAITS
-from metarl.config import ConfigError, SinusoidConfig
-from metarl.losses import mse
-from metarl.policy import MLP, Params, forward, mlp_forward
+from metarl.core.families import TRAITS
+from metarl.core.config import ConfigError, SinusoidConfig
+from metarl.core.losses import mse
+from metarl.core.policy import MLP, Params, forward, mlp_forward
 from metarl.tasks.base import Batch, StackedBatch, Task, TaskFamily, TaskStack
 
 NAME_RE = re.compile(r"^sine-(\d+)$")

@@ -1,0 +1,1 @@
+"""The mathematics and the definitions, Ray-free: config, the algorithms' traits, the policy network, losses, PPO's update, the inner and outer loops of meta-learning, trust regions, statistics, checkpoint files, plots."""

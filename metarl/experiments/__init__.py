@@ -1,0 +1,1 @@
+"""What is measured with trained thetas: fine-tuning on held-out games (eval, learn), sweeps over skip counts, leave-one-game-out folds, few-shot families, curves, probes, training-game reports, the W&B dashboard."""

@@ -1,0 +1,1 @@
+"""Benchmarks: `metarl bench` (fleet, scale, learner suites)."""
