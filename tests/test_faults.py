@@ -93,7 +93,7 @@ def test_killed_and_hung_workers_do_not_fail_the_run(tmp_path):
 INTERRUPTED_SAVE = """
 import io, sys, time
 import torch
-from metarl import checkpoint
+from metarl.core import checkpoint
 
 run_dir = sys.argv[1]
 real_save = torch.save
