@@ -119,3 +119,26 @@ def test_learner_bench_times_every_piece_of_work_and_refuses_a_missing_device(tm
         assert main(["bench", "--suite", "learner", "--devices", "cpu,cuda", "--out", str(tmp_path / "c")]) == 2
         err = capsys.readouterr().err
         assert "torch sees no CUDA device" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compute_bound_counts_the_outer_and_inner_epochs():
+    """The bench's compute bound charges each env step its gradient passes: one for the one-step
+    loop (then it is the old G / (S + G)), the outer epochs for every evaluation sample and the inner
+    epochs for every adaptation sample; the overhead is the iteration's time beyond that compute."""
+    from metarl.core import config as config_mod
+    from metarl.tools.bench import compute_bound, grad_passes
+
+    one = config_mod.load(CONFIGS / "atari12.yaml").meta
+    ppo = config_mod.load(CONFIGS / "minatar.yaml").meta  # outer 4 x 4
+    inner = config_mod.override(config_mod.load(CONFIGS / "minatar.yaml"), "meta.inner_epochs", 2).meta
+    assert grad_passes(one, 100, 300) == 400
+    assert grad_passes(ppo, 100, 300) == 100 + 4 * 300
+    assert grad_passes(inner, 100, 300) == 2 * 100 + 4 * 300
+    f = {"fleet_sampling_env_steps_per_s": 1000.0, "fleet_grad_samples_per_s": 3000.0, "iteration_env_steps": 400.0,
+         "iteration_s": 1.0, "grad_passes_per_env_step": 1.0}
+    assert compute_bound(f)["end_to_end_compute_bound"] == 3000 / (1000 + 3000)
+    f["grad_passes_per_env_step"] = 3.25
+    b = compute_bound(f)
+    assert b["end_to_end_compute_bound"] == 3000 / (3000 + 1000 * 3.25)
+    assert b["iteration_compute_s"] == 400 * (1 / 1000 + 3.25 / 3000)
+    assert b["overhead_share"] == 1 - b["iteration_compute_s"] / 1.0

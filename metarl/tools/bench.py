@@ -15,7 +15,12 @@ Every figure is measured side by side in one run, through the real code paths:
   end_to_end_ratio    env steps/s of whole meta-iterations (`iteration.meta_iteration`) / env steps/s of
                       the same fleet only sampling the same rollouts
   end_to_end_compute_bound  the best end_to_end_ratio when gradients share the cores with sampling:
-                      G / (S + G), S and G the fleet's sampling and gradient samples/s
+                      G / (G + S W), S and G the fleet's sampling and gradient samples/s, W the
+                      gradient passes per env step (grad_passes_per_env_step: 1 for one actor-critic
+                      step; PPO's outer and inner epochs raise it)
+  round_trips_per_iteration  driver -> workers round trips of PPO's outer steps (0: one step)
+  overhead_share      1 - iteration_compute_s / iteration_s: what a skip-1 iteration took beyond its
+                      sampling and gradient compute at the fleet's measured rates
   grad_on_worker_s / grad_on_learner_s  one iteration's N gradients, computed where the data is
                       (flat gradients shipped to the learner) or on the learner (batches shipped,
                       batch_ship_s of it the transfer), each ending in the learner's Adam step
@@ -280,19 +285,44 @@ def measure_end_to_end(fleet: Fleet, cfg: Config, reps: int) -> dict[str, float]
     b, rng = fleet.backend, np.random.default_rng(cfg.meta.seed)
     _iteration(fleet, cfg, 1, rng)  # warm-up
     tot = np.zeros(4)  # sampling-only steps, seconds; iteration steps, seconds
+    passes = trips = 0.0  # gradient passes over the iteration's samples; round trips to the workers
     with PssSampler([m["pid"] for m in fleet_memory(fleet)]) as pss:
         for _ in range(reps):
             theta = b.put(b.get(b.call(fleet.learner, BenchLearner.get_theta)))
             rec = _iteration(fleet, cfg, 1, rng)
             tot += [*_sampling_only(fleet, cfg, theta), rec["env_steps/adapt"] + rec["env_steps/eval"],
                     rec["time/iteration_s"]]
+            passes += grad_passes(cfg.meta, rec["env_steps/adapt"], rec["env_steps/eval"])
+            trips += rec.get("outer/round_trips", 0)
     peaks = [m["peak_rss"] / MB for m in fleet_memory(fleet)]
     fs = make_family(cfg).frames_per_step
     return {"end_to_end_ratio": (tot[2] / tot[3]) / (tot[0] / tot[1]),
+            "grad_passes_per_env_step": passes / tot[2], "round_trips_per_iteration": trips / reps,
+            "iteration_s": tot[3] / reps, "iteration_env_steps": tot[2] / reps,
             "end_to_end_env_steps_per_s": tot[2] / tot[3], "end_to_end_frames_per_s": tot[2] * fs / tot[3],
             "fleet_sampling_env_steps_per_s": tot[0] / tot[1],
             "memory_worker_peak_mb": max(peaks[1:]), "memory_learner_peak_mb": peaks[0],
             "memory_total_peak_rss_mb": sum(peaks), "memory_total_pss_mb": pss.peak_kb / 1024}
+
+
+def grad_passes(m: Any, adapt_steps: float, eval_steps: float) -> float:
+    """Gradient passes over one iteration's samples: each adaptation sample once per inner epoch
+    (its minibatches partition it), each evaluation sample once per outer epoch (PPO's outer loop)
+    or once (one actor-critic step)."""
+    inner = m.inner_epochs if m.inner_updates > 1 else 1
+    outer = m.outer_epochs if m.reused_outer else 1
+    return adapt_steps * inner + eval_steps * outer
+
+
+def compute_bound(f: dict[str, float]) -> dict[str, float]:
+    """When gradients share the cores with sampling, an env step costs the fleet its sampling time
+    plus its share of gradient passes (outer and inner epochs included): the best end_to_end_ratio
+    such a fleet can reach, and what one iteration took beyond that compute (Ray round trips,
+    the learner's steps, waiting on the slowest task), as a share of the iteration."""
+    s, g, w = f["fleet_sampling_env_steps_per_s"], f["fleet_grad_samples_per_s"], f["grad_passes_per_env_step"]
+    compute_s = f["iteration_env_steps"] * (1.0 / s + w / g)
+    return {"end_to_end_compute_bound": g / (g + s * w), "iteration_compute_s": compute_s,
+            "overhead_share": max(0.0, 1.0 - compute_s / f["iteration_s"])}
 
 
 def measure_placement(fleet: Fleet, cfg: Config) -> dict[str, float]:
@@ -358,8 +388,7 @@ def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print,
         figures.update(measure_placement(fleet, full))
         # when gradients share the cores with sampling, each env step costs the fleet its sampling
         # time plus one gradient sample's: the best end_to_end_ratio such a fleet can reach
-        s, g = figures["fleet_sampling_env_steps_per_s"], figures["fleet_grad_samples_per_s"]
-        figures["end_to_end_compute_bound"] = g / (s + g)
+        figures.update(compute_bound(figures))
         learner_device = fleet.learner_info["device"]
     finally:
         backend.shutdown()
