@@ -85,6 +85,11 @@ def _draw_bars(ax, series: list[Series]) -> None:
     ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 4 else 0)
 
 
+def steps_label(what: str) -> str:
+    """The x-axis of every curve: env steps (agent decisions), the unit every command counts in."""
+    return f"{what} env steps (Atari: frames = 4 x env steps)"
+
+
 def save_grid(path: Path, panels: list[Panel], ncols: int, title: str = "") -> Path:
     """Draw `panels` row by row, `ncols` per row, into one PNG at `path`."""
     from matplotlib.figure import Figure

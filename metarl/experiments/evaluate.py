@@ -41,7 +41,7 @@ from metarl.cliargs import (add_at_steps_arg, add_cluster_args, add_config_args,
 from metarl.core.config import Config, ConfigError
 from metarl.experiments.finetune import FineTuneLearner, FineTuner
 from metarl.distributed.learner import initial_theta
-from metarl.core.plots import Panel, Series, save_grid, write_csv, write_json
+from metarl.core.plots import Panel, Series, save_grid, steps_label, write_csv, write_json
 from metarl.core.policy import ParamSpec
 from metarl.core.seeds import task_seed
 from metarl.core.stats import ci95, nan_stats
@@ -235,8 +235,8 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
     pngs = {}
     for game in dict.fromkeys(j["game"] for j in scored):
         mine = {init: c for (g, init), c in means.items() if g == game}
-        panels = [Panel(f"{game}: {label}", "fine-tuning frames", label,
-                        [Series(init, c["frames"], c[key], c[f"{key}_std"]) for init, c in mine.items()],
+        panels = [Panel(f"{game}: {label}", steps_label("fine-tuning"), label,
+                        [Series(init, c["env_steps"], c[key], c[f"{key}_std"]) for init, c in mine.items()],
                         empty_note=NO_EPISODE)
                   for key, label in (("return", f"return (last {result['spec']['window']} episodes)"),
                                      ("reward_rate", "raw score per agent step"))]

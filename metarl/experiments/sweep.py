@@ -44,7 +44,7 @@ from metarl.experiments.evaluate import (EvalSpec, add_eval_args, assemble, chec
 from metarl.experiments.finetune import FineTuneLearner
 from metarl.distributed.fleet import run_cpus, run_gpus
 from metarl.distributed.learner import initial_theta
-from metarl.core.plots import Panel, Series, markdown_table, save_grid, write_csv, write_json
+from metarl.core.plots import Panel, Series, markdown_table, save_grid, steps_label, write_csv, write_json
 from metarl.distributed.run import RunDirError, run
 from metarl.core.stats import pm
 from metarl.distributed.stopping import Stopped, StopRequest
@@ -363,13 +363,13 @@ def plot_comparison(path: Path, rows: list[dict], curves: dict[str, dict]) -> Pa
     panels = []
     for game in dict.fromkeys(r["game"] for r in rows):
         for key, label in (("return", "return"), ("reward_rate", "raw score per agent step")):
-            panels.append(Panel(f"{game}: fine-tuning {label}", "fine-tuning frames", label,
-                                [Series(cfg, c[game]["frames"], c[game][key], c[game][f"{key}_std"])
+            panels.append(Panel(f"{game}: fine-tuning {label}", steps_label("fine-tuning"), label,
+                                [Series(cfg, c[game]["env_steps"], c[game][key], c[game][f"{key}_std"])
                                  for cfg, c in curves.items()], empty_note="no episode finished"))
         for key, label in (("auc_return", "AUC return"), ("auc_reward_rate", "AUC score/step")):
             mine = [r for r in rows if r["game"] == game]
-            panels.append(Panel(f"{game}: {label} vs meta-training cost", "meta-training frames", label,
-                                [Series(r["config"], [r["frames"]], [r[f"{key}_mean"]], [r[f"{key}_ci95"]])
+            panels.append(Panel(f"{game}: {label} vs meta-training cost", steps_label("meta-training"), label,
+                                [Series(r["config"], [r["env_steps"]], [r[f"{key}_mean"]], [r[f"{key}_ci95"]])
                                  for r in mine], kind="points", empty_note="no episode finished"))
     return save_grid(path, panels, 4, "held-out learning speed by configuration (mean, 95% interval over seeds)")
 
