@@ -165,3 +165,14 @@ def test_sigterm_to_a_sweep_checkpoints_its_configuration(tmp_path, capsys):
     assert f"resume with: metarl sweep --resume --out {out} --local" in err, err
     done = checkpoint.load(checkpoint.latest(out / "skip1"))["iteration"]
     assert done >= 2 and iterations_logged(out / "skip1") == list(range(1, done + 1))
+
+
+def test_a_stop_that_came_between_iterations_abandons_the_next_one_at_once():
+    """Grace 0 and a SIGTERM while the driver is outside an iteration (logging, checkpointing):
+    nothing is cut there, and the next iteration is not started."""
+    with StopRequest(0.0, log=lambda m: None) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            with stop.iteration():
+                raise AssertionError("the iteration ran")
+    assert stop.requested and stop.abandoned and stop.exit_code == 128 + signal.SIGTERM

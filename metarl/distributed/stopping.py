@@ -78,9 +78,11 @@ class StopRequest:
 
     @contextlib.contextmanager
     def iteration(self) -> Iterator[None]:
-        """The span in which a stop may abandon the work in flight."""
+        """The span in which a stop may abandon the work in flight (at once, if the grace time
+        ran out or a second signal came while the driver was outside one)."""
         if self._due:
-            self._abandon()
+            self.abandoned = True
+            raise KeyboardInterrupt
         self._inside = True
         try:
             yield
