@@ -115,17 +115,22 @@ def adapt(task: Task, model: nn.Module, theta: Params, inner_lr: float, inner_st
 
 def ppo_steps(task: Task, model: nn.Module, params: Params, batch: Batch, inner_lr: float,
               inner: InnerPPO) -> tuple[Params, float]:
-    """`inner.updates` clipped SGD steps of alpha on minibatches of one batch (metarl.core.ppo's index
-    sets, drawn from torch's RNG, which the worker seeds per iteration). Returns theta' and the
-    first minibatch's loss."""
+    """`inner.updates` clipped SGD steps of alpha on minibatches of one batch: metarl.core.ppo's
+    pass (index sets drawn from torch's RNG, which the worker seeds per iteration; a non-finite
+    minibatch stops it as it stops every PPO learner). Returns theta' and the mean minibatch loss."""
     adv, ret = task.advantages(batch)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
-    first = None
-    for idx in ppo.index_sets(adv.numel(), inner.epochs, inner.minibatches, gen, adv.device):
-        grads, loss, _ = task.ppo_grad(model, detached(params, requires_grad=True), batch, adv, ret, idx, inner.clip)
-        first = float(loss) if first is None else first
-        params = detached(sgd_step(params, grads, inner_lr))
-    return params, first
+    theta_prime = [params]
+
+    def grad_at(idx: torch.Tensor):
+        return task.ppo_grad(model, detached(theta_prime[0], requires_grad=True), batch, adv, ret, idx, inner.clip)
+
+    def apply(grads) -> None:
+        theta_prime[0] = detached(sgd_step(theta_prime[0], grads, inner_lr))
+
+    loss, _ = ppo.run_updates(ppo.index_sets(adv.numel(), inner.epochs, inner.minibatches, gen, adv.device),
+                              grad_at, apply)
+    return theta_prime[0], loss
 
 
 def distinct_batches(batches: list) -> list:

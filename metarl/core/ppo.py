@@ -1,14 +1,16 @@
 """PPO's update, in one place: epochs of minibatch steps on one rollout under the clipped
 surrogate (Schulman et al. 2017; the loss itself is `losses.ppo_loss`, taken by a task's
-`ppo_grad`). Three learners share it:
+`ppo_grad`). Four learners share it:
 
 - the held-out fine-tuner (`metarl.experiments.finetune`): one task, its own parameters, Adam or SGD;
 - the outer loop (`metarl.distributed.learner`, `metarl.distributed.iteration`): the members' evaluation rollouts,
   gradients taken at theta' (which follows theta between steps), summed over members, one Adam
   step on theta per minibatch (ProMP's and RLlib MAML's outer loop);
-- Joint PPO: the outer loop with no inner step (theta' = theta).
+- Joint PPO: the outer loop with no inner step (theta' = theta);
+- the inner loop with meta.inner_epochs x inner_minibatches > 1 (`metarl.core.meta.ppo_steps`): SGD
+  steps of alpha on the leader's adaptation rollout.
 
-Pure: no Ray, no config. What differs between the three is how a minibatch's gradient is taken
+Pure: no Ray, no config. What differs between them is how a minibatch's gradient is taken
 and where it is applied; `run_updates` takes both as functions.
 """
 
