@@ -23,8 +23,6 @@ from metarl.distributed.tracking import Progress, Tracker, read_metrics
 from metarl.distributed.worker import TaskWorker
 
 
-
-
 def prepare_run_dir(out: Path, resume: bool) -> Path | None:
     """Refuse to reuse a directory unless resuming; return the checkpoint to resume from."""
     out = Path(out)
