@@ -142,3 +142,15 @@ def test_compute_bound_counts_the_outer_and_inner_epochs():
     assert b["end_to_end_compute_bound"] == 3000 / (3000 + 1000 * 3.25)
     assert b["iteration_compute_s"] == 400 * (1 / 1000 + 3.25 / 3000)
     assert b["overhead_share"] == 1 - b["iteration_compute_s"] / 1.0
+
+
+def test_pss_is_measured_even_when_the_block_is_shorter_than_one_poll():
+    """The MinAtar bench's memory block lasts under a second: the sampler used to poll only after
+    its first interval and reported 0 MB."""
+    import os
+
+    from metarl.tools.bench import PssSampler
+
+    with PssSampler([os.getpid()], every_s=60.0) as pss:
+        pass
+    assert pss.peak_kb > 1024  # this Python process holds more than 1 MB

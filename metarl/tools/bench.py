@@ -90,11 +90,15 @@ class PssSampler:
         self.pids, self.every_s, self.peak_kb = sorted(set(pids)), every_s, 0  # --local: one process
         self._stop = threading.Event()
 
+    def sample(self) -> None:
+        self.peak_kb = max(self.peak_kb, sum(_proc_kb(p, "smaps_rollup", "Pss") for p in self.pids))
+
     def _poll(self) -> None:
         while not self._stop.wait(self.every_s):
-            self.peak_kb = max(self.peak_kb, sum(_proc_kb(p, "smaps_rollup", "Pss") for p in self.pids))
+            self.sample()
 
     def __enter__(self) -> "PssSampler":
+        self.sample()  # a block shorter than one poll interval is measured too (it used to read 0)
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
@@ -102,6 +106,7 @@ class PssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()
 
 
 # ------------------------------------------------------------------------------------------
