@@ -2,6 +2,9 @@
 the interval of a mean, NaN-aware means over seeds, and the 'mean ± interval' text of every table
 (`metarl eval`, `sweep` and its folds, `fewshot`, `probe`, `curve`, `training`).
 
+The smallest detectable difference uses t quantiles at the same degrees of freedom as the
+interval (`detectable`).
+
 An interval is the half-width t(0.975, n - 1) x s / sqrt(n) of the mean of n values (s their
 sample standard deviation): over seeds, tasks or training runs, whichever each report names.
 """
@@ -16,11 +19,31 @@ import numpy as np
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045)
 """Student's t quantile 0.975 for 1..29 degrees of freedom (1.96 beyond)."""
+T80 = (1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873, 0.870, 0.868,
+       0.866, 0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855, 0.854)
+"""Student's t quantile 0.80 for 1..29 degrees of freedom (0.842 beyond): the power term of the
+smallest detectable difference."""
 
 
 def t95(df: int) -> float:
     """Student's t quantile 0.975 for `df` degrees of freedom (the normal's 1.96 past 29)."""
     return T95[df - 1] if 1 <= df <= len(T95) else 1.96
+
+
+def t80(df: int) -> float:
+    """Student's t quantile 0.80 for `df` degrees of freedom (the normal's 0.842 past 29)."""
+    return T80[df - 1] if 1 <= df <= len(T80) else 0.842
+
+
+def detectable(values: Any) -> float:
+    """The smallest difference of means a two-sided 5% test on these (paired) differences detects
+    with 80% power: (t(0.975, n - 1) + t(0.80, n - 1)) x s / sqrt(n), over the finite values (NaN
+    for fewer than two)."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size < 2:
+        return math.nan
+    return float((t95(x.size - 1) + t80(x.size - 1)) * x.std(ddof=1) / math.sqrt(x.size))
 
 
 def half_width(values: Any) -> float:

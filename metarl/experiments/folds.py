@@ -1,21 +1,32 @@
-"""Leave-one-game-out results pooled over folds (`metarl sweep --folds loo`).
+"""Leave-one-game-out results over independent units (`metarl sweep --folds loo`).
 
-Each fold meta-trains on all training games but one and fine-tunes on that one; its directory is
-an ordinary sweep directory (fold-<game>/). This module reads the folds' per-seed scores and writes
-the experiment's answer at the top of the sweep directory:
+A **unit** is one fold (a held-out game; the fold meta-trains on the other games) times one
+meta-training replicate (`--replicates R`: meta.seed s, s + 1, ...; each replicate starts from its
+own theta0, which is also that unit's fresh network). The fine-tuning seeds are nested in a unit.
+What varies between the configurations being compared — meta-training — varies between units, so
+every interval is over units:
 
-  summary.md / summary.csv       per fold and configuration: AUC, final return, return at fixed
-                                 budgets, steps to the threshold, diverged runs; and pooled over
-                                 folds, each game's scores divided by the fresh network's mean final
-                                 return on that game (1.0 = where the fresh network ends)
-  curves.png                     fine-tuning curves per held-out game, every initialisation
-  auc_vs_compute.png             pooled normalised AUC against meta-training env steps and seconds
+- a configuration's score in a unit is the mean over that unit's fine-tuning seeds;
+- intervals are 95%, t over the unit means, df = units - 1;
+- differences are paired within a unit (configuration minus the reference configuration on the same
+  fold, replicate and fine-tuning seeds), then t over the units' differences;
+- `detectable`: the smallest difference that design detects with 80% power at the 5% level,
+  (t(0.975, df) + t(0.80, df)) x the standard error of the paired differences.
 
-Intervals are 95%, t-based, over seeds (per fold) or over fold x seed pairs (pooled). Differences
-to the fresh network, and to skip 1 (no skipping: what the seed's question compares against), are
-paired by seed (every init of a seed sees the same environment seeds);
-`mde` is the smallest paired difference the seeds could detect with 80% power at the 5% level:
-(1.96 + 0.84) x its standard error.
+Normalisation (`--references FILE`, `metarl references`): each game's score becomes
+(score - random policy) / (single-game PPO from scratch at the fine-tuning budget - random policy),
+from references measured once and stored in sweep.json before the first run; 0 = the random policy,
+1 = where PPO from scratch ends. Fast adaptation (the reward per step after 1, 3, 10 inner updates)
+is normalised the same way by the references' reward rates. No fold is dropped: a game whose
+references do not separate PPO from random is refused when the sweep starts. Without references the
+per-fold rows are written in raw game scores and nothing is pooled across games.
+
+Outputs at the top of the sweep directory:
+  summary.md / summary.csv       pooled over units (with references), per configuration
+  summary_folds.csv              per fold (each held-out game its own row), over its replicates
+  per_seed.csv, per_unit.csv     every fine-tuning run; every unit's means
+  training.csv                   every meta-run's return on its own training games (last fifth)
+  curves.png, auc_vs_compute.png
 """
 
 from __future__ import annotations
@@ -26,120 +37,161 @@ from typing import Any
 
 import numpy as np
 
-from metarl.core.stats import ci95, pm
+from metarl.core.stats import ci95, detectable, pm
 from metarl.core.plots import Panel, Series, markdown_table, save_grid, write_csv
 
-Z_MDE = 1.96 + 0.84
+REF_FRESH, REF_SKIP1 = "baseline", "skip1"
 
 
 def _stats(values: list[float]) -> dict[str, float]:
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if not x.size:
-        return {"mean": math.nan, "ci95": math.nan, "median": math.nan, "n": 0, "mde": math.nan}
-    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
-    return {"mean": float(x.mean()), "ci95": ci95(x), "median": float(np.median(x)), "n": int(x.size),
-            "mde": Z_MDE * se}
+        return {"mean": math.nan, "ci95": math.nan, "n": 0, "detectable": math.nan}
+    return {"mean": float(x.mean()), "ci95": ci95(x), "n": int(x.size), "detectable": detectable(x)}
 
 
-def _pm(s: dict[str, float], fmt: str = ".2f") -> str:
+def _pm(s: dict[str, float], fmt: str = ".3f") -> str:
     return pm(s["mean"], s["ci95"], fmt)
 
 
-def paired(by: dict[tuple, dict[str, Any]], mine: list[dict[str, Any]], ref: str, key: str) -> list[float]:
-    """r[key] minus the `ref` configuration's value on the same game and seed, for each r in `mine`
-    that `ref` also ran."""
-    return [r[key] - by[(ref, r["game"], r["seed"])][key] for r in mine if (ref, r["game"], r["seed"]) in by]
+def _diff(s: dict[str, float], fmt: str = ".3f") -> str:
+    """'Δ ± interval (detectable D)'."""
+    if not s["n"]:
+        return ""
+    return _pm(s, fmt) + (f" (det. {s['detectable']:{fmt}})" if math.isfinite(s["detectable"]) else "")
 
 
-def pool(per_seed: list[dict[str, Any]], labels: list[str], budget_keys: list[str]) -> tuple[list[dict], list[dict]]:
-    """Per-fold rows and pooled rows from the per-seed scores of every fold (`game` = the fold)."""
-    games = list(dict.fromkeys(r["game"] for r in per_seed))
-    by = {(r["config"], r["game"], r["seed"]): r for r in per_seed}
-    norm = {}
-    for g in games:
-        finals = [r["final_return"] for r in per_seed if r["game"] == g and r["config"] == "baseline"]
-        m = _stats(finals)["mean"]
-        norm[g] = m if math.isfinite(m) and m > 0 else math.nan
-    fold_rows, pooled_rows = [], []
+def normalised(row: dict[str, Any], refs: dict[str, dict[str, float]], fast_keys: list[str]) -> dict[str, float]:
+    """A per-seed row's scores on the references' scale (see the module docstring)."""
+    from metarl.experiments.references import normalise
+
+    g = row["game"]
+    out = {"n_auc": normalise(row["auc_return"], g, refs), "n_final": normalise(row["final_return"], g, refs),
+           "n_rate": normalise(row["auc_reward_rate"], g, refs, key="rate")}
+    for k in fast_keys:
+        out[f"n_{k}"] = normalise(row.get(k, math.nan), g, refs, key="rate")
+    return out
+
+
+def unit_table(per_seed: list[dict[str, Any]], measures: list[str]) -> list[dict[str, Any]]:
+    """One row per (configuration, fold, meta-seed): the mean of each measure over the unit's
+    fine-tuning seeds (finite values), and how many seeds it rests on."""
+    units: dict[tuple, list[dict]] = {}
+    for r in per_seed:
+        units.setdefault((r["config"], r["game"], r["meta_seed"]), []).append(r)
+    out = []
+    for (config, game, meta_seed), rows in units.items():
+        row: dict[str, Any] = {"config": config, "fold": game, "meta_seed": meta_seed, "seeds": len(rows),
+                               "diverged": sum(bool(r["diverged"]) for r in rows)}
+        for m in measures:
+            vals = [float(r[m]) for r in rows if r.get(m) is not None and math.isfinite(float(r[m]))]
+            row[m] = float(np.mean(vals)) if vals else math.nan
+        for k in ("env_steps", "env_steps_adapt", "env_steps_eval", "wall_s"):
+            row[k] = float(rows[0].get(k, 0.0))
+        out.append(row)
+    return out
+
+
+def paired_units(units: list[dict], label: str, ref: str, m: str, fold: str | None = None) -> list[float]:
+    """Per unit both configurations ran: label's mean minus ref's mean of measure m."""
+    by = {(u["config"], u["fold"], u["meta_seed"]): u for u in units}
+    return [u[m] - by[(ref, u["fold"], u["meta_seed"])][m] for u in units
+            if u["config"] == label and (fold is None or u["fold"] == fold)
+            and (ref, u["fold"], u["meta_seed"]) in by]
+
+
+def summarise(units: list[dict], labels: list[str], measures: list[str], fold: str | None = None) -> list[dict]:
+    """Per configuration: every measure's mean ± interval over units, and its paired differences
+    to the fresh network and to skip 1 with the smallest detectable difference; `fold` restricts
+    to one fold's replicates."""
+    rows = []
     for label in labels:
-        pooled: dict[str, list[float]] = {"auc": [], "final": [], "d_auc": [], "d_final": [], "d_skip1": []}
-        reached = total = diverged = 0
-        cost: dict[str, list[float]] = {}
-        for g in games:
-            mine = [r for r in per_seed if r["config"] == label and r["game"] == g]
-            if not mine:
-                continue
-            d_auc = paired(by, mine, "baseline", "auc_return")
-            auc, final = _stats([r["auc_return"] for r in mine]), _stats([r["final_return"] for r in mine])
-            d = _stats(d_auc)
-            hits = [r["steps_to_threshold"] for r in mine if r["steps_to_threshold"] is not None]
-            row = {"fold": g, "config": label, "seeds": len(mine), "auc_return": _pm(auc),
-                   "auc_median": f"{auc['median']:.2f}" if auc["n"] else "n/a", "final_return": _pm(final),
-                   "d_auc_vs_fresh": _pm(d) if label != "baseline" else "", "mde_auc": f"{d['mde']:.2f}"
-                   if label != "baseline" and math.isfinite(d["mde"]) else "",
-                   **{f"return_at_{b}": _pm(_stats([r.get(f"return_at_{b}", math.nan) for r in mine]))
-                      for b in budget_keys},
-                   "steps_to_threshold": f"{np.mean(hits):,.0f} ({len(hits)}/{len(mine)})" if hits
-                   else f"never (0/{len(mine)})",
-                   "diverged": sum(r["diverged"] for r in mine),
-                   "meta_env_steps": mine[0]["env_steps"], "adapt_env_steps": mine[0]["env_steps_adapt"],
-                   "eval_env_steps": mine[0]["env_steps_eval"], "meta_wall_s": mine[0]["wall_s"]}
-            fold_rows.append(row)
-            for k in ("env_steps", "env_steps_adapt", "env_steps_eval", "wall_s"):
-                cost.setdefault(k, []).append(float(mine[0][k]))
-            reached, total = reached + len(hits), total + len(mine)
-            diverged += row["diverged"]
-            if math.isfinite(norm[g]):
-                pooled["auc"] += [r["auc_return"] / norm[g] for r in mine]
-                pooled["final"] += [r["final_return"] / norm[g] for r in mine]
-                pooled["d_auc"] += [x / norm[g] for x in d_auc]
-                pooled["d_final"] += [x / norm[g] for x in paired(by, mine, "baseline", "final_return")]
-                pooled["d_skip1"] += [x / norm[g] for x in paired(by, mine, "skip1", "auc_return")]
-        if not total:
+        mine = [u for u in units if u["config"] == label and (fold is None or u["fold"] == fold)]
+        if not mine:
             continue
-        s = {k: _stats(v) for k, v in pooled.items()}
-        pooled_rows.append({
-            "config": label, "folds": len(cost.get("env_steps", [])) or len(games), "runs": total,
-            "norm_auc": _pm(s["auc"], ".3f"), "norm_auc_median": f"{s['auc']['median']:.3f}" if s["auc"]["n"] else "n/a",
-            "norm_auc_mean": s["auc"]["mean"], "norm_auc_ci95": s["auc"]["ci95"],
-            "norm_final": _pm(s["final"], ".3f"),
-            "d_norm_auc_vs_fresh": _pm(s["d_auc"], ".3f") if label != "baseline" else "",
-            "mde_norm_auc": f"{s['d_auc']['mde']:.3f}" if label != "baseline" and math.isfinite(s["d_auc"]["mde"]) else "",
-            "d_norm_final_vs_fresh": _pm(s["d_final"], ".3f") if label != "baseline" else "",
-            "d_norm_auc_vs_skip1": _pm(s["d_skip1"], ".3f") if label not in ("baseline", "skip1") else "",
-            "reached": f"{reached}/{total}", "diverged": diverged,
-            "meta_env_steps_per_fold": float(np.mean(cost["env_steps"])) if cost else 0.0,
-            "adapt_env_steps_per_fold": float(np.mean(cost["env_steps_adapt"])) if cost else 0.0,
-            "eval_env_steps_per_fold": float(np.mean(cost["env_steps_eval"])) if cost else 0.0,
-            "meta_wall_s_per_fold": float(np.mean(cost["wall_s"])) if cost else 0.0,
-        })
-    return fold_rows, pooled_rows
+        row: dict[str, Any] = {"config": label, "units": len(mine), "folds": len({u["fold"] for u in mine}),
+                               "runs": sum(u["seeds"] for u in mine), "diverged": sum(u["diverged"] for u in mine)}
+        if fold is not None:
+            row["fold"] = fold
+        for m in measures:
+            s = _stats([u[m] for u in mine])
+            row[m], row[f"{m}_mean"], row[f"{m}_ci95"] = _pm(s), s["mean"], s["ci95"]
+            for ref, tag in ((REF_FRESH, "fresh"), (REF_SKIP1, "skip1")):
+                if label in (ref, REF_FRESH):
+                    continue
+                d = _stats(paired_units(units, label, ref, m, fold))
+                row[f"d_{m}_vs_{tag}"] = _diff(d)
+                row[f"d_{m}_vs_{tag}_mean"], row[f"d_{m}_vs_{tag}_ci95"] = d["mean"], d["ci95"]
+                row[f"d_{m}_vs_{tag}_detectable"] = d["detectable"]
+        for k in ("env_steps", "env_steps_adapt", "wall_s"):
+            row[f"meta_{k}"] = float(np.mean([u[k] for u in mine]))
+        rows.append(row)
+    return rows
+
+
+def training_table(training: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Meta-training on its own games: per configuration and training game, the last-fifth return
+    over units (each a meta-run), mean ± interval."""
+    out = []
+    for config in dict.fromkeys(r["config"] for r in training):
+        for game in dict.fromkeys(r["game"] for r in training if r["config"] == config):
+            vals = [r["final"] for r in training if r["config"] == config and r["game"] == game]
+            gains = [r["adaptation_gain"] for r in training if r["config"] == config and r["game"] == game]
+            out.append({"config": config, "game": game, "runs": len(vals), "final": _pm(_stats(vals), ".2f"),
+                        "adaptation_gain": _pm(_stats(gains), ".4f"), "env_steps_per_game":
+                        f"{np.mean([r['env_steps_per_game'] for r in training if r['config'] == config and r['game'] == game]):,.0f}"})
+    return out
 
 
 def write(out: Path, per_seed: list[dict[str, Any]], curves: dict[str, dict[str, dict]], labels: list[str],
-          header: str, budget_keys: list[str]) -> list[Path]:
-    """summary.md, summary.csv, summary_folds.csv, per_seed.csv, curves.png, auc_vs_compute.png."""
-    fold_rows, pooled_rows = pool(per_seed, labels, budget_keys)
-    write_csv(out / "summary.csv", pooled_rows)
-    write_csv(out / "summary_folds.csv", fold_rows)
+          header: str, budget_keys: list[str], refs: dict[str, dict[str, float]] | None,
+          fast_keys: list[str], training: list[dict[str, Any]]) -> list[Path]:
+    """summary.md, summary.csv, summary_folds.csv, per_seed.csv, per_unit.csv, training.csv and
+    the two plots."""
+    raw = ["auc_return", "final_return", "auc_reward_rate", *[f"return_at_{b}" for b in budget_keys], *fast_keys]
+    if refs is not None:
+        per_seed = [{**r, **normalised(r, refs, fast_keys)} for r in per_seed]
+    norm = ["n_auc", "n_final", "n_rate", *[f"n_{k}" for k in fast_keys]] if refs is not None else []
+    units = unit_table(per_seed, raw + norm)
+    fold_rows = [r for g in dict.fromkeys(u["fold"] for u in units) for r in summarise(units, labels, raw + norm, g)]
+    pooled = summarise(units, labels, norm) if refs is not None else []
     write_csv(out / "per_seed.csv", per_seed)
-    pooled_cols = {"config": "config", "runs": "runs (folds x seeds)", "norm_auc": "AUC / fresh final",
-                   "norm_auc_median": "median", "d_norm_auc_vs_fresh": "Δ vs fresh (paired)",
-                   "mde_norm_auc": "smallest detectable Δ", "norm_final": "final / fresh final",
-                   "d_norm_final_vs_fresh": "Δ final vs fresh", "d_norm_auc_vs_skip1": "Δ AUC vs skip1 (paired)",
-                   "reached": "reached threshold",
-                   "diverged": "diverged", "meta_env_steps_per_fold": "meta env steps / fold",
-                   "adapt_env_steps_per_fold": "of which adaptation", "meta_wall_s_per_fold": "meta wall s / fold"}
-    fold_cols = {"fold": "held-out game", "config": "config", "auc_return": "AUC return", "auc_median": "median",
-                 "d_auc_vs_fresh": "Δ AUC vs fresh", "mde_auc": "smallest detectable Δ",
-                 "final_return": "final return", **{f"return_at_{b}": f"return at {int(b):,}" for b in budget_keys},
-                 "steps_to_threshold": "steps to threshold (reached)", "diverged": "diverged"}
-    shown = [{**r, "meta_env_steps_per_fold": f"{r['meta_env_steps_per_fold']:,.0f}",
-              "adapt_env_steps_per_fold": f"{r['adapt_env_steps_per_fold']:,.0f}",
-              "meta_wall_s_per_fold": f"{r['meta_wall_s_per_fold']:.0f}"} for r in pooled_rows]
-    (out / "summary.md").write_text(header + "\n\n## Pooled over folds\n\n" + markdown_table(shown, pooled_cols)
-                                    + "\n## Per fold\n\n" + markdown_table(fold_rows, fold_cols))
-    return [plot_curves(out / "curves.png", curves), plot_compute(out / "auc_vs_compute.png", pooled_rows)]
+    write_csv(out / "per_unit.csv", units)
+    write_csv(out / "summary_folds.csv", fold_rows)
+    write_csv(out / "summary.csv", pooled)
+    if training:
+        write_csv(out / "training.csv", training)
+    n_units = len({(u["fold"], u["meta_seed"]) for u in units})
+    text = header + "\n\n"
+    if pooled:
+        cols = {"config": "config", "units": "units", "runs": "fine-tuning runs", "n_auc": "AUC (normalised)",
+                "d_n_auc_vs_fresh": "Δ AUC vs fresh (paired)", "d_n_auc_vs_skip1": "Δ AUC vs skip 1 (paired)",
+                "n_final": "final (normalised)", "d_n_final_vs_fresh": "Δ final vs fresh", "diverged": "diverged"}
+        text += (f"## Pooled over {n_units} units (fold × meta-seed)\n\n"
+                 f"Normalised: 0 = random policy, 1 = PPO from scratch at the fine-tuning budget (final return). "
+                 f"Mean ± 95% t-interval over units, df = units − 1; Δ paired within units; det. = smallest "
+                 f"difference detectable with 80% power at the 5% level.\n\n" + markdown_table(pooled, cols))
+        if fast_keys:
+            fcols = {"config": "config", "units": "units",
+                     **{f"n_{k}": f"{k.replace('fast_rate_', 'after ')} updates" for k in fast_keys},
+                     **{f"d_n_{k}_vs_fresh": f"Δ {k.replace('fast_rate_', '')} vs fresh" for k in fast_keys[1:]}}
+            text += ("\n## Fast adaptation (reward per step after k inner updates, normalised)\n\n"
+                     + markdown_table(pooled, fcols))
+    else:
+        text += "No references given (--references): per-fold rows in raw game scores only.\n"
+    fcols = {"fold": "held-out game", "config": "config", "units": "replicates", "auc_return": "AUC return",
+             "d_auc_return_vs_fresh": "Δ AUC vs fresh", "final_return": "final return",
+             **({"n_auc": "AUC (normalised)", "d_n_auc_vs_fresh": "Δ norm. AUC vs fresh"} if refs is not None else {})}
+    text += "\n## Per fold (over its replicates)\n\n" + markdown_table(fold_rows, fcols)
+    if training:
+        text += ("\n## Meta-training on its own games (return over the last fifth of each run's steps)\n\n"
+                 + markdown_table(training_table(training), {"config": "config", "game": "training game",
+                                                             "runs": "meta-runs", "env_steps_per_game": "env steps per game",
+                                                             "final": "return, last fifth",
+                                                             "adaptation_gain": "reward/step θ′ − θ"}))
+    (out / "summary.md").write_text(text)
+    return [plot_curves(out / "curves.png", curves), plot_compute(out / "auc_vs_compute.png", pooled or fold_rows,
+                                                                  "n_auc" if pooled else "auc_return")]
 
 
 def plot_curves(path: Path, curves: dict[str, dict[str, dict]]) -> Path:
@@ -149,14 +201,15 @@ def plot_curves(path: Path, curves: dict[str, dict[str, dict]]) -> Path:
         panels.append(Panel(f"held out: {game}", "fine-tuning env steps", "return (running mean)",
                             [Series(label, c["env_steps"], c["return"], c["return_std"]) for label, c in by_label.items()],
                             empty_note="no episode finished"))
-    return save_grid(path, panels, min(3, len(panels)), "fine-tuning on the held-out game (mean, std over seeds)")
+    return save_grid(path, panels, min(3, len(panels)), "fine-tuning on the held-out game (mean, std over units)")
 
 
-def plot_compute(path: Path, pooled_rows: list[dict]) -> Path:
-    """Pooled normalised AUC (± 95%) against what meta-training cost, one point per configuration."""
-    panels = [Panel(f"held-out AUC vs meta-training {what}", xlabel, "AUC / fresh final return",
-                    [Series(r["config"], [r[key]], [r["norm_auc_mean"]], [r["norm_auc_ci95"]]) for r in pooled_rows],
+def plot_compute(path: Path, rows: list[dict], key: str) -> Path:
+    """A configuration's AUC (± 95% over units) against what its meta-training cost."""
+    panels = [Panel(f"held-out AUC vs meta-training {what}", xlabel, key,
+                    [Series(r["config"] + (f" ({r['fold']})" if "fold" in r else ""), [r[f"meta_{k}"]],
+                            [r[f"{key}_mean"]], [r[f"{key}_ci95"]]) for r in rows],
                     kind="points", empty_note="no finite AUC")
-              for what, key, xlabel in (("env steps", "meta_env_steps_per_fold", "meta-training env steps per fold"),
-                                        ("seconds", "meta_wall_s_per_fold", "meta-training wall seconds per fold"))]
-    return save_grid(path, panels, 2, "leave-one-game-out, pooled over folds and seeds")
+              for what, k, xlabel in (("env steps", "env_steps", "meta-training env steps per fold"),
+                                      ("seconds", "wall_s", "meta-training wall seconds per fold"))]
+    return save_grid(path, panels, 2, "leave-one-game-out, over units")

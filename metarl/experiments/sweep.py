@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from metarl.core import checkpoint, config as config_mod
-from metarl.experiments import dashboard, folds as fold_summary
+from metarl.experiments import dashboard, folds as fold_summary, training
 from metarl.core.algorithms import rollouts_per_iteration
 from metarl.distributed.backend import RayBackend
 from metarl.cliargs import add_cluster_args, add_config_args, add_out_arg, claim_out, resolve_config, retire
@@ -46,7 +46,7 @@ from metarl.distributed.fleet import run_cpus, run_gpus
 from metarl.distributed.learner import initial_theta
 from metarl.core.plots import Panel, Series, markdown_table, save_grid, steps_label, write_csv, write_json
 from metarl.distributed.run import RunDirError, run
-from metarl.core.stats import pm
+from metarl.core.stats import nan_stats, pm
 from metarl.distributed.stopping import Stopped, StopRequest
 from metarl.tasks import make_family
 from metarl.distributed.tracking import Tracker, read_metrics
@@ -69,28 +69,51 @@ class SweepSpec:
     """Also train joint multi-task pre-training (the same loss at theta, no inner loop: fomaml, S = 0)."""
     folds: str = ""
     """'' : tasks.train vs tasks.heldout once; 'loo': leave-one-game-out, one fold per training game."""
+    replicates: int = 1
+    """Independent meta-training runs per fold: meta.seed s, s + 1, ... (each its own theta0, which is
+    also that replicate's fresh network; fine-tuning seeds shifted so no two units share one)."""
+    match_updates: bool = False
+    """Also train every configuration but skip 1 for skip 1's number of meta-iterations (outer
+    updates): `<label>-updates`, beside the budget-matched one."""
+    fast: tuple[int, ...] = ()
+    """Fast adaptation: inner-loop updates after which the held-out reward per step is measured."""
+    fast_rollouts: int = 8
+    """Rollouts of T x B env steps per fast-adaptation measurement."""
+    references: dict[str, dict[str, float]] | None = None
+    """Per game: the random policy's and PPO-from-scratch's scores (`metarl references`), fixed at start."""
 
     @property
     def labels(self) -> list[str]:
         """The meta-trained configurations, in order."""
-        return [f"skip{k}" for k in self.skips] + (["joint"] if self.joint else [])
+        base = [f"skip{k}" for k in self.skips] + (["joint"] if self.joint else [])
+        return base + ([f"{b}{UPDATES}" for b in base if b != "skip1"] if self.match_updates else [])
+
+    @property
+    def fast_keys(self) -> list[str]:
+        return [f"fast_rate_{k}" for k in (0, *self.fast)] if self.fast else []
 
 
 def spec_from_json(d: dict[str, Any]) -> SweepSpec:
     e = d["eval"]
     tuples = {f.name: tuple(e[f.name]) for f in fields(EvalSpec) if isinstance(e[f.name], list)}
     return SweepSpec(tuple(d["skips"]), d["baseline"], d["match"], d["budget"], EvalSpec(**{**e, **tuples}),
-                     d.get("joint", False), d.get("folds", ""))
+                     d.get("joint", False), d.get("folds", ""), d.get("replicates", 1), d.get("match_updates", False),
+                     tuple(d.get("fast", ())), d.get("fast_rollouts", SweepSpec.fast_rollouts), d.get("references"))
+
+
+UPDATES = "-updates"
+"""Suffix of a configuration matched to skip 1 by meta-iterations (outer updates) instead of the budget."""
 
 
 def label_skip(label: str) -> int:
     """The skip count a configuration trains with (joint: 1; baseline: 0, it does not train)."""
+    label = label.removesuffix(UPDATES)
     return int(label[4:]) if label.startswith("skip") else (1 if label == "joint" else 0)
 
 
 def label_config(cfg: Config, label: str) -> Config:
     """The config a configuration label trains: skip<k>, or joint (fomaml with no inner loop)."""
-    if label == "joint":
+    if label.removesuffix(UPDATES) == "joint":
         cfg = config_mod.override(config_mod.override(cfg, "meta.algo", "fomaml"), "meta.inner_steps", 0)
     return config_mod.override(cfg, "meta.skip", label_skip(label))
 
@@ -107,6 +130,22 @@ def folds(cfg: Config, spec: SweepSpec, out: Path) -> list[tuple[str, Config, Sw
         spec_g = replace(spec, eval=replace(spec.eval, games=(game,)), folds="")
         out_folds.append((game, config_mod.validate(cfg_g), spec_g, out / f"fold-{game}"))
     return out_folds
+
+
+def units(cfg: Config, spec: SweepSpec, out: Path) -> list[tuple[str, int, Config, SweepSpec, Path]]:
+    """(held-out game, meta-seed, config, spec, directory) per unit: every fold times every
+    replicate. Replicate r trains with meta.seed + r (its own theta0 and fresh network) and
+    fine-tunes with seeds shifted by r x the number of seeds; with one replicate a fold's directory
+    is the unit's, with more each replicate has fold-<game>/seed<s>/."""
+    out_units = []
+    for game, cfg_f, spec_f, dir_f in folds(cfg, spec, out):
+        for r in range(spec.replicates):
+            seed = cfg.meta.seed + r
+            n = len(spec.eval.seeds)
+            spec_u = replace(spec_f, eval=replace(spec_f.eval, seeds=tuple(s + r * n for s in spec_f.eval.seeds)))
+            out_units.append((game, seed, config_mod.override(cfg_f, "meta.seed", seed), spec_u,
+                              dir_f / f"seed{seed}" if spec.replicates > 1 else dir_f))
+    return out_units
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,6 +217,14 @@ def train_for_seconds(cfg: Config, run_dir: Path, seconds: float, local: bool, l
         target = done + extra
 
 
+def configured_iterations(cfg: Config, spec: SweepSpec, label: str) -> int | None:
+    """The meta-iterations a configuration trains: what fits the budget, or for `<label>-updates`
+    what skip 1 gets (the same number of outer updates)."""
+    if label.endswith(UPDATES):
+        return target_iterations(label_config(cfg, "skip1"), 1, spec.match, spec.budget)
+    return target_iterations(label_config(cfg, label), label_skip(label), spec.match, spec.budget)
+
+
 def finished(run_dir: Path, target: int | None) -> bool:
     """eval/eval.json exists, was made from the latest checkpoint, and that one is the final one."""
     result = run_dir / "eval" / "eval.json"
@@ -194,7 +241,7 @@ def run_config(cfg: Config, spec: SweepSpec, label: str, sweep_dir: Path, local:
     theta on the held-out games."""
     run_dir = sweep_dir / label
     skip = label_skip(label)
-    target = target_iterations(label_config(cfg, label), skip, spec.match, spec.budget)
+    target = configured_iterations(cfg, spec, label)
     if finished(run_dir, target):
         log(f"sweep: {label} is finished; not re-run")
         return
@@ -212,10 +259,25 @@ def run_config(cfg: Config, spec: SweepSpec, label: str, sweep_dir: Path, local:
     theta = checkpoint_theta(state, make_family(cfg_k), path)
     if (run_dir / "eval").exists():
         move_aside(run_dir / "eval", "is an unfinished or stale evaluation", log)
+    fast_adaptation(cfg_k, spec, {"meta": theta}, run_dir / "eval", local, eval_workers, log)
     evaluate(cfg_k, {"meta": theta}, spec.eval, run_dir / "eval", name=f"{cfg_k.run_name}-eval", local=local,
              workers=eval_workers, info={"config": label, "skip": skip, "iteration": iteration,
                                          "fold": "+".join(cfg.tasks.heldout), "checkpoint": str(path),
-                                         **meta_compute(state)}, log=log)
+                                         "meta_seed": cfg.meta.seed, **meta_compute(state)}, log=log)
+
+
+def fast_adaptation(cfg: Config, spec: SweepSpec, thetas: dict[str, Any], out: Path, local: bool,
+                    workers: int, log: Callable[[str], None]) -> None:
+    """With spec.fast: the held-out reward per step after each count of inner-loop updates, per
+    game and seed, into out/fast.json (written before eval.json, which marks the evaluation done)."""
+    if not spec.fast:
+        return
+    from metarl.experiments.fastadapt import run_fast_jobs
+
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = run_fast_jobs(make_family(cfg.finetuning), cfg, thetas, spec.eval.games, spec.eval.seeds, local,
+                         cfg.ray.address, workers, updates=spec.fast, eval_rollouts=spec.fast_rollouts, log=log)
+    write_json(out / "fast.json", {"updates": [0, *spec.fast], "eval_rollouts": spec.fast_rollouts, "jobs": jobs})
 
 
 def run_baseline(cfg: Config, spec: SweepSpec, sweep_dir: Path, local: bool, eval_workers: int = 0,
@@ -229,9 +291,11 @@ def run_baseline(cfg: Config, spec: SweepSpec, sweep_dir: Path, local: bool, eva
         move_aside(out, "is an unfinished evaluation", log)
     log(f"sweep: {sweep_dir.name}/baseline: fine-tuning the un-pretrained network on {', '.join(spec.eval.games)}")
     theta = initial_theta(make_family(cfg), cfg.meta.seed)
+    fast_adaptation(cfg, spec, {"fresh": theta}, out, local, eval_workers, log)
     evaluate(cfg, {"fresh": theta}, spec.eval, out, name=f"{cfg.log.experiment}-baseline-seed{cfg.meta.seed}-eval",
              local=local, workers=eval_workers, info={"config": "baseline", "skip": 0, "iteration": 0,
-                                                      "fold": "+".join(cfg.tasks.heldout), **meta_compute({})}, log=log)
+                                                      "fold": "+".join(cfg.tasks.heldout), "meta_seed": cfg.meta.seed,
+                                                      **meta_compute({})}, log=log)
 
 
 # ------------------------------------------------------------------------------------------
@@ -302,7 +366,32 @@ def compute_columns(run_dir: Path) -> dict[str, Any]:
             "wall_s": round(float(c["wall_s"]), 1)}
 
 
-def collect(sweep_dir: Path, spec: SweepSpec) -> tuple[list[dict[str, Any]], dict[str, dict], list[dict[str, Any]]]:
+def fast_scores(eval_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
+    """(game, seed) -> fast_rate_<k> and fast_return_<k> from eval/fast.json (empty without it)."""
+    path = eval_dir / "fast.json"
+    if not path.exists():
+        return {}
+    out = {}
+    for j in json.loads(path.read_text())["jobs"]:
+        f = j["fast"]
+        out[(j["game"], int(j["seed"]))] = {
+            **{f"fast_rate_{k}": float(v) for k, v in zip(f["updates"], f["reward_rate"])},
+            **{f"fast_return_{k}": float(v) for k, v in zip(f["updates"], f["return"])}}
+    return out
+
+
+def training_rows(run_dir: Path, label: str, fold: str, meta_seed: int, last: float = 0.2) -> list[dict[str, Any]]:
+    """A meta-run on its own games: per training game, the return of the episodes that ended in its
+    rollouts over the last `last` share of the run's env steps, and the adaptation gain."""
+    run = training.read_run(run_dir)
+    per_game = run["rows"][-1]["env_steps/total"] / len(run["games"])
+    return [{"config": label, "fold": fold, "meta_seed": meta_seed, "game": g, "env_steps_per_game": per_game,
+             "final": training.last_share_mean(*training.episodes(run, g), per_game, last),
+             "adaptation_gain": training.adaptation_gain(run, g)} for g in run["games"]]
+
+
+def collect(sweep_dir: Path, spec: SweepSpec, meta_seed: int = 0
+            ) -> tuple[list[dict[str, Any]], dict[str, dict], list[dict[str, Any]]]:
     """Table rows (one per configuration and game), mean curves per configuration, and per-seed
     scores. Scores are recomputed from the stored traces, with every game's threshold taken from
     the baseline."""
@@ -322,9 +411,11 @@ def collect(sweep_dir: Path, spec: SweepSpec) -> tuple[list[dict[str, Any]], dic
             rows.append({"config": label, "skip": skip, **cost, "game": s["game"], "seeds": s["seeds"],
                          **{k: v for k, v in s.items() if k.endswith(("_mean", "_std", "_ci95", "_median"))},
                          "threshold": s["threshold"], "reached": s["reached"], "diverged": s["diverged"]})
+        fast = fast_scores(d / "eval")
         for j in result["jobs"]:
             sc = j["score"]
-            per_seed.append({"config": label, "game": j["game"], "seed": j["seed"], **cost,
+            per_seed.append({"config": label, "game": j["game"], "meta_seed": meta_seed, "seed": j["seed"], **cost,
+                             **fast.get((j["game"], int(j["seed"])), {}),
                              "auc_return": sc["auc_return"], "final_return": sc["final_return"],
                              **{f"return_at_{b}": v for b, v in sc["return_at"].items()},
                              "steps_to_threshold": sc["steps_to_threshold"],
@@ -399,30 +490,42 @@ def sweep(cfg: Config, spec: SweepSpec, out: Path, local: bool = False,
           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train and evaluate every configuration not finished yet in `out` (in every fold), then write
     the summaries: per fold, and pooled over folds for --folds loo."""
-    fold_list = folds(cfg, spec, out)
-    rows, per_seed, by_game, pngs = [], [], {}, {}
-    for n, (game, cfg_f, spec_f, dir_f) in enumerate(fold_list, 1):
-        if game:
-            log(f"sweep: fold {n}/{len(fold_list)}: meta-train on {', '.join(cfg_f.tasks.train)}, hold out {game}")
-            dir_f.mkdir(parents=True, exist_ok=True)
-        run_all(cfg_f, spec_f, dir_f, local, log)
-        rows_f, curves_f, seeds_f = collect(dir_f, spec_f)
-        pngs[f"comparison/{game}" if game else "comparison"] = write_summary(dir_f, spec_f, rows_f, curves_f)
-        rows += [{**r, "fold": game} for r in rows_f]
-        per_seed += seeds_f
-        for label, by in curves_f.items():
+    unit_list = units(cfg, spec, out)
+    rows, per_seed, by_game, pngs, trained = [], [], {}, {}, []
+    curve_sets: dict[str, dict[str, list[dict]]] = {}
+    for n, (game, meta_seed, cfg_u, spec_u, dir_u) in enumerate(unit_list, 1):
+        if game or spec.replicates > 1:
+            log(f"sweep: unit {n}/{len(unit_list)}: meta-train on {', '.join(cfg_u.tasks.train)} with meta-seed "
+                f"{meta_seed}{f', hold out {game}' if game else ''}")
+            dir_u.mkdir(parents=True, exist_ok=True)
+        run_all(cfg_u, spec_u, dir_u, local, log)
+        rows_u, curves_u, seeds_u = collect(dir_u, spec_u, meta_seed)
+        key = "/".join(p for p in (game, f"seed{meta_seed}" if spec.replicates > 1 else "") if p)
+        pngs[f"comparison/{key}" if key else "comparison"] = write_summary(dir_u, spec_u, rows_u, curves_u)
+        rows += [{**r, "fold": game, "meta_seed": meta_seed} for r in rows_u]
+        per_seed += seeds_u
+        for label in spec.labels:
+            t_rows = training_rows(dir_u / label, label, game, meta_seed)
+            trained += t_rows
+            slug = "_".join(p for p in (game, f"seed{meta_seed}", label) if p)
+            (out / "training").mkdir(exist_ok=True)
+            write_csv(out / "training" / f"{slug}.csv", training.per_game_rows(training.read_run(dir_u / label)))
+        for label, by in curves_u.items():
             for g, c in by.items():
-                by_game.setdefault(g, {})[label] = c
+                curve_sets.setdefault(g, {}).setdefault(label, []).append(c)
+    by_game = {g: {label: mean_of_curves(cs) for label, cs in by.items()} for g, by in curve_sets.items()}
     if spec.folds:
         e = spec.eval
         header = (f"# Leave-one-game-out: {', '.join(spec.labels)}{' + fresh network' if spec.baseline else ''}\n\n"
                   f"Every fold meta-trains on the other {len(cfg.tasks.train) - 1} games; budget matched by "
-                  f"{spec.match} ({spec.budget:g} per configuration and fold). Held-out fine-tuning: "
-                  f"{finetune_label(cfg)}, {e.budget:,} env steps, {len(e.seeds)} seeds per fold and init. "
-                  f"Values: mean ± 95% interval. AUC: mean running return (last {e.window} episodes) over the "
-                  f"budget. Pooled scores divide each game's by the fresh network's mean final return on it.")
+                  f"{spec.match} ({spec.budget:g} per configuration and fold"
+                  f"{'; -updates: skip 1s meta-iterations' if spec.match_updates else ''}); {spec.replicates} "
+                  f"meta-training replicate(s) per fold. Held-out fine-tuning: {finetune_label(cfg)}, {e.budget:,} env "
+                  f"steps, {len(e.seeds)} seeds per unit and init"
+                  f"{f'; fast adaptation after {list(spec.fast)} inner updates' if spec.fast else ''}. "
+                  f"AUC: mean running return (last {e.window} episodes) over the budget.")
         for path in fold_summary.write(out, per_seed, by_game, spec.labels + (["baseline"] if spec.baseline else []),
-                                       header, [str(b) for b in e.at]):
+                                       header, [str(b) for b in e.at], spec.references, spec.fast_keys, trained):
             pngs[path.stem] = path
     tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment, name=f"{cfg.log.experiment}-sweep",
                       config={**config_mod.to_dict(cfg), "sweep": asdict(spec)}, mode=cfg.log.wandb_mode,
@@ -438,6 +541,17 @@ def sweep(cfg: Config, spec: SweepSpec, out: Path, local: bool = False,
     if tracker.mode != "disabled":
         dashboard.publish(out, tracker.mode, log)
     return rows
+
+
+def mean_of_curves(curves: list[dict]) -> dict[str, Any]:
+    """Units' mean curves of one (game, configuration) averaged point by point (one grid)."""
+    if len(curves) == 1:
+        return curves[0]
+    out = {k: curves[0][k] for k in ("env_steps", "frames")}
+    for key in ("return", "reward_rate"):
+        mean, std, _ = nan_stats([c[key] for c in curves])
+        out[key], out[f"{key}_std"] = mean.tolist(), std.tolist()
+    return out
 
 
 def finetune_label(cfg: Config) -> str:
@@ -480,12 +594,41 @@ def spec_from_sweep_args(args: argparse.Namespace, cfg: Config) -> SweepSpec:
         if match == "env_steps" and target_iterations(cfg, k, match, budget) < 1:
             raise ConfigError(f"--train-budget {budget:g} env steps is less than one meta-iteration at skip {k} "
                               f"({iteration_env_steps(cfg, k):,} env steps)")
-    return SweepSpec(skips, not args.no_baseline, match, float(budget), spec_from_args(args, eval_cfg),
-                     joint=args.joint, folds=args.folds or "")
+    if args.match_updates and (match == "iterations" or 1 not in skips):
+        raise ConfigError("--match-updates adds configurations trained for skip 1's meta-iterations: it needs skip 1 "
+                          "in --skips and a --match other than iterations (there every configuration already has them)")
+    if args.replicates is not None and args.replicates < 1:
+        raise ConfigError(f"--replicates {args.replicates} must be at least 1")
+    fast = _ints(args.fast, "--fast") if args.fast else ()
+    if fast and (list(fast) != sorted(set(fast)) or fast[0] < 1):
+        raise ConfigError(f"--fast {args.fast!r} must be increasing counts of inner updates, e.g. 1,3,10")
+    if args.fast_rollouts is not None and args.fast_rollouts < 1:
+        raise ConfigError(f"--fast-rollouts {args.fast_rollouts} must be at least 1")
+    eval_spec = spec_from_args(args, eval_cfg)
+    refs = None
+    if args.references:
+        from metarl.experiments import references
+
+        refs = references.load(Path(args.references))
+        missing = [g for g in eval_spec.games if g not in refs]
+        if missing:
+            raise ConfigError(f"--references {args.references} has no row for {', '.join(missing)}; measure it with "
+                              f"`metarl references --games {','.join(missing)} --steps {eval_spec.budget}`")
+        off = [g for g in eval_spec.games if int(refs[g]["budget"]) != eval_spec.budget]
+        if off:
+            raise ConfigError(f"--references {args.references} was measured at {int(refs[off[0]]['budget']):,} env steps "
+                              f"for {off[0]}, the sweep fine-tunes for {eval_spec.budget:,}: measure it at --steps "
+                              f"{eval_spec.budget}")
+        refs = {g: refs[g] for g in eval_spec.games}
+    return SweepSpec(skips, not args.no_baseline, match, float(budget), eval_spec,
+                     joint=args.joint, folds=args.folds or "", replicates=args.replicates or 1,
+                     match_updates=args.match_updates, fast=fast,
+                     fast_rollouts=args.fast_rollouts or SweepSpec.fast_rollouts, references=refs)
 
 
 SETTINGS = ("config", "set", "seed", "skips", "no_baseline", "joint", "folds", "match", "train_budget",
-            "games", "steps", "seeds", "points", "window", "threshold", "at_steps")
+            "games", "steps", "seeds", "points", "window", "threshold", "at_steps", "replicates", "match_updates",
+            "fast", "fast_rollouts", "references")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -532,6 +675,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--joint", action="store_true",
                    help="also train joint multi-task pre-training (same loss at theta, no inner loop) under the same budget")
     p.add_argument("--folds", choices=("loo",), help="loo: leave-one-game-out over tasks.train, one fold per game")
+    p.add_argument("--replicates", type=int, metavar="R",
+                   help="independent meta-training runs per fold, meta.seed s..s+R-1, each with its own theta0 and "
+                        "fresh network (default 1); intervals are over fold x replicate units")
+    p.add_argument("--match-updates", action="store_true",
+                   help="also train every configuration but skip 1 for skip 1's meta-iterations (<label>-updates)")
+    p.add_argument("--fast", metavar="K,K,...",
+                   help="fast adaptation: held-out reward per step after these counts of inner updates, e.g. 1,3,10")
+    p.add_argument("--fast-rollouts", type=int, metavar="N",
+                   help=f"rollouts per fast-adaptation measurement (default {SweepSpec.fast_rollouts})")
+    p.add_argument("--references", metavar="FILE",
+                   help="references.csv of `metarl references` (random policy, PPO from scratch at --steps): "
+                        "normalises and pools the folds; stored in sweep.json")
     p.add_argument("--match", choices=MATCHES, help="what every configuration gets the same of (default iterations)")
     p.add_argument("--train-budget", type=float, metavar="X",
                    help="meta-training per configuration, in --match units: meta-iterations, env steps or seconds "
