@@ -128,7 +128,8 @@ def test_compute_bound_counts_the_outer_and_inner_epochs():
     from metarl.core import config as config_mod
     from metarl.tools.bench import compute_bound, grad_passes
 
-    one = config_mod.load(CONFIGS / "atari12.yaml").meta
+    one = config_mod.override(config_mod.override(config_mod.load(CONFIGS / "atari12.yaml"), "meta.outer_epochs", 1),
+                              "meta.outer_minibatches", 1).meta
     ppo = config_mod.load(CONFIGS / "minatar.yaml").meta  # outer 4 x 4
     inner = config_mod.override(config_mod.load(CONFIGS / "minatar.yaml"), "meta.inner_epochs", 2).meta
     assert grad_passes(one, 100, 300) == 400

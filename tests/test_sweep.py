@@ -26,8 +26,8 @@ def mtimes(*paths) -> list[int]:
 
 
 def test_env_step_budgets_follow_the_rollout_count():
-    cfg = config_mod.load(CONFIGS / "atari12.yaml")  # N = 12, S = 1, T x B = 2,048
-    per_rollout = 16 * 128
+    cfg = config_mod.load(CONFIGS / "atari12.yaml")  # N = 12, S = 1, T x B = 1,024
+    per_rollout = 16 * 64
     assert [iteration_env_steps(cfg, k) // per_rollout for k in (1, 2, 3, 4, 6)] == [24, 18, 16, 15, 14]
     budget = 100 * 24 * per_rollout  # what skip 1 spends in 100 iterations
     assert [target_iterations(cfg, k, "env_steps", budget) for k in (1, 2, 3, 4, 6)] == [100, 133, 150, 160, 171]
