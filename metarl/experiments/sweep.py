@@ -486,30 +486,47 @@ def load_sweep(out: Path) -> tuple[Config, SweepSpec]:
     return config_mod.validate(config_mod.from_dict(stored["config"])), spec_from_json(stored["spec"])
 
 
+def unit_finished(cfg: Config, spec: SweepSpec, unit_dir: Path) -> bool:
+    """Every configuration of a unit trained to its target and evaluated, and its baseline evaluated."""
+    done = all(finished(unit_dir / label, configured_iterations(cfg, spec, label)) for label in spec.labels)
+    return done and (not spec.baseline or (unit_dir / "baseline" / "eval" / "eval.json").exists())
+
+
 def sweep(cfg: Config, spec: SweepSpec, out: Path, local: bool = False,
-          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train and evaluate every configuration not finished yet in `out` (in every fold), then write
-    the summaries: per fold, and pooled over folds for --folds loo."""
+          log: Callable[[str], None] = print, shard: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
+    """Train and evaluate every configuration not finished yet in `out` (in every fold and
+    replicate), then write the summaries: per unit, and over units for --folds loo. With
+    shard = (k, n) this process runs only the units whose index is k mod n (several processes, or
+    drivers on a cluster, share one sweep directory); the summaries are written by whichever
+    finds every unit finished."""
     unit_list = units(cfg, spec, out)
-    rows, per_seed, by_game, pngs, trained = [], [], {}, {}, []
-    curve_sets: dict[str, dict[str, list[dict]]] = {}
+    k, n_shards = shard
     for n, (game, meta_seed, cfg_u, spec_u, dir_u) in enumerate(unit_list, 1):
+        if (n - 1) % n_shards != k:
+            continue
         if game or spec.replicates > 1:
             log(f"sweep: unit {n}/{len(unit_list)}: meta-train on {', '.join(cfg_u.tasks.train)} with meta-seed "
                 f"{meta_seed}{f', hold out {game}' if game else ''}")
             dir_u.mkdir(parents=True, exist_ok=True)
         run_all(cfg_u, spec_u, dir_u, local, log)
+    waiting = [u for u in unit_list if not unit_finished(u[2], spec, u[4])]
+    if waiting:
+        log(f"sweep: {len(unit_list) - len(waiting)} of {len(unit_list)} units finished (other shards run the rest, "
+            f"e.g. {waiting[0][4]}); the summary is written when all are: metarl sweep --resume --out {out}")
+        return []
+    rows, per_seed, pngs, trained = [], [], {}, []
+    curve_sets: dict[str, dict[str, list[dict]]] = {}
+    for game, meta_seed, cfg_u, spec_u, dir_u in unit_list:
         rows_u, curves_u, seeds_u = collect(dir_u, spec_u, meta_seed)
         key = "/".join(p for p in (game, f"seed{meta_seed}" if spec.replicates > 1 else "") if p)
         pngs[f"comparison/{key}" if key else "comparison"] = write_summary(dir_u, spec_u, rows_u, curves_u)
         rows += [{**r, "fold": game, "meta_seed": meta_seed} for r in rows_u]
         per_seed += seeds_u
         for label in spec.labels:
-            t_rows = training_rows(dir_u / label, label, game, meta_seed)
-            trained += t_rows
-            slug = "_".join(p for p in (game, f"seed{meta_seed}", label) if p)
+            trained += training_rows(dir_u / label, label, game, meta_seed)
             (out / "training").mkdir(exist_ok=True)
-            write_csv(out / "training" / f"{slug}.csv", training.per_game_rows(training.read_run(dir_u / label)))
+            name = "_".join(p for p in (game, f"seed{meta_seed}", label) if p)
+            write_csv(out / "training" / f"{name}.csv", training.per_game_rows(training.read_run(dir_u / label)))
         for label, by in curves_u.items():
             for g, c in by.items():
                 curve_sets.setdefault(g, {}).setdefault(label, []).append(c)
@@ -631,6 +648,19 @@ SETTINGS = ("config", "set", "seed", "skips", "no_baseline", "joint", "folds", "
             "fast", "fast_rollouts", "references")
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'K/N' -> (K, N): this process runs units K, K + N, ... (0-based)."""
+    if not text:
+        return 0, 1
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not (n >= 1 and 0 <= k < n):
+        raise ConfigError(f"--shard {text!r} must be K/N with 0 <= K < N, e.g. 0/2 and 1/2 for two processes")
+    return k, n
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
@@ -649,19 +679,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec = spec_from_sweep_args(args, cfg)
         out = Path(args.out or f"runs/sweep-{cfg.log.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
         prepare(out, cfg, spec)
-    again = f"metarl sweep --resume --out {shlex.quote(str(out))}" + (" --local" if args.local else "")
+    shard = parse_shard(args.shard)
+    again = (f"metarl sweep --resume --out {shlex.quote(str(out))}" + (" --local" if args.local else "")
+             + (f" --shard {args.shard}" if args.shard else ""))
     # a stop while fine-tuning abandons it at once (it is redone on resume); while meta-training,
     # the run finishes or abandons its iteration in flight and checkpoints (metarl.distributed.run)
     with StopRequest(0.0, what="the sweep's fine-tuning in flight (redone on resume)") as stop:
         try:
             with stop.iteration():
-                rows = sweep(cfg, spec, out, local=args.local)
+                rows = sweep(cfg, spec, out, local=args.local, shard=shard)
         except Stopped as e:
             print(f"metarl: sweep: {e}\nresume with: {again}", file=sys.stderr)
             return e.exit_code
         except KeyboardInterrupt:
             print(f"metarl: sweep: stopped by {stop.signal_name}\nresume with: {again}", file=sys.stderr)
             return stop.exit_code
+    if not rows:
+        return 0  # this shard's units are done; another shard's are not
     print((out / "summary.md").read_text())
     print(f"sweep written to {out}: summary.md, summary.csv, comparison.png ({len(rows)} rows)")
     return 0
@@ -697,5 +731,8 @@ def add_parser(subparsers: Any) -> None:
     retire(p, "--eval-seeds", "now --seeds N (fine-tuning seeds, as in eval)")
     add_out_arg(p, "the sweep", default="runs/sweep-<experiment>-<time>", resumable=True)
     p.add_argument("--resume", action="store_true", help="continue the sweep in --out with its stored settings")
+    p.add_argument("--shard", metavar="K/N",
+                   help="run only units K, K+N, ... (0-based) of the sweep: N processes share one --out (start the "
+                        "first, then the others with --resume); the summary is written once all units are finished")
     add_cluster_args(p, "run every actor in this process, without Ray", progress=True)
     p.set_defaults(func=cmd_sweep)
