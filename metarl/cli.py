@@ -12,14 +12,14 @@ from pathlib import Path
 
 from metarl.tools import bench
 from metarl.core import config as config_mod
-from metarl.experiments import curves, dashboard, evaluate, fewshot_cli, probe, sweep, training
+from metarl.experiments import curves, dashboard, evaluate, fewshot_cli, probe, references, sweep, training
 from metarl.interop import rllib_cli
 from metarl.cliargs import (USAGE_ERRORS, Parser, add_cluster_args, add_config_args, add_out_arg, check_cluster_args,
                             claim_out, config_flag, default_out, resolve_config)
 from metarl.distributed.run import run
 from metarl.distributed.stopping import Stopped, resume_command
 
-SUBCOMMAND_MODULES = (evaluate, sweep, dashboard, bench, fewshot_cli, curves, probe, rllib_cli, training)
+SUBCOMMAND_MODULES = (evaluate, sweep, dashboard, bench, fewshot_cli, curves, probe, rllib_cli, training, references)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -107,6 +107,7 @@ WRITERS = {  # each command that writes results, as far as it gets before writin
     "fewshot eval": ["fewshot", "eval", "--checkpoint", "a=RUN"],
     "fewshot pretrain": ["fewshot", "pretrain", "--config", SINE],
     "fewshot cost": ["fewshot", "cost", "--config", SINE],
+    "references": ["references", "--config", MINATAR, "--steps", "64"],
 }
 
 
@@ -145,6 +146,7 @@ RAY_COMMANDS = {
     "sweep": ["sweep", "--config", SMOKE],
     "bench": ["bench", "--quick"],
     "ppo": ["ppo", "--checkpoint", "CKPT/minatar", "--game", "breakout", "--steps", "64", "--out", "OUT"],
+    "references": ["references", "--config", MINATAR, "--steps", "64", "--out", "OUT"],
 }
 
 

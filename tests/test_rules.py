@@ -317,7 +317,7 @@ def test_joint_pre_training_draws_the_tasks_the_meta_learners_draw(tmp_path, mon
 
 # ---- actor calls name their methods (backend.call) --------------------------------------------------------
 
-ACTOR_CLASSES = ("TaskWorker", "Learner", "BenchWorker", "BenchLearner", "FineTuner")
+ACTOR_CLASSES = ("TaskWorker", "Learner", "BenchWorker", "BenchLearner", "FineTuner", "FastAdapter")
 PASS_THROUGH = {"method"}
 """Variables a call may forward its method in (a wrapper's parameter, typed Callable)."""
 REFUSAL_TEST = "test_a_method_named_by_a_string_is_refused_and_subclasses_answer_for_themselves"
@@ -334,10 +334,10 @@ def _sources():
 
 def _actor_classes() -> dict[str, type]:
     from metarl.tools import bench
-    from metarl.experiments import finetune
+    from metarl.experiments import fastadapt, finetune
     from metarl.distributed import learner, worker
 
-    return {name: getattr(m, name) for m in (worker, learner, bench, finetune) for name in ACTOR_CLASSES
+    return {name: getattr(m, name) for m in (worker, learner, bench, finetune, fastadapt) for name in ACTOR_CLASSES
             if hasattr(m, name)}
 
 

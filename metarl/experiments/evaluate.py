@@ -68,36 +68,61 @@ class EvalSpec:
     """Env-step budgets at which return_at is read."""
 
 
+def job_list(games: tuple[str, ...], seeds: tuple[int, ...], inits: Any) -> list[dict]:
+    """Every (game, seed, init), game by game: seed s plays game i with env seed task_seed(s, i),
+    so every init of one (game, seed) sees the same emulator and action-sampling seeds."""
+    return [{"game": g, "init": init, "seed": s, "env_seed": task_seed(s, gi)}
+            for gi, g in enumerate(games) for s in seeds for init in inits]
+
+
+def call_actors(actor: tuple, thetas: dict[str, np.ndarray], jobs: list[dict], method: Callable[..., Any],
+                args: Callable[[dict], tuple], local: bool, address: str = "", workers: int = 0, gpus: float = 0.0,
+                what: str = "fine-tuning", done: Callable[[dict, Any], None] | None = None) -> list[Any]:
+    """`method(game, env_seed, thetas[init], *args(job))` for every job on actors `actor` = (class,
+    *constructor args), each holding 1 CPU and `gpus` GPUs (finetune.gpus): Ray actors side by side,
+    or one after another in this process. The results in job order, each handed to `done(job,
+    result)` as it is read; a failing job raises with its game, init and seed."""
+    backend = LocalBackend() if local else RayBackend(address)
+    results = []
+    try:
+        n = workers or (1 if local else int(backend.resources().get("CPU", 1.0)))
+        if gpus and not local:
+            have = backend.resources().get("GPU", 0.0)
+            fit = int(have / gpus + 1e-9)  # actors that can hold their share
+            if fit < 1:
+                raise ConfigError(f"finetune.gpus = {gpus:g}, but the cluster has {have:g} GPUs; "
+                                  f"set finetune.gpus=0 or add a GPU node")
+            n = min(n, fit)
+        actors = [backend.actor(*actor, num_cpus=1.0, num_gpus=0.0 if local else gpus)
+                  for _ in range(max(1, min(n, len(jobs))))]
+        refs = {name: backend.put(theta) for name, theta in thetas.items()}
+        calls = [backend.call(actors[i % len(actors)], method, j["game"], j["env_seed"], refs[j["init"]], *args(j))
+                 for i, j in enumerate(jobs)]
+        for job, call in zip(jobs, calls):
+            try:
+                result = backend.get(call)
+            except Exception as e:
+                raise RuntimeError(f"{what} {job['game']} from {job['init']} (seed {job['seed']}) failed: {e}") from e
+            results.append(result)
+            if done is not None:
+                done(job, result)
+    finally:
+        backend.shutdown()
+    return results
+
+
 def run_jobs(family: TaskFamily, learner: FineTuneLearner, thetas: dict[str, np.ndarray], spec: EvalSpec,
              local: bool, address: str = "", workers: int = 0, log: Callable[[str], None] = print) -> list[dict]:
     """Fine-tune every (game, init, seed); Ray actors side by side, or one after another locally."""
-    jobs = [{"game": g, "init": init, "seed": s, "env_seed": task_seed(s, gi)}
-            for gi, g in enumerate(spec.games) for s in spec.seeds for init in thetas]
-    backend = LocalBackend() if local else RayBackend(address)
-    try:
-        n = workers or (1 if local else int(backend.resources().get("CPU", 1.0)))
-        if learner.gpus and not local:
-            gpus = backend.resources().get("GPU", 0.0)
-            fit = int(gpus / learner.gpus + 1e-9)  # actors that can hold their share
-            if fit < 1:
-                raise ConfigError(f"finetune.gpus = {learner.gpus:g}, but the cluster has {gpus:g} GPUs; "
-                                  f"set finetune.gpus=0 or add a GPU node")
-            n = min(n, fit)
-        actors = [backend.actor(FineTuner, family, learner, num_cpus=1.0, num_gpus=0.0 if local else learner.gpus)
-                  for _ in range(max(1, min(n, len(jobs))))]
-        refs = {name: backend.put(theta) for name, theta in thetas.items()}
-        calls = [backend.call(actors[i % len(actors)], FineTuner.run, j["game"], j["env_seed"], refs[j["init"]],
-                              spec.budget) for i, j in enumerate(jobs)]
-        for job, call in zip(jobs, calls):
-            try:
-                job["trace"] = backend.get(call)
-            except Exception as e:
-                what = f"fine-tuning {job['game']} from {job['init']} (seed {job['seed']})"
-                raise RuntimeError(f"{what} failed: {e}") from e
-            log(f"eval: {job['game']} from {job['init']}, seed {job['seed']}: {len(job['trace']['episodes'])} "
-                f"episodes in {job['trace']['seconds']:.1f}s")
-    finally:
-        backend.shutdown()
+    jobs = job_list(spec.games, spec.seeds, thetas)
+
+    def done(job: dict, trace: dict[str, Any]) -> None:
+        job["trace"] = trace
+        log(f"eval: {job['game']} from {job['init']}, seed {job['seed']}: {len(trace['episodes'])} "
+            f"episodes in {trace['seconds']:.1f}s")
+
+    call_actors((FineTuner, family, learner), thetas, jobs, FineTuner.run, lambda _: (spec.budget,), local, address,
+                workers, learner.gpus, done=done)
     return jobs
 
 
@@ -267,6 +292,13 @@ def log_to_tracker(tracker: Tracker, result: dict[str, Any], pngs: dict[str, Pat
                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
+def check_local_gpu(learner: Any, local: bool) -> None:
+    """A learner that asks for a GPU share (finetune.gpus) in this process needs CUDA here."""
+    if getattr(learner, "gpus", 0) and local and not torch.cuda.is_available():
+        raise ConfigError(f"finetune.gpus = {learner.gpus:g} asks for a GPU, but torch sees no CUDA device here; "
+                          f"set finetune.gpus=0")
+
+
 def evaluate(cfg: Config, thetas: dict[str, np.ndarray], spec: EvalSpec, out: Path, *, name: str,
              local: bool, workers: int = 0, info: dict[str, Any] | None = None,
              log: Callable[[str], None] = print, learner: Any = None,
@@ -277,9 +309,7 @@ def evaluate(cfg: Config, thetas: dict[str, np.ndarray], spec: EvalSpec, out: Pa
     with RLlib's PPO (metarl.interop.rllib_module)."""
     out = Path(out)
     learner = learner or FineTuneLearner.of(cfg)
-    if getattr(learner, "gpus", 0) and local and not torch.cuda.is_available():
-        raise ConfigError(f"finetune.gpus = {learner.gpus:g} asks for a GPU, but torch sees no CUDA device here; "
-                          f"set finetune.gpus=0")
+    check_local_gpu(learner, local)
     out.mkdir(parents=True, exist_ok=True)
     family = make_family(cfg.finetuning)  # finetune.rollout_len, if set
     jobs = run(family, learner, thetas, spec, local, cfg.ray.address, workers, log)

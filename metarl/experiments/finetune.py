@@ -99,15 +99,17 @@ def ppo_updates(task: Task, model: torch.nn.Module, params: Params, batch: Any, 
 
 def finetune(task: Task, model: torch.nn.Module, theta: Params, learner: FineTuneLearner,
              budget: int, progress: Callable[[str], None] | None = None,
-             progress_every_s: float = 60.0) -> tuple[dict[str, Any], Params]:
+             progress_every_s: float = 60.0, learn: bool = True) -> tuple[dict[str, Any], Params]:
     """Updates with `learner`, each on a fresh rollout, until `budget` env steps are spent.
     Returns the per-step trace (episodes as [step index, raw return]) and the final parameters.
+    learn=False: the same rollouts and trace with no update (a fixed policy's curve, such as the
+    uniform-random reference of `metarl references`); its losses are NaN.
     A run whose loss or parameters become non-finite stops there and is marked `diverged` (its
     curve ends at the last finite point; evaluations count such runs instead of averaging them).
     `progress`, if given, gets a line every `progress_every_s` seconds: steps done and the mean
     return of the last 10 finished episodes."""
     params = meta.detached(theta, requires_grad=True)
-    opt = make_optimizer(params, learner)
+    opt = make_optimizer(params, learner) if learn else None
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     trace: dict[str, Any] = {"env_steps": [], "frames": [], "reward_sum": [], "loss": [], "episodes": [],
@@ -138,7 +140,9 @@ def finetune(task: Task, model: torch.nn.Module, theta: Params, learner: FineTun
             trace["env_steps"].append(steps)
             trace["frames"].append(frames)
             trace["reward_sum"].append(float(batch.reward_sum))
-            if learner.ppo:
+            if not learn:
+                trace["loss"].append(math.nan)
+            elif learner.ppo:
                 loss, stats = ppo_updates(task, model, params, batch, learner, opt, lr, gen)
                 trace["loss"].append(loss)
                 if not math.isfinite(loss):
@@ -167,12 +171,13 @@ class FineTuner:
         self.model = family.make_model().to(learner.device)
         self.spec = ParamSpec.of(self.model)
 
-    def run(self, game: str, env_seed: int, theta: np.ndarray, budget: int) -> dict[str, Any]:
+    def run(self, game: str, env_seed: int, theta: np.ndarray, budget: int, learn: bool = True) -> dict[str, Any]:
         task = self.family.make_task(game, env_seed)
         try:
             params = self.spec.unflatten(theta, device=self.learner.device)
-            trace, _ = finetune(task, self.model, params, self.learner, budget,
-                                progress=lambda line: print(f"fine-tune {game} (env seed {env_seed}): {line}", flush=True))
+            what = "fine-tune" if learn else "play (no learning)"
+            trace, _ = finetune(task, self.model, params, self.learner, budget, learn=learn,
+                                progress=lambda line: print(f"{what} {game} (env seed {env_seed}): {line}", flush=True))
         finally:
             task.close()
         return trace
