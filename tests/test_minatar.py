@@ -192,68 +192,67 @@ def test_finetuning_runs_and_counts_divergence():
     assert row["diverged"] == 1 and "auc_return_median" in row and "auc_return_ci95" in row
 
 
+REF_COLUMNS = ("game,budget,window,seeds,random_auc_return,random_final_return,random_reward_rate,scratch_auc_return,"
+               "scratch_final_return,scratch_reward_rate,scratch_final_rate")
+
+
 @pytest.mark.slow
-def test_two_fold_leave_one_game_out_sweep_writes_every_output(tmp_path, capsys):
+def test_replicated_leave_one_game_out_sweep_in_two_shards_writes_every_output(tmp_path, capsys):
+    """Two folds x two meta-training replicates = four units, run by two shards sharing one directory;
+    joint also matched to skip 1 by outer updates; fast adaptation; normalised by given references."""
+    refs = tmp_path / "references.csv"
+    refs.write_text(REF_COLUMNS + "\n" + "".join(f"{g},256,10,2,0.0,0.5,0.01,1.0,2.0,0.02,0.03\n"
+                                                  for g in ("breakout", "asterix")))
     out = tmp_path / "loo"
-    code = main(["sweep", "--config", str(CONFIGS / "minatar.yaml"), "--set", "tasks.train=[breakout,asterix]",
-                 "--set", "env.num_envs=4", "--set", "env.rollout_len=8", "--set", "log.wandb_mode=disabled",
-                 "--skips", "1", "--joint", "--folds", "loo", "--match", "env_steps", "--train-budget", "320",
-                 "--steps", "256", "--seeds", "2", "--local", "--no-progress", *ONE_STEP_SETS,
-                 "--out", str(out)])
-    assert code == 0
-    for name in ("summary.md", "summary.csv", "summary_folds.csv", "per_seed.csv"):
+    args = ["sweep", "--config", str(CONFIGS / "minatar.yaml"), "--set", "tasks.train=[breakout,asterix]",
+            "--set", "env.num_envs=4", "--set", "env.rollout_len=8", "--set", "log.wandb_mode=disabled",
+            "--skips", "1", "--joint", "--folds", "loo", "--match", "env_steps", "--train-budget", "320",
+            "--match-updates", "--replicates", "2", "--fast", "1,2", "--fast-rollouts", "1",
+            "--references", str(refs), "--steps", "256", "--seeds", "2", *ONE_STEP_SETS]
+    assert main([*args, "--local", "--no-progress", "--shard", "0/2", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "2 of 4 units finished" in log and not (out / "summary.md").exists()
+    assert (out / "fold-breakout" / "seed0" / "baseline" / "eval" / "eval.json").exists()
+    assert not (out / "fold-breakout" / "seed1").exists()  # shard 1's unit
+    assert main(["sweep", "--resume", "--local", "--shard", "1/2", "--out", str(out)]) == 0
+    for name in ("summary.md", "summary.csv", "summary_folds.csv", "per_seed.csv", "per_unit.csv", "training.csv"):
         assert (out / name).stat().st_size > 0, name
     assert_png(out / "curves.png")
     assert_png(out / "auc_vs_compute.png")
+    labels = ("skip1", "joint", "joint-updates")
+    assert sorted(p.name for p in (out / "training").iterdir()) == sorted(
+        f"{g}_seed{s}_{label}.csv" for g in ("breakout", "asterix") for s in (0, 1) for label in labels)
     for game in ("breakout", "asterix"):
-        fold = out / f"fold-{game}"
-        assert_png(fold / "comparison.png")
-        for label in ("skip1", "joint", "baseline"):
-            result = json.loads((fold / label / "eval" / "eval.json").read_text())
-            assert [j["game"] for j in result["jobs"]] == [game, game]
-        assert json.loads((fold / "skip1" / "eval" / "eval.json").read_text())["fold"] == game
-        trained = config_mod.load(fold / "skip1" / "config.yaml")
-        assert game not in trained.tasks.train and trained.tasks.heldout == (game,)
+        for seed in (0, 1):
+            unit = out / f"fold-{game}" / f"seed{seed}"
+            trained = config_mod.load(unit / "skip1" / "config.yaml")
+            assert trained.meta.seed == seed and trained.tasks.heldout == (game,)
+            its = {label: json.loads((unit / label / "eval" / "eval.json").read_text())["iteration"] for label in labels}
+            assert its["joint-updates"] == its["skip1"] < its["joint"]  # same outer updates; joint's budget buys more
+            fast = json.loads((unit / "skip1" / "eval" / "fast.json").read_text())
+            assert fast["updates"] == [0, 1, 2] and len(fast["jobs"]) == 2
+            ft_seeds = [j["seed"] for j in json.loads((unit / "baseline" / "eval" / "eval.json").read_text())["jobs"]]
+            assert ft_seeds == [2 * seed, 2 * seed + 1]  # fine-tuning seeds nested in, and distinct across, units
+    fresh = [initial_theta(make_family(minatar()), s) for s in (0, 1)]
+    assert not np.array_equal(*fresh)  # each replicate's fresh network is its own theta0
     with open(out / "per_seed.csv") as f:
         per_seed = list(csv.DictReader(f))
-    assert {(r["config"], r["game"]) for r in per_seed} == {(c, g) for c in ("skip1", "joint", "baseline")
-                                                           for g in ("breakout", "asterix")}
-    assert len(per_seed) == 12
-    joint = [r for r in per_seed if r["config"] == "joint"]
-    assert all(int(r["env_steps_adapt"]) == 0 and int(r["env_steps"]) == 320 for r in joint)
+    assert len(per_seed) == 2 * 2 * 4 * 2  # folds x replicates x inits x fine-tuning seeds
+    assert {r["meta_seed"] for r in per_seed} == {"0", "1"}
+    assert all(r["fast_rate_2"] != "" and r["n_auc"] != "" for r in per_seed)
+    with open(out / "per_unit.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4 * 4
+    pooled = {r["config"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert pooled["skip1"]["units"] == "4" and pooled["baseline"]["units"] == "4"
     text = (out / "summary.md").read_text()
-    assert "Pooled over folds" in text and "smallest detectable" in text and "joint" in text
-    assert "Δ AUC vs skip1 (paired)" in text
-    assert "fold 2/2" in capsys.readouterr().out
+    assert "Pooled over 4 units" in text and "det." in text and "Fast adaptation" in text
+    assert "Meta-training on its own games" in text and "joint-updates" in text
 
 
 def test_fresh_init_of_the_family_is_seeded():
     family = make_family(minatar())
     a, b = initial_theta(family, 0), initial_theta(family, 0)
     assert np.array_equal(a, b) and a.size == sum(p.numel() for p in family.make_model().parameters())
-
-
-def test_pooling_normalises_by_the_fresh_final_return_and_pairs_by_seed():
-    from metarl.experiments.folds import pool
-
-    cost = {"env_steps": 100, "env_steps_adapt": 50, "env_steps_eval": 50, "wall_s": 1.0}
-    rows = []
-    for game, scale in (("a", 1.0), ("b", 10.0)):  # game b scores ten times higher
-        for seed in range(3):
-            base = scale * (1.0 + 0.1 * seed)
-            rows += [{"config": "baseline", "game": game, "seed": seed, "auc_return": base, "final_return": 2 * scale,
-                      "steps_to_threshold": None, "diverged": False, **cost},
-                     {"config": "skip1", "game": game, "seed": seed, "auc_return": base + 0.5 * scale,
-                      "final_return": 2 * scale, "steps_to_threshold": 10, "diverged": False, **cost},
-                     {"config": "skip2", "game": game, "seed": seed, "auc_return": base + scale,
-                      "final_return": 2 * scale, "steps_to_threshold": 10, "diverged": seed == 0, **cost}]
-    folds, pooled = pool(rows, ["skip1", "skip2", "baseline"], [])
-    by = {r["config"]: r for r in pooled}
-    # every pair differs by exactly 0.25 (skip1) / 0.5 (skip2) of the fresh final return: no spread
-    assert by["skip1"]["d_norm_auc_vs_fresh"] == "0.250 ± 0.000"
-    assert by["skip2"]["d_norm_auc_vs_fresh"] == "0.500 ± 0.000" and by["skip2"]["d_norm_auc_vs_skip1"] == "0.250 ± 0.000"
-    assert by["skip2"]["diverged"] == 2 and by["skip2"]["reached"] == "6/6" and by["baseline"]["runs"] == 6
-    assert len(folds) == 6
 
 
 def test_a_skip_that_does_not_fit_a_fold_is_one_line_exit_2(tmp_path, capsys):

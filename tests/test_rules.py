@@ -269,7 +269,7 @@ def test_every_report_gives_the_same_interval():
     for report, (m, h) in got.items():
         assert (m, h) == (pytest.approx(mean), pytest.approx(half, rel=1e-3)), report
     assert training.mean_ci(vals + [math.nan]) == text
-    assert folds._pm(s) == text[:-len(" (3 runs)")]
+    assert folds._pm(s, ".2f") == text[:-len(" (3 runs)")]
     ep = [curves.Episodes("fine-tuner", "pong", seed, np.array([10, 20]), np.array([10, 20]), np.array([v, v]))
           for seed, v in enumerate(vals)]
     assert curves.summary_rows(ep, (20,), window=1)[1][0]["20"] == f"{mean:.1f} ± {half:.1f} (3 seeds)"

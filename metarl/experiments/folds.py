@@ -166,14 +166,19 @@ def write(out: Path, per_seed: list[dict[str, Any]], curves: dict[str, dict[str,
     if pooled:
         cols = {"config": "config", "units": "units", "runs": "fine-tuning runs", "n_auc": "AUC (normalised)",
                 "d_n_auc_vs_fresh": "Δ AUC vs fresh (paired)", "d_n_auc_vs_skip1": "Δ AUC vs skip 1 (paired)",
-                "n_final": "final (normalised)", "d_n_final_vs_fresh": "Δ final vs fresh", "diverged": "diverged"}
+                "n_final": "final (normalised)", "d_n_final_vs_fresh": "Δ final vs fresh", "diverged": "diverged",
+                "meta_env_steps_shown": "meta env steps / unit", "meta_adapt_shown": "of which adaptation",
+                "meta_wall_shown": "meta wall s / unit"}
+        pooled = [{**r, "meta_env_steps_shown": f"{r['meta_env_steps']:,.0f}",
+                   "meta_adapt_shown": f"{r['meta_env_steps_adapt']:,.0f}", "meta_wall_shown": f"{r['meta_wall_s']:.0f}"}
+                  for r in pooled]
         text += (f"## Pooled over {n_units} units (fold × meta-seed)\n\n"
                  f"Normalised: 0 = random policy, 1 = PPO from scratch at the fine-tuning budget (final return). "
                  f"Mean ± 95% t-interval over units, df = units − 1; Δ paired within units; det. = smallest "
                  f"difference detectable with 80% power at the 5% level.\n\n" + markdown_table(pooled, cols))
         if fast_keys:
             fcols = {"config": "config", "units": "units",
-                     **{f"n_{k}": f"{k.replace('fast_rate_', 'after ')} updates" for k in fast_keys},
+                     **{f"n_{k}": f"after {k.removeprefix('fast_rate_')} updates" for k in fast_keys},
                      **{f"d_n_{k}_vs_fresh": f"Δ {k.replace('fast_rate_', '')} vs fresh" for k in fast_keys[1:]}}
             text += ("\n## Fast adaptation (reward per step after k inner updates, normalised)\n\n"
                      + markdown_table(pooled, fcols))

@@ -103,6 +103,7 @@ def spec_from_json(d: dict[str, Any]) -> SweepSpec:
 
 UPDATES = "-updates"
 """Suffix of a configuration matched to skip 1 by meta-iterations (outer updates) instead of the budget."""
+UPDATES_NOTE = "; <config>-updates: trained for skip 1's meta-iterations, i.e. as many outer updates"
 
 
 def label_skip(label: str) -> int:
@@ -275,7 +276,7 @@ def fast_adaptation(cfg: Config, spec: SweepSpec, thetas: dict[str, Any], out: P
     from metarl.experiments.fastadapt import run_fast_jobs
 
     out.mkdir(parents=True, exist_ok=True)
-    jobs = run_fast_jobs(make_family(cfg.finetuning), cfg, thetas, spec.eval.games, spec.eval.seeds, local,
+    jobs = run_fast_jobs(make_family(cfg), cfg, thetas, spec.eval.games, spec.eval.seeds, local,
                          cfg.ray.address, workers, updates=spec.fast, eval_rollouts=spec.fast_rollouts, log=log)
     write_json(out / "fast.json", {"updates": [0, *spec.fast], "eval_rollouts": spec.fast_rollouts, "jobs": jobs})
 
@@ -375,8 +376,8 @@ def fast_scores(eval_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
     for j in json.loads(path.read_text())["jobs"]:
         f = j["fast"]
         out[(j["game"], int(j["seed"]))] = {
-            **{f"fast_rate_{k}": float(v) for k, v in zip(f["updates"], f["reward_rate"])},
-            **{f"fast_return_{k}": float(v) for k, v in zip(f["updates"], f["return"])}}
+            **{f"fast_rate_{k}": math.nan if v is None else float(v) for k, v in zip(f["updates"], f["reward_rate"])},
+            **{f"fast_return_{k}": math.nan if v is None else float(v) for k, v in zip(f["updates"], f["return"])}}
     return out
 
 
@@ -417,6 +418,7 @@ def collect(sweep_dir: Path, spec: SweepSpec, meta_seed: int = 0
             per_seed.append({"config": label, "game": j["game"], "meta_seed": meta_seed, "seed": j["seed"], **cost,
                              **fast.get((j["game"], int(j["seed"])), {}),
                              "auc_return": sc["auc_return"], "final_return": sc["final_return"],
+                             "auc_reward_rate": sc["auc_reward_rate"],
                              **{f"return_at_{b}": v for b, v in sc["return_at"].items()},
                              "steps_to_threshold": sc["steps_to_threshold"],
                              "diverged": bool(j["trace"].get("diverged"))})
@@ -536,7 +538,7 @@ def sweep(cfg: Config, spec: SweepSpec, out: Path, local: bool = False,
         header = (f"# Leave-one-game-out: {', '.join(spec.labels)}{' + fresh network' if spec.baseline else ''}\n\n"
                   f"Every fold meta-trains on the other {len(cfg.tasks.train) - 1} games; budget matched by "
                   f"{spec.match} ({spec.budget:g} per configuration and fold"
-                  f"{'; -updates: skip 1s meta-iterations' if spec.match_updates else ''}); {spec.replicates} "
+                  f"{UPDATES_NOTE if spec.match_updates else ''}); {spec.replicates} "
                   f"meta-training replicate(s) per fold. Held-out fine-tuning: {finetune_label(cfg)}, {e.budget:,} env "
                   f"steps, {len(e.seeds)} seeds per unit and init"
                   f"{f'; fast adaptation after {list(spec.fast)} inner updates' if spec.fast else ''}. "
@@ -626,16 +628,11 @@ def spec_from_sweep_args(args: argparse.Namespace, cfg: Config) -> SweepSpec:
     if args.references:
         from metarl.experiments import references
 
-        refs = references.load(Path(args.references))
-        missing = [g for g in eval_spec.games if g not in refs]
-        if missing:
-            raise ConfigError(f"--references {args.references} has no row for {', '.join(missing)}; measure it with "
-                              f"`metarl references --games {','.join(missing)} --steps {eval_spec.budget}`")
-        off = [g for g in eval_spec.games if int(refs[g]["budget"]) != eval_spec.budget]
-        if off:
-            raise ConfigError(f"--references {args.references} was measured at {int(refs[off[0]]['budget']):,} env steps "
-                              f"for {off[0]}, the sweep fine-tunes for {eval_spec.budget:,}: measure it at --steps "
-                              f"{eval_spec.budget}")
+        refs = references.load(Path(args.references), eval_spec.games, budget=eval_spec.budget,
+                               window=eval_spec.window)
+        for g in eval_spec.games:  # a game whose references cannot scale it is refused now, not dropped later
+            references.normalise(0.0, g, refs)
+            references.normalise(0.0, g, refs, key="rate")
         refs = {g: refs[g] for g in eval_spec.games}
     return SweepSpec(skips, not args.no_baseline, match, float(budget), eval_spec,
                      joint=args.joint, folds=args.folds or "", replicates=args.replicates or 1,
