@@ -237,3 +237,24 @@ def test_inner_ppo_takes_several_clipped_steps_that_improve_the_adaptation_batch
     assert kl8 > 2 * abs(kl1) and gain8 > gain1 > 0, (kl1, kl8, gain1, gain8)
     with pytest.raises(ConfigError, match="is first-order"):
         config_mod.validate(config_mod.override(config_mod.override(cfg, "meta.inner_epochs", 2), "meta.follow", "exact"))
+
+
+def test_inner_ppo_minibatches_come_from_the_task_not_from_torchs_global_rng():
+    """A fixed-seed run's inner PPO loop draws its minibatches from the task's seeded generator:
+    the same theta' whatever torch's global RNG holds (it used to follow the global RNG, which no
+    worker seeds)."""
+    cfg = config_mod.validate(config_mod.override(config_mod.override(
+        config_mod.load(CONFIGS / "minatar.yaml"), "env.num_envs", 4), "env.rollout_len", 16))
+    family = make_family(cfg)
+    model = family.make_model()
+    torch.manual_seed(0)
+    theta = init_params(model)
+
+    def adapted(global_seed: int, task_seed: int = 3):
+        torch.manual_seed(global_seed)
+        return meta.adapt(family.make_task("breakout", task_seed), model, theta, 0.1, 1,
+                          meta.InnerPPO(2, 4, 0.2)).theta_prime
+
+    a, b, other = adapted(1), adapted(2), adapted(1, task_seed=4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], other[k]) for k in a)

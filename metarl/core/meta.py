@@ -116,10 +116,12 @@ def adapt(task: Task, model: nn.Module, theta: Params, inner_lr: float, inner_st
 def ppo_steps(task: Task, model: nn.Module, params: Params, batch: Batch, inner_lr: float,
               inner: InnerPPO) -> tuple[Params, float]:
     """`inner.updates` clipped SGD steps of alpha on minibatches of one batch: metarl.core.ppo's
-    pass (index sets drawn from torch's RNG, which the worker seeds per iteration; a non-finite
+    pass (index sets drawn from the task's generator, which the worker reseeds per iteration; a non-finite
     minibatch stops it as it stops every PPO learner). Returns theta' and the mean minibatch loss."""
     adv, ret = task.advantages(batch)
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    # minibatches from the task's own generator (seeded per task, reseeded per iteration by the worker):
+    # a fixed-seed run draws the same ones wherever it runs; torch's global RNG is seeded by no one
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=getattr(task, "gen", None))))
     theta_prime = [params]
 
     def grad_at(idx: torch.Tensor):
