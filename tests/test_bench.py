@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 from conftest import CONFIGS, REPO
 
 SKIPS = (2, 3, 4, 6)
@@ -155,3 +157,21 @@ def test_pss_is_measured_even_when_the_block_is_shorter_than_one_poll():
     with PssSampler([os.getpid()], every_s=60.0) as pss:
         pass
     assert pss.peak_kb > 1024  # this Python process holds more than 1 MB
+
+
+def test_compute_weighted_skip_ratio_charges_evaluations_their_outer_epochs():
+    """With PPO's outer loop an evaluation rollout costs its sampling and 4 gradient passes, an
+    adaptation rollout its sampling and one: skipping adaptations saves less than their share of
+    rollouts. Hand-worked for N = 12, S = 1, sampling 1,000 and gradients 2,000 samples/s."""
+    from metarl.core import config as config_mod
+    from metarl.tools.bench import skip_compute_expected
+
+    cfg = config_mod.load(CONFIGS / "atari12.yaml")  # 12 tasks, outer 4 x 4, one inner step
+    f = {"fleet_sampling_env_steps_per_s": 1000.0, "fleet_grad_samples_per_s": 2000.0, "skip_ratio_2": 0.9,
+         "skip_ratio_4": 0.8}
+    out = skip_compute_expected(f, cfg)
+    adapt, evaluate = 1 / 1000 + 1 / 2000, 1 / 1000 + 4 / 2000
+    assert out == {"skip_ratio_2_compute_expected": pytest.approx((6 * adapt + 12 * evaluate) / (12 * adapt + 12 * evaluate)),
+                   "skip_ratio_4_compute_expected": pytest.approx((3 * adapt + 12 * evaluate) / (12 * adapt + 12 * evaluate))}
+    one = config_mod.override(config_mod.override(cfg, "meta.outer_epochs", 1), "meta.outer_minibatches", 1)
+    assert skip_compute_expected(f, one)["skip_ratio_2_compute_expected"] == pytest.approx(18 / 24)  # equal costs

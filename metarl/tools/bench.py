@@ -12,6 +12,10 @@ Every figure is measured side by side in one run, through the real code paths:
   skip_ratio_k        seconds per meta-iteration at skip k / at skip 1, on the config scaled down
   skip_ratio_k_expected  (ceil(N/k) S + N) / (N S + N): the share of rollouts skip k keeps
                       (Reptile, which evaluates nothing: ceil(N/k) / N)
+  skip_ratio_k_compute_expected  the same share weighted by what each rollout costs at the fleet's
+                      measured rates: an adaptation rollout its sampling and inner epochs of gradient
+                      passes, an evaluation rollout its sampling and outer epochs (PPO's outer loop
+                      makes the evaluations, which skipping keeps, the larger part of an iteration)
   end_to_end_ratio    env steps/s of whole meta-iterations (`iteration.meta_iteration`) / env steps/s of
                       the same fleet only sampling the same rollouts
   end_to_end_compute_bound  the best end_to_end_ratio when gradients share the cores with sampling:
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import threading
@@ -319,6 +324,22 @@ def grad_passes(m: Any, adapt_steps: float, eval_steps: float) -> float:
     return adapt_steps * inner + eval_steps * outer
 
 
+def skip_compute_expected(f: dict[str, float], cfg: Config) -> dict[str, float]:
+    """skip_ratio_k_compute_expected for every measured k: the iteration's compute at skip k over
+    skip 1's, each adaptation rollout costing 1/S_rate + I/G_rate per sample and each evaluation
+    rollout 1/S_rate + O/G_rate (I, O: inner and outer gradient passes, `grad_passes`)."""
+    m, n = cfg.meta, cfg.num_tasks
+    s, g = f["fleet_sampling_env_steps_per_s"], f["fleet_grad_samples_per_s"]
+    adapt_cost, eval_cost = 1.0 / s + grad_passes(m, 1, 0) / g, 1.0 / s + grad_passes(m, 0, 1) / g
+    evaluations = rollouts_per_iteration(n, 1, 0, m.algo)
+
+    def cost(k: int) -> float:
+        return math.ceil(n / k) * m.inner_steps * adapt_cost + evaluations * eval_cost
+
+    return {f"skip_ratio_{k}_compute_expected": cost(k) / cost(1)
+            for k in SKIPS if f"skip_ratio_{k}" in f}
+
+
 def compute_bound(f: dict[str, float]) -> dict[str, float]:
     """When gradients share the cores with sampling, an env step costs the fleet its sampling time
     plus its share of gradient passes (outer and inner epochs included): the best end_to_end_ratio
@@ -394,6 +415,7 @@ def run_bench(cfg: Config, quick: bool, log: Callable[[str], None] = print,
         # when gradients share the cores with sampling, each env step costs the fleet its sampling
         # time plus one gradient sample's: the best end_to_end_ratio such a fleet can reach
         figures.update(compute_bound(figures))
+        figures.update(skip_compute_expected(figures, small))
         learner_device = fleet.learner_info["device"]
     finally:
         backend.shutdown()
