@@ -212,8 +212,9 @@ def test_replicated_leave_one_game_out_sweep_in_two_shards_writes_every_output(t
     assert main([*args, "--local", "--no-progress", "--shard", "0/2", "--out", str(out)]) == 0
     log = capsys.readouterr().out
     assert "2 of 4 units finished" in log and not (out / "summary.md").exists()
-    assert (out / "fold-breakout" / "seed0" / "baseline" / "eval" / "eval.json").exists()
-    assert not (out / "fold-breakout" / "seed1").exists()  # shard 1's unit
+    # units replicate by replicate: breakout/seed0, asterix/seed0, breakout/seed1, asterix/seed1
+    assert (out / "fold-breakout" / "seed1" / "baseline" / "eval" / "eval.json").exists()
+    assert not (out / "fold-asterix" / "seed0").exists()  # shard 1's unit
     assert main(["sweep", "--resume", "--local", "--shard", "1/2", "--out", str(out)]) == 0
     for name in ("summary.md", "summary.csv", "summary_folds.csv", "per_seed.csv", "per_unit.csv", "training.csv"):
         assert (out / name).stat().st_size > 0, name

@@ -135,12 +135,14 @@ def folds(cfg: Config, spec: SweepSpec, out: Path) -> list[tuple[str, Config, Sw
 
 def units(cfg: Config, spec: SweepSpec, out: Path) -> list[tuple[str, int, Config, SweepSpec, Path]]:
     """(held-out game, meta-seed, config, spec, directory) per unit: every fold times every
-    replicate. Replicate r trains with meta.seed + r (its own theta0 and fresh network) and
-    fine-tunes with seeds shifted by r x the number of seeds; with one replicate a fold's directory
-    is the unit's, with more each replicate has fold-<game>/seed<s>/."""
+    replicate, replicate by replicate (a sweep stopped early has covered the folds evenly).
+    Replicate r trains with meta.seed + r (its own theta0 and fresh network) and fine-tunes with
+    seeds shifted by r x the number of seeds; with one replicate a fold's directory is the unit's,
+    with more each replicate has fold-<game>/seed<s>/."""
     out_units = []
-    for game, cfg_f, spec_f, dir_f in folds(cfg, spec, out):
-        for r in range(spec.replicates):
+    fold_list = folds(cfg, spec, out)
+    for r in range(spec.replicates):
+        for game, cfg_f, spec_f, dir_f in fold_list:
             seed = cfg.meta.seed + r
             n = len(spec.eval.seeds)
             spec_u = replace(spec_f, eval=replace(spec_f.eval, seeds=tuple(s + r * n for s in spec_f.eval.seeds)))
