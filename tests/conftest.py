@@ -31,6 +31,21 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def own_ray():
+    """A Ray instance of the module's own (address="local"): never one another process started;
+    the session's, if a test before started it."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PER_ROLLOUT = 4 * 16  # smoke config: num_envs x rollout_len
 

@@ -172,20 +172,6 @@ def test_eval_sends_other_families_to_fewshot(tmp_path, capsys):
     assert "metarl fewshot" in err and "sinusoid" in err
 
 
-@pytest.fixture(scope="module")
-def own_ray():
-    """A Ray instance of this test's own (address="local"): never one another process started."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_actors_give_the_same_curves_as_local(own_ray):
     cfg = smoke()
     family = make_family(cfg)

@@ -117,19 +117,6 @@ def test_divergence_fills_the_later_points_with_nan(setting):
         fast_adapt(family.make_task("breakout", 3), model, theta, 0.1, None, updates=(3, 1))
 
 
-@pytest.fixture
-def own_ray():
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_actors_and_this_process_agree_and_use_the_configs_inner_loop(own_ray):
     """meta.inner_epochs x inner_minibatches = 2 x 2 reaches the actors as InnerPPO (their minibatches
     seeded by the env seed): Ray and --local agree to the last bit, and with a direct fast_adapt."""
