@@ -376,6 +376,8 @@ def summarize(tasks: tuple[str, ...], groups: list[Group], a: Algorithm, c: Coll
               nonfinite: list[str], lstats: dict[str, Any], wall: float, learner_s: float) -> dict[str, Any]:
     """The metrics row of one iteration (see README: Metrics)."""
     adapt_stats, eval_stats = c.adapts, (c.evals if a.evaluates else {})
+    # the rollouts played with theta (joint pre-training, S = 0, plays none: no "pre" figures, not zeros)
+    sampled = {i: s for i, s in adapt_stats.items() if s["env_steps"] > 0}
     failed, nan = c.failed, float("nan")
     rec: dict[str, Any] = {
         "algo": a.name, "groups": len(groups),
@@ -388,9 +390,9 @@ def summarize(tasks: tuple[str, ...], groups: list[Group], a: Algorithm, c: Coll
         "env_steps/eval": int(sum(s["env_steps"] for s in eval_stats.values())),
         "frames/adapt": int(sum(s["frames"] for s in adapt_stats.values())),
         "frames/eval": int(sum(s["frames"] for s in eval_stats.values())),
-        "return/pre": finite_mean([r for s in adapt_stats.values() for r in s["returns"]]),
+        "return/pre": finite_mean([r for s in sampled.values() for r in s["returns"]]),
         "return/post": finite_mean([r for s in eval_stats.values() for r in s["returns"]]),
-        "reward_per_step/pre": finite_mean([s["reward_sum"] / max(s["env_steps"], 1) for s in adapt_stats.values()]),
+        "reward_per_step/pre": finite_mean([s["reward_sum"] / s["env_steps"] for s in sampled.values()]),
         "reward_per_step/post": finite_mean([s["reward_sum"] / max(s["env_steps"], 1) for s in eval_stats.values()]),
         "loss/inner": finite_mean([s["inner_losses"][0] for s in adapt_stats.values() if s["inner_losses"]]),
         "loss/outer": finite_mean([s.get("loss", nan) for s in eval_stats.values()]),
@@ -410,11 +412,11 @@ def summarize(tasks: tuple[str, ...], groups: list[Group], a: Algorithm, c: Coll
     }
     # per task: the mean return of the episodes that ended in this iteration's rollouts, and the
     # episodes themselves (lists go to metrics.jsonl only; `metarl curve` draws them against frames)
-    for i, s in adapt_stats.items():  # the raw reward per step of each rollout: defined when no episode ends,
-        rec[f"rate_pre/{tasks[i]}"] = s["reward_sum"] / max(s["env_steps"], 1)  # and all the policy's own
+    for i, s in sampled.items():  # the raw reward per step of each rollout: defined when no episode ends,
+        rec[f"rate_pre/{tasks[i]}"] = s["reward_sum"] / s["env_steps"]  # and all the policy's own
     for j, s in eval_stats.items():
         rec[f"rate_post/{tasks[j]}"] = s["reward_sum"] / max(s["env_steps"], 1)
-    for i, s in adapt_stats.items():
+    for i, s in sampled.items():
         rec[f"return_pre/{tasks[i]}"] = finite_mean(s["returns"])
         rec[f"episodes_pre/{tasks[i]}"] = [float(r) for r in s["returns"]]
     for j, s in eval_stats.items():
