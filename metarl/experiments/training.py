@@ -91,8 +91,8 @@ def adaptation_gain(run: dict, game: str) -> float:
     """Mean over the second half of the run of rate_post - rate_pre on `game` (iterations where
     the game led a group, so both exist); nan where the run did not log per-game rates."""
     rows = run["rows"][len(run["rows"]) // 2:]
-    d = [r[f"rate_post/{game}"] - r[f"rate_pre/{game}"] for r in rows
-         if f"rate_pre/{game}" in r and f"rate_post/{game}" in r]
+    d = [r[f"rate_post/{game}"] - r[f"rate_pre/{game}"] for r in rows  # runs logged before joint's 0.0 was
+         if r.get("adaptations") and f"rate_pre/{game}" in r and f"rate_post/{game}" in r]  # dropped carry it
     return float(np.mean(d)) if d else math.nan
 
 
