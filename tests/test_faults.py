@@ -50,9 +50,9 @@ def test_killed_and_hung_workers_do_not_fail_the_run(tmp_path):
     the stated rule, Ray restarts the workers, theta is only updated from finite gradients, and
     every iteration completes.
 
-    Nothing here depends on the machine's speed: the call timeout (20 s) is ~20x a smoke
-    call's time even on a loaded 2-core machine, so the one call that times out is the stopped
-    worker's, which never answers; the waits are hang guards only."""
+    The call timeout (20 s) is ~20x a smoke call's time even on a loaded 2-core machine, so the
+    one call that times out is the stopped worker's, which never answers; the waits are hang
+    guards only. How soon Ray's restarted actor answers again does depend on the load."""
     out = tmp_path / "run"
     p = start_driver(out, "--iterations", "14", "--set", "ray.call_timeout_s=20", "--set", "meta.checkpoint_every=50")
     try:
@@ -85,7 +85,9 @@ def test_killed_and_hung_workers_do_not_fail_the_run(tmp_path):
     assert len(timed_out) == 1 and timed_out[0][1] == "breakout" and timed_out[0][0] > n_kill + 3, timed_out
     for r in dropped:  # partial iterations say so, and use only the evaluations that completed
         assert r["evaluations_used"] < 3 or r["update_skipped"]
-    assert all(r["tasks_dropped"] == [] for r in rs[-2:]), "restarted workers serve again"
+    # restarted workers serve again: the run ends on a whole iteration (on a loaded machine the
+    # restart after the timeout can take the iteration after it too, so not the last two)
+    assert rs[-1]["tasks_dropped"] == [], "restarted workers serve again"
     assert "warning: iteration" in output and "dropped" in output
     assert checkpoint.load(checkpoint.latest(out))["iteration"] == 14
 
