@@ -243,7 +243,7 @@ def test_replicated_leave_one_game_out_sweep_in_two_shards_writes_every_output(t
         per_seed = list(csv.DictReader(f))
     assert len(per_seed) == 2 * 2 * 4 * 2  # folds x replicates x inits x fine-tuning seeds
     assert {r["meta_seed"] for r in per_seed} == {"0", "1"}
-    assert all(r["fast_rate_2"] != "" and r["n_auc"] != "" for r in per_seed)
+    assert all(r["fast_rate_2"] != "" and r["n_auc"] != "" and r["fast_diverged"] == "False" for r in per_seed)
     with open(out / "per_unit.csv") as f:
         assert len(list(csv.DictReader(f))) == 4 * 4
     pooled = {r["config"]: r for r in csv.DictReader(open(out / "summary.csv"))}

@@ -51,6 +51,7 @@ def _rows(effect: dict[str, float], unit_noise: dict[tuple[str, int], float], se
             for s in range(seeds):
                 v = level + eff + (0.3 if s % 2 else -0.3)
                 rows.append({"config": config, "game": game, "meta_seed": ms, "seed": s + 10 * ms,
+                             "fast_diverged": config == "skip2" and s == 0,
                              "auc_return": v, "final_return": v, "auc_reward_rate": 0.0, "diverged": False,
                              "env_steps": 100, "env_steps_adapt": 0, "env_steps_eval": 100, "wall_s": 1.0})
     return rows
@@ -65,6 +66,7 @@ def test_intervals_are_over_units_and_differences_paired_within_them():
     assert sorted(u["auc_return"] for u in units if u["config"] == "baseline") == pytest.approx(sorted(levels.values()))
     by = {r["config"]: r for r in summarise(units, ["skip1", "skip2", "baseline"], ["auc_return"])}
     assert by["baseline"]["units"] == 6 and by["baseline"]["runs"] == 12
+    assert by["skip2"]["fast_diverged"] == 6 and by["skip1"]["fast_diverged"] == 0  # counted, one per unit
     lv = np.array(list(levels.values()))
     assert by["baseline"]["auc_return_ci95"] == pytest.approx(t95(5) * lv.std(ddof=1) / math.sqrt(6))
     # paired within units, the level cancels: every unit differs by exactly the effect

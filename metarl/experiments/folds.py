@@ -82,7 +82,8 @@ def unit_table(per_seed: list[dict[str, Any]], measures: list[str]) -> list[dict
     out = []
     for (config, game, meta_seed), rows in units.items():
         row: dict[str, Any] = {"config": config, "fold": game, "meta_seed": meta_seed, "seeds": len(rows),
-                               "diverged": sum(bool(r["diverged"]) for r in rows)}
+                               "diverged": sum(bool(r["diverged"]) for r in rows),
+                               "fast_diverged": sum(bool(r.get("fast_diverged")) for r in rows)}
         for m in measures:
             vals = [float(r[m]) for r in rows if r.get(m) is not None and math.isfinite(float(r[m]))]
             row[m] = float(np.mean(vals)) if vals else math.nan
@@ -110,7 +111,8 @@ def summarise(units: list[dict], labels: list[str], measures: list[str], fold: s
         if not mine:
             continue
         row: dict[str, Any] = {"config": label, "units": len(mine), "folds": len({u["fold"] for u in mine}),
-                               "runs": sum(u["seeds"] for u in mine), "diverged": sum(u["diverged"] for u in mine)}
+                               "runs": sum(u["seeds"] for u in mine), "diverged": sum(u["diverged"] for u in mine),
+                               "fast_diverged": sum(u["fast_diverged"] for u in mine)}
         if fold is not None:
             row["fold"] = fold
         for m in measures:
@@ -179,7 +181,8 @@ def write(out: Path, per_seed: list[dict[str, Any]], curves: dict[str, dict[str,
         if fast_keys:
             fcols = {"config": "config", "units": "units",
                      **{f"n_{k}": f"after {k.removeprefix('fast_rate_')} updates" for k in fast_keys},
-                     **{f"d_n_{k}_vs_fresh": f"Δ {k.replace('fast_rate_', '')} vs fresh" for k in fast_keys[1:]}}
+                     **{f"d_n_{k}_vs_fresh": f"Δ {k.replace('fast_rate_', '')} vs fresh" for k in fast_keys[1:]},
+                     "fast_diverged": "diverged (NaN later points, not averaged)"}
             text += ("\n## Fast adaptation (reward per step after k inner updates, normalised)\n\n"
                      + markdown_table(pooled, fcols))
     else:

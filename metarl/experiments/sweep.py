@@ -370,7 +370,8 @@ def compute_columns(run_dir: Path) -> dict[str, Any]:
 
 
 def fast_scores(eval_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
-    """(game, seed) -> fast_rate_<k> and fast_return_<k> from eval/fast.json (empty without it)."""
+    """(game, seed) -> fast_rate_<k>, fast_return_<k> and fast_diverged from eval/fast.json (empty
+    without it)."""
     path = eval_dir / "fast.json"
     if not path.exists():
         return {}
@@ -379,7 +380,8 @@ def fast_scores(eval_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
         f = j["fast"]
         out[(j["game"], int(j["seed"]))] = {
             **{f"fast_rate_{k}": math.nan if v is None else float(v) for k, v in zip(f["updates"], f["reward_rate"])},
-            **{f"fast_return_{k}": math.nan if v is None else float(v) for k, v in zip(f["updates"], f["return"])}}
+            **{f"fast_return_{k}": math.nan if v is None else float(v) for k, v in zip(f["updates"], f["return"])},
+            "fast_diverged": bool(f["diverged"])}  # its later points are NaN: counted, not averaged
     return out
 
 
