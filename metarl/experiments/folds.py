@@ -39,6 +39,7 @@ import numpy as np
 
 from metarl.core.stats import ci95, detectable, pm
 from metarl.core.plots import Panel, Series, markdown_table, save_grid, write_csv
+from metarl.experiments.references import normalise
 
 REF_FRESH, REF_SKIP1 = "baseline", "skip1"
 
@@ -63,8 +64,6 @@ def _diff(s: dict[str, float], fmt: str = ".3f") -> str:
 
 def normalised(row: dict[str, Any], refs: dict[str, dict[str, float]], fast_keys: list[str]) -> dict[str, float]:
     """A per-seed row's scores on the references' scale (see the module docstring)."""
-    from metarl.experiments.references import normalise
-
     g = row["game"]
     out = {"n_auc": normalise(row["auc_return"], g, refs), "n_final": normalise(row["final_return"], g, refs),
            "n_rate": normalise(row["auc_reward_rate"], g, refs, key="rate")}

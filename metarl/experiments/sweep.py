@@ -34,13 +34,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from metarl.core import checkpoint, config as config_mod
-from metarl.experiments import dashboard, folds as fold_summary, training
+from metarl.experiments import dashboard, folds as fold_summary, references, training
 from metarl.core.algorithms import rollouts_per_iteration
 from metarl.distributed.backend import RayBackend
 from metarl.cliargs import add_cluster_args, add_config_args, add_out_arg, claim_out, resolve_config, retire
 from metarl.core.config import Config, ConfigError
 from metarl.experiments.evaluate import (EvalSpec, add_eval_args, assemble, checkpoint_theta, default_thresholds, evaluate,
                              mean_curves, meta_compute, spec_from_args)
+from metarl.experiments.fastadapt import run_fast_jobs
 from metarl.experiments.finetune import FineTuneLearner
 from metarl.distributed.fleet import run_cpus, run_gpus
 from metarl.distributed.learner import initial_theta
@@ -275,8 +276,6 @@ def fast_adaptation(cfg: Config, spec: SweepSpec, thetas: dict[str, Any], out: P
     game and seed, into out/fast.json (written before eval.json, which marks the evaluation done)."""
     if not spec.fast:
         return
-    from metarl.experiments.fastadapt import run_fast_jobs
-
     out.mkdir(parents=True, exist_ok=True)
     jobs = run_fast_jobs(make_family(cfg), cfg, thetas, spec.eval.games, spec.eval.seeds, local,
                          cfg.ray.address, workers, updates=spec.fast, eval_rollouts=spec.fast_rollouts, log=log)
@@ -630,8 +629,6 @@ def spec_from_sweep_args(args: argparse.Namespace, cfg: Config) -> SweepSpec:
     eval_spec = spec_from_args(args, eval_cfg)
     refs = None
     if args.references:
-        from metarl.experiments import references
-
         refs = references.load(Path(args.references), eval_spec.games, budget=eval_spec.budget,
                                window=eval_spec.window)
         for g in eval_spec.games:  # a game whose references cannot scale it is refused now, not dropped later
