@@ -156,7 +156,7 @@ def test_seconds_budget_stops_at_the_last_iteration_that_fits(tmp_path, monkeypa
 
     chunks = []
 
-    def fake_train_to(cfg, run_dir, local, log):
+    def fake_train_to(cfg, run_dir, local, log, label=""):
         n = cfg.meta.iterations
         chunks.append(n)
         checkpoint.save(run_dir, {"theta": torch.zeros(1), "optimizer": {}, "iteration": n,

@@ -188,8 +188,9 @@ def test_dashboard_panels_read_what_the_runs_logged(offline_sweep, capsys, monke
     trained = [r for r in runs.values() if r.job_type in ("train", "eval")]
     assert missing(view, trained) == []
     groups = [g.name for g in view.runset_settings.groupby]
-    assert groups == ["skip", "fold"] and all(set(groups) <= set(r.config) for r in trained)
-    assert json.loads(spec.read_text())["view"]["spec"]["section"]["runSets"][0]["grouping"][0]["name"] == "skip.value"
+    assert groups == ["config", "fold"] and all(set(groups) <= set(r.config) for r in trained)
+    assert {r.config["config"] for r in trained} == {"skip1", "skip2", "baseline"}  # joint and -updates apart from skip<k>
+    assert json.loads(spec.read_text())["view"]["spec"]["section"]["runSets"][0]["grouping"][0]["name"] == "config.value"
     # a metric renamed in the code the runs ran, not in the view: the check names it
     monkeypatch.setattr(dashboard, "ADAPTATION", (("return/pre", "return/adapted"),) + dashboard.ADAPTATION[1:])
     assert missing(dashboard.build(inputs), trained) == [("history", "return/adapted")]

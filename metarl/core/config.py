@@ -345,6 +345,11 @@ class Config:
         algo = "joint" if self.meta.inner_steps == 0 else self.meta.algo
         return f"{self.log.experiment}-{algo}-skip{self.meta.skip}-seed{self.meta.seed}"
 
+    @property
+    def label(self) -> str:
+        """The configuration a run trains, as sweeps and the W&B view name it: joint or skip<k>."""
+        return "joint" if self.meta.inner_steps == 0 else f"skip{self.meta.skip}"
+
 
 # ---------------------------------------------------------------------------------------------
 # building dataclasses from plain dicts, strictly

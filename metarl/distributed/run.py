@@ -105,8 +105,10 @@ def close_fleet(fleet: Fleet, wait: bool = True) -> None:
     fleet.backend.shutdown()
 
 
-def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=print) -> dict[str, Any]:
-    """Meta-train as cfg says, writing everything to `out`. Returns the final summary."""
+def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=print, label: str = "") -> dict[str, Any]:
+    """Meta-train as cfg says, writing everything to `out`. Returns the final summary. `label` names
+    the configuration in W&B (`config`, the view's grouping; default cfg.label: joint or skip<k>),
+    for a sweep's configurations that share a skip count (skip2 and skip2-updates)."""
     out = Path(out)
     ckpt_path = prepare_run_dir(out, resume)
     state = checkpoint.load(ckpt_path) if ckpt_path else None
@@ -138,8 +140,10 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
         f"{N if algo.evaluates else 0} evaluations per iteration; {len(fleet.workers)} workers "
         f"({fleet.backend.name}), learner on {fleet.learner_info['device']}; writing to {out}")
 
-    tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment, name=cfg.run_name,
-                      config={**config_mod.to_dict(cfg), "skip": k, "algo": algo.name,
+    label = label or cfg.label
+    tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment,
+                      name=cfg.run_name if label == cfg.label else f"{cfg.run_name}-{label}",
+                      config={**config_mod.to_dict(cfg), "skip": k, "algo": algo.name, "config": label,
                               "fold": "+".join(cfg.tasks.heldout)}, mode=cfg.log.wandb_mode,
                       step_key="frames/total")
     progress = Progress(cfg.meta.iterations, start_iter, cfg.log.progress)

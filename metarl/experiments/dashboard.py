@@ -1,5 +1,5 @@
 """`metarl dashboard`: the W&B view that compares skip counts, built with W&B's own workspace library
-(wandb-workspaces): runs grouped by skip and fold; returns before and after adaptation against
+(wandb-workspaces): runs grouped by configuration (skip<k>, joint, <config>-updates, baseline) and fold; returns before and after adaptation against
 frames/total; the outer loop's statistics; held-out fine-tuning curves per game; each evaluated
 theta's held-out AUC against the frames its meta-training cost.
 
@@ -24,7 +24,7 @@ import yaml
 from metarl.core.config import WANDB_MODES, ConfigError
 from metarl.distributed.tracking import read_metrics, wandb_mode
 
-GROUP_BY = ("skip", "fold")
+GROUP_BY = ("config", "fold")
 """Config keys of every training and evaluation run (metarl.distributed.run, metarl.experiments.sweep) the view groups by."""
 STEP = "frames/total"
 """Meta-training rows' x-axis (metarl.distributed.run's step key): emulator frames over the run."""
@@ -221,7 +221,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("dashboard", help="the W&B view comparing skip counts (runs grouped by skip and fold)")
+    p = subparsers.add_parser("dashboard", help="the W&B view comparing skip counts (runs grouped by configuration and fold)")
     p.add_argument("--sweep", help="a sweep directory: games and names from its runs (also writes DIR/dashboard.json)")
     p.add_argument("--spec", help="a dashboard.json written offline: create that view now")
     p.add_argument("--project", help="W&B project (default: the sweep's log.wandb_project); alone: read its runs")

@@ -407,7 +407,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         run = ppo_jobs(cfg, learner)
     family = make_family(cfg)
     thetas = {"meta": checkpoint_theta(state, family, path), "fresh": initial_theta(family, cfg.meta.seed)}
-    info = {"checkpoint": str(path), "iteration": iteration, "skip": cfg.meta.skip, "algo": cfg.meta.algo,
+    info = {"checkpoint": str(path), "iteration": iteration, "skip": cfg.meta.skip, "algo": cfg.meta.algo, "config": cfg.label,
             **meta_compute(state)}
     result = evaluate(cfg, thetas, spec, out, name=f"{cfg.run_name}-eval", local=args.local,
                       workers=args.workers, info=info, learner=learner, run=run)

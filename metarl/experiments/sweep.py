@@ -196,23 +196,23 @@ def move_aside(path: Path, why: str, log: Callable[[str], None]) -> None:
     log(f"note: {path} {why}; moved to {aside}")
 
 
-def train_to(cfg: Config, run_dir: Path, local: bool, log: Callable[[str], None]) -> None:
+def train_to(cfg: Config, run_dir: Path, local: bool, log: Callable[[str], None], label: str = "") -> None:
     """Bring run_dir to cfg.meta.iterations: a new run, a resumed one, or nothing."""
     done = trained_iteration(run_dir)
     if done >= cfg.meta.iterations:
         return
     if done == 0 and run_dir.exists():
         move_aside(run_dir, "stopped before its first checkpoint", log)
-    run(cfg, run_dir, resume=done > 0, local=local, log=log)
+    run(cfg, run_dir, resume=done > 0, local=local, log=log, label=label)
 
 
 def train_for_seconds(cfg: Config, run_dir: Path, seconds: float, local: bool, log: Callable[[str], None],
-                      max_chunks: int = 10) -> None:
+                      max_chunks: int = 10, label: str = "") -> None:
     """Train in chunks until one more iteration, at the measured seconds per iteration, would not
     fit `seconds` of meta-iteration time (the counters' wall_s: actor start-up is not counted)."""
     target = PROBE_ITERATIONS
     for _ in range(max_chunks):
-        train_to(config_mod.override(cfg, "meta.iterations", target), run_dir, local, log)
+        train_to(config_mod.override(cfg, "meta.iterations", target), run_dir, local, log, label)
         state = checkpoint.load(checkpoint.latest(run_dir))
         done, wall = int(state["iteration"]), float(state["counters"]["wall_s"])
         extra = math.floor((seconds - wall) / (wall / done))
@@ -253,9 +253,9 @@ def run_config(cfg: Config, spec: SweepSpec, label: str, sweep_dir: Path, local:
         f"on {', '.join(spec.eval.games)}")
     cfg_k = skip_config(cfg, label, target or PROBE_ITERATIONS)
     if spec.match == "seconds":
-        train_for_seconds(cfg_k, run_dir, spec.budget, local, log)
+        train_for_seconds(cfg_k, run_dir, spec.budget, local, log, label=label)
     else:
-        train_to(cfg_k, run_dir, local, log)
+        train_to(cfg_k, run_dir, local, log, label)
     path = checkpoint.latest(run_dir)
     state = checkpoint.load(path)
     iteration = int(state["iteration"])
@@ -264,7 +264,8 @@ def run_config(cfg: Config, spec: SweepSpec, label: str, sweep_dir: Path, local:
     if (run_dir / "eval").exists():
         move_aside(run_dir / "eval", "is an unfinished or stale evaluation", log)
     fast_adaptation(cfg_k, spec, {"meta": theta}, run_dir / "eval", local, eval_workers, log)
-    evaluate(cfg_k, {"meta": theta}, spec.eval, run_dir / "eval", name=f"{cfg_k.run_name}-eval", local=local,
+    name = cfg_k.run_name if label == cfg_k.label else f"{cfg_k.run_name}-{label}"
+    evaluate(cfg_k, {"meta": theta}, spec.eval, run_dir / "eval", name=f"{name}-eval", local=local,
              workers=eval_workers, info={"config": label, "skip": skip, "iteration": iteration,
                                          "fold": "+".join(cfg.tasks.heldout), "checkpoint": str(path),
                                          "meta_seed": cfg.meta.seed, **meta_compute(state)}, log=log)
