@@ -99,11 +99,10 @@ class FastAdapter:
 
     def fast(self, game: str, env_seed: int, theta: np.ndarray, inner_lr: float, inner: InnerPPO | None,
              updates: tuple[int, ...], eval_rollouts: int) -> dict[str, Any]:
-        """`fast_adapt` on game `game` with emulator and action seeds from `env_seed`; InnerPPO's
-        minibatches come from torch's RNG, seeded with env_seed too."""
+        """`fast_adapt` on game `game` with emulator and action seeds from `env_seed` (InnerPPO's
+        minibatches come from the task's generator, so from env_seed too)."""
         task = self.family.make_task(game, env_seed)
         try:
-            torch.manual_seed(env_seed)
             return fast_adapt(task, self.model, self.spec.unflatten(theta), inner_lr, inner, tuple(updates),
                               eval_rollouts)
         finally:
