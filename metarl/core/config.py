@@ -350,6 +350,11 @@ class Config:
         """The configuration a run trains, as sweeps and the W&B view name it: joint or skip<k>."""
         return "joint" if self.meta.inner_steps == 0 else f"skip{self.meta.skip}"
 
+    def labelled_name(self, label: str = "") -> str:
+        """run_name, with a sweep's own configuration label appended where it differs from `label`
+        (skip2-updates trains at skip 2 beside skip2)."""
+        return self.run_name if label in ("", self.label) else f"{self.run_name}-{label}"
+
 
 # ---------------------------------------------------------------------------------------------
 # building dataclasses from plain dicts, strictly

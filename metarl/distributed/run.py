@@ -142,7 +142,7 @@ def run(cfg: Config, out: Path, resume: bool = False, local: bool = False, log=p
 
     label = label or cfg.label
     tracker = Tracker(out, project=cfg.log.wandb_project, group=cfg.log.experiment,
-                      name=cfg.run_name if label == cfg.label else f"{cfg.run_name}-{label}",
+                      name=cfg.labelled_name(label),
                       config={**config_mod.to_dict(cfg), "skip": k, "algo": algo.name, "config": label,
                               "fold": "+".join(cfg.tasks.heldout)}, mode=cfg.log.wandb_mode,
                       step_key="frames/total")

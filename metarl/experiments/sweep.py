@@ -264,8 +264,7 @@ def run_config(cfg: Config, spec: SweepSpec, label: str, sweep_dir: Path, local:
     if (run_dir / "eval").exists():
         move_aside(run_dir / "eval", "is an unfinished or stale evaluation", log)
     fast_adaptation(cfg_k, spec, {"meta": theta}, run_dir / "eval", local, eval_workers, log)
-    name = cfg_k.run_name if label == cfg_k.label else f"{cfg_k.run_name}-{label}"
-    evaluate(cfg_k, {"meta": theta}, spec.eval, run_dir / "eval", name=f"{name}-eval", local=local,
+    evaluate(cfg_k, {"meta": theta}, spec.eval, run_dir / "eval", name=f"{cfg_k.labelled_name(label)}-eval", local=local,
              workers=eval_workers, info={"config": label, "skip": skip, "iteration": iteration,
                                          "fold": "+".join(cfg.tasks.heldout), "checkpoint": str(path),
                                          "meta_seed": cfg.meta.seed, **meta_compute(state)}, log=log)
