@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import threading
@@ -333,8 +332,8 @@ def skip_compute_expected(f: dict[str, float], cfg: Config) -> dict[str, float]:
     adapt_cost, eval_cost = 1.0 / s + grad_passes(m, 1, 0) / g, 1.0 / s + grad_passes(m, 0, 1) / g
     evaluations = rollouts_per_iteration(n, 1, 0, m.algo)
 
-    def cost(k: int) -> float:
-        return math.ceil(n / k) * m.inner_steps * adapt_cost + evaluations * eval_cost
+    def cost(k: int) -> float:  # the adaptation rollouts are the rest of `rollouts_per_iteration`'s count
+        return (rollouts_per_iteration(n, k, m.inner_steps, m.algo) - evaluations) * adapt_cost + evaluations * eval_cost
 
     return {f"skip_ratio_{k}_compute_expected": cost(k) / cost(1)
             for k in SKIPS if f"skip_ratio_{k}" in f}
