@@ -26,6 +26,11 @@ def test_training_report_from_a_real_run(tmp_path, capsys):
     for g in ("breakout", "space_invaders"):  # every task led and evaluated (skip 1): both rates exist
         assert math.isfinite(rec[f"rate_pre/{g}"]) and math.isfinite(rec[f"rate_post/{g}"])
     assert rec["outer/steps"] == 4
+    from metarl.experiments import training
+    run = training.read_run(run_dir)  # the last 40% of 3 iterations' steps: the last iteration only
+    assert training.last_share_rate(run, "breakout", 0.4) == pytest.approx(rec["rate_post/breakout"])
+    rates = [r["rate_post/space_invaders"] for r in run["rows"]]
+    assert training.last_share_rate(run, "space_invaders", 1.0) == pytest.approx(sum(rates) / 3)
     assert main(["training", f"ppo={run_dir}", "--out", str(out), "--window", "1"]) == 0
     per_run = list(csv.DictReader(open(out / "training_ppo_seed0.csv")))
     assert len(per_run) == 3 * 2  # iterations x games

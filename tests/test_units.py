@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from metarl.core.stats import T80, T95, detectable, t80, t95
+from metarl.core.stats import T80, T95, detectable, stratified, t80, t95
 from metarl.experiments.folds import normalised, summarise, unit_table
 
 REFS = {"a": {"random_final_return": 1.0, "scratch_final_return": 3.0, "random_reward_rate": 0.0,
@@ -95,3 +95,46 @@ def test_a_unit_level_difference_that_varies_gets_an_interval_and_a_detectable_s
     assert by["skip1"]["d_auc_return_vs_fresh_mean"] == pytest.approx(d.mean())
     assert by["skip1"]["d_auc_return_vs_fresh_ci95"] == pytest.approx(t95(5) * d.std(ddof=1) / math.sqrt(6))
     assert by["skip1"]["d_auc_return_vs_fresh_detectable"] == pytest.approx(detectable(d))
+
+
+def test_folds_fixed_take_the_error_from_within_folds_only():
+    """Two folds whose effects differ (+0.1 and +0.9) with replicates that agree within each fold:
+    over units the game-to-game spread is error (a wide interval); with the folds fixed it is not."""
+    d = {"a": [0.08, 0.10, 0.12], "b": [0.88, 0.90, 0.92]}
+    f = stratified(d)
+    assert f["mean"] == pytest.approx(0.5) and f["df"] == 4 and f["n"] == 6
+    pooled_var = (2 * 0.02 ** 2 + 2 * 0.02 ** 2) / 4
+    se = math.sqrt(pooled_var * (1 / 3 + 1 / 3)) / 2
+    assert f["ci95"] == pytest.approx(t95(4) * se)
+    assert f["detectable"] == pytest.approx((t95(4) + t80(4)) * se)
+    allu = np.array(d["a"] + d["b"])
+    assert f["ci95"] < 0.1 * t95(5) * allu.std(ddof=1) / math.sqrt(6)
+    # a fold of one value adds to the mean, not to the variance or df; no finite value: left out
+    g = stratified({"a": [0.08, 0.10, 0.12], "b": [0.9], "c": [math.nan]})
+    assert g["mean"] == pytest.approx(0.5) and g["df"] == 2
+    assert math.isnan(stratified({"a": [1.0], "b": [2.0]})["ci95"])
+
+    levels = {("a", m): 1.0 for m in range(3)} | {("b", m): 2.0 for m in range(3)}
+    rows = _rows({"baseline": 0.0}, levels)
+    for r in _rows({"skip1": 0.0}, levels):
+        r["auc_return"] += d[r["game"]][r["meta_seed"]]
+        rows.append(r)
+    by = {r["config"]: r for r in summarise(unit_table(rows, ["auc_return"]), ["skip1", "baseline"], ["auc_return"])}
+    assert by["skip1"]["d_auc_return_vs_fresh_fixed_mean"] == pytest.approx(0.5)
+    assert by["skip1"]["d_auc_return_vs_fresh_fixed_ci95"] == pytest.approx(f["ci95"])
+    assert by["skip1"]["d_auc_return_vs_fresh_ci95"] > 5 * by["skip1"]["d_auc_return_vs_fresh_fixed_ci95"]
+
+
+def test_training_table_reads_the_normalised_rate_of_every_game():
+    from metarl.experiments.folds import training_by_config, training_table
+    rows = [{"config": "skip1", "game": g, "fold": "c", "meta_seed": m, "env_steps_per_game": 10.0,
+             "final": math.nan if g == "b" else 2.0, "rate_last": rate, "adaptation_gain": 0.0,
+             "n_rate_last": (rate - REFS[g]["random_reward_rate"])
+             / (REFS[g]["scratch_final_rate"] - REFS[g]["random_reward_rate"])}
+            for m in range(2) for g, rate in (("a", 0.05 + 0.01 * m), ("b", 0.03))]
+    table = {r["game"]: r for r in training_table(rows)}
+    assert table["b"]["final"] == "n/a"  # no episode ended: the return is missing, the rate is not
+    assert table["b"]["n_rate_last_mean"] == pytest.approx(0.5)
+    assert table["a"]["n_rate_last_mean"] == pytest.approx(0.55)
+    (avg,) = training_by_config(list(table.values()))
+    assert avg["games"] == 2 and avg["n_rate_last_mean"] == pytest.approx(0.525)

@@ -46,6 +46,27 @@ def detectable(values: Any) -> float:
     return float((t95(x.size - 1) + t80(x.size - 1)) * x.std(ddof=1) / math.sqrt(x.size))
 
 
+def stratified(groups: dict[Any, Any]) -> dict[str, float]:
+    """The mean over strata of each stratum's mean, with the strata fixed (the leave-one-game-out
+    folds: these five games, not games drawn at random): its 95% interval and smallest detectable
+    difference use the variation within strata only, pooled over them (equal variances assumed),
+    with df = values - strata. Strata with no finite value are left out; a stratum of one value
+    adds to the mean and nothing to the variance. Returns mean, ci95, detectable (NaN where
+    df < 1), df and n (the values used)."""
+    xs = [x[np.isfinite(x)] for x in (np.asarray(v, dtype=float) for v in groups.values())]
+    xs = [x for x in xs if x.size]
+    if not xs:
+        return {"mean": math.nan, "ci95": math.nan, "detectable": math.nan, "df": 0, "n": 0}
+    k = len(xs)
+    mean = float(np.mean([x.mean() for x in xs]))
+    df, n = sum(x.size - 1 for x in xs), sum(x.size for x in xs)
+    if df < 1:
+        return {"mean": mean, "ci95": math.nan, "detectable": math.nan, "df": df, "n": n}
+    pooled_var = sum(((x - x.mean()) ** 2).sum() for x in xs) / df
+    se = math.sqrt(pooled_var * sum(1.0 / x.size for x in xs)) / k
+    return {"mean": mean, "ci95": t95(df) * se, "detectable": (t95(df) + t80(df)) * se, "df": df, "n": n}
+
+
 def half_width(values: Any) -> float:
     """Half-width of the 95% interval of the mean of `values` as given (NaN for fewer than two; a
     non-finite value makes it non-finite, as it does their mean)."""

@@ -12,6 +12,11 @@ every interval is over units:
   fold, replicate and fine-tuning seeds), then t over the units' differences;
 - `detectable`: the smallest difference that design detects with 80% power at the 5% level,
   (t(0.975, df) + t(0.80, df)) x the standard error of the paired differences.
+- beside it, the same differences with the folds fixed (`*_fixed`: the mean over folds of each
+  fold's mean over its replicates; interval and detectable size from the replicates' variation
+  within folds, pooled, df = units - folds; `stats.stratified`). Units over folds ask whether the
+  effect holds for games like these (the five games a sample of games); folds fixed ask whether it
+  holds on these five games, where the game-to-game spread of the effect is not error.
 
 Normalisation (`--references FILE`, `metarl references`): each game's score becomes
 (score - random policy) / (single-game PPO from scratch at the fine-tuning budget - random policy),
@@ -37,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl.core.stats import ci95, detectable, pm
+from metarl.core.stats import ci95, detectable, pm, stratified
 from metarl.core.plots import Panel, Series, markdown_table, save_grid, write_csv
 from metarl.experiments.references import normalise
 
@@ -100,6 +105,21 @@ def paired_units(units: list[dict], label: str, ref: str, m: str, fold: str | No
             and (ref, u["fold"], u["meta_seed"]) in by]
 
 
+def by_fold(units: list[dict], label: str, ref: str | None, m: str) -> dict[str, list[float]]:
+    """Per fold: label's unit means of m (or, with ref, its paired differences to ref)."""
+    out: dict[str, list[float]] = {}
+    if ref is None:
+        for u in units:
+            if u["config"] == label:
+                out.setdefault(u["fold"], []).append(u[m])
+        return out
+    for fold in dict.fromkeys(u["fold"] for u in units):
+        d = paired_units(units, label, ref, m, fold)
+        if d:
+            out[fold] = d
+    return out
+
+
 def summarise(units: list[dict], labels: list[str], measures: list[str], fold: str | None = None) -> list[dict]:
     """Per configuration: every measure's mean ± interval over units, and its paired differences
     to the fresh network and to skip 1 with the smallest detectable difference; `fold` restricts
@@ -117,6 +137,9 @@ def summarise(units: list[dict], labels: list[str], measures: list[str], fold: s
         for m in measures:
             s = _stats([u[m] for u in mine])
             row[m], row[f"{m}_mean"], row[f"{m}_ci95"] = _pm(s), s["mean"], s["ci95"]
+            if fold is None:
+                f = stratified(by_fold(units, label, None, m))
+                row[f"{m}_fixed"], row[f"{m}_fixed_ci95"] = _pm(f), f["ci95"]
             for ref, tag in ((REF_FRESH, "fresh"), (REF_SKIP1, "skip1")):
                 if label in (ref, REF_FRESH):
                     continue
@@ -124,6 +147,11 @@ def summarise(units: list[dict], labels: list[str], measures: list[str], fold: s
                 row[f"d_{m}_vs_{tag}"] = _diff(d)
                 row[f"d_{m}_vs_{tag}_mean"], row[f"d_{m}_vs_{tag}_ci95"] = d["mean"], d["ci95"]
                 row[f"d_{m}_vs_{tag}_detectable"] = d["detectable"]
+                if fold is None:
+                    f = stratified(by_fold(units, label, ref, m))
+                    row[f"d_{m}_vs_{tag}_fixed"] = _diff(f)
+                    row[f"d_{m}_vs_{tag}_fixed_mean"], row[f"d_{m}_vs_{tag}_fixed_ci95"] = f["mean"], f["ci95"]
+                    row[f"d_{m}_vs_{tag}_fixed_detectable"] = f["detectable"]
         for k in ("env_steps", "env_steps_adapt", "wall_s"):
             row[f"meta_{k}"] = float(np.mean([u[k] for u in mine]))
         rows.append(row)
@@ -131,16 +159,30 @@ def summarise(units: list[dict], labels: list[str], measures: list[str], fold: s
 
 
 def training_table(training: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Meta-training on its own games: per configuration and training game, the last-fifth return
-    over units (each a meta-run), mean ± interval."""
+    """Meta-training on its own games: per configuration and training game, over units (each a
+    meta-run), mean ± interval of the last-fifth return, of the last-fifth reward per step of the
+    evaluation rollouts (normalised by the references where given) and of the adaptation gain."""
     out = []
     for config in dict.fromkeys(r["config"] for r in training):
         for game in dict.fromkeys(r["game"] for r in training if r["config"] == config):
-            vals = [r["final"] for r in training if r["config"] == config and r["game"] == game]
-            gains = [r["adaptation_gain"] for r in training if r["config"] == config and r["game"] == game]
-            out.append({"config": config, "game": game, "runs": len(vals), "final": _pm(_stats(vals), ".2f"),
-                        "adaptation_gain": _pm(_stats(gains), ".4f"), "env_steps_per_game":
-                        f"{np.mean([r['env_steps_per_game'] for r in training if r['config'] == config and r['game'] == game]):,.0f}"})
+            mine = [r for r in training if r["config"] == config and r["game"] == game]
+            row = {"config": config, "game": game, "runs": len(mine),
+                   "env_steps_per_game": f"{np.mean([r['env_steps_per_game'] for r in mine]):,.0f}"}
+            for k, fmt in (("final", ".2f"), ("rate_last", ".4f"), ("n_rate_last", ".2f"), ("adaptation_gain", ".4f")):
+                s = _stats([r.get(k, math.nan) for r in mine])
+                row[k], row[f"{k}_mean"], row[f"{k}_ci95"] = _pm(s, fmt), s["mean"], s["ci95"]
+            out.append(row)
+    return out
+
+
+def training_by_config(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training table's normalised last-fifth rate averaged over each configuration's games
+    (equal weight per game): how far each configuration got on its own games, in one number."""
+    out = []
+    for config in dict.fromkeys(r["config"] for r in table):
+        v = [r["n_rate_last_mean"] for r in table if r["config"] == config and math.isfinite(r["n_rate_last_mean"])]
+        m = float(np.mean(v)) if v else math.nan
+        out.append({"config": config, "games": len(v), "n_rate_last_mean": m, "n_rate_last": pm(m)})
     return out
 
 
@@ -160,6 +202,9 @@ def write(out: Path, per_seed: list[dict[str, Any]], curves: dict[str, dict[str,
     write_csv(out / "per_unit.csv", units)
     write_csv(out / "summary_folds.csv", fold_rows)
     write_csv(out / "summary.csv", pooled)
+    if training and refs is not None:
+        training = [{**r, "n_rate_last": normalise(r.get("rate_last", math.nan), r["game"], refs, key="rate")}
+                    for r in training]
     if training:
         write_csv(out / "training.csv", training)
     n_units = len({(u["fold"], u["meta_seed"]) for u in units})
@@ -177,6 +222,16 @@ def write(out: Path, per_seed: list[dict[str, Any]], curves: dict[str, dict[str,
                  f"Normalised: 0 = random policy, 1 = PPO from scratch at the fine-tuning budget (final return). "
                  f"Mean ± 95% t-interval over units, df = units − 1; Δ paired within units; det. = smallest "
                  f"difference detectable with 80% power at the 5% level.\n\n" + markdown_table(pooled, cols))
+        xcols = {"config": "config", "d_n_auc_vs_fresh_fixed": "Δ AUC vs fresh",
+                 "d_n_auc_vs_skip1_fixed": "Δ AUC vs skip 1", "d_n_final_vs_fresh_fixed": "Δ final vs fresh",
+                 **({f"d_n_{fast_keys[-1]}_vs_fresh_fixed": f"Δ after {fast_keys[-1].removeprefix('fast_rate_')} "
+                     "updates vs fresh"} if fast_keys else {})}
+        n_folds = len({u["fold"] for u in units})
+        text += (f"\n## The same differences with the folds fixed (these {n_folds} games)\n\n"
+                 "Mean over folds of each fold's mean over its replicates; interval and det. from the "
+                 f"replicates' variation within folds, pooled (df = units − folds = {n_units - n_folds}). "
+                 "The table above treats the games as a sample of games (the game-to-game spread of an "
+                 "effect counts as error); this one asks about these games only.\n\n" + markdown_table(pooled, xcols))
         if fast_keys:
             fcols = {"config": "config", "units": "units",
                      **{f"n_{k}": f"after {k.removeprefix('fast_rate_')} updates" for k in fast_keys},
@@ -191,11 +246,21 @@ def write(out: Path, per_seed: list[dict[str, Any]], curves: dict[str, dict[str,
              **({"n_auc": "AUC (normalised)", "d_n_auc_vs_fresh": "Δ norm. AUC vs fresh"} if refs is not None else {})}
     text += "\n## Per fold (over its replicates)\n\n" + markdown_table(fold_rows, fcols)
     if training:
-        text += ("\n## Meta-training on its own games (return over the last fifth of each run's steps)\n\n"
-                 + markdown_table(training_table(training), {"config": "config", "game": "training game",
-                                                             "runs": "meta-runs", "env_steps_per_game": "env steps per game",
-                                                             "final": "return, last fifth",
-                                                             "adaptation_gain": "reward/step θ′ − θ"}))
+        table = training_table(training)
+        tcols = {"config": "config", "game": "training game", "runs": "meta-runs",
+                 "env_steps_per_game": "env steps per game", "final": "return, last fifth",
+                 "rate_last": "reward/step, last fifth",
+                 **({"n_rate_last": "reward/step (normalised)"} if refs is not None else {}),
+                 "adaptation_gain": "reward/step θ′ − θ"}
+        text += ("\n## Meta-training on its own games (last fifth of each meta-run's steps)\n\n"
+                 "Returns of the episodes that ended in the game's rollouts (n/a where none ended: Freeway's "
+                 "2,500-step episodes); reward per step of its evaluation rollouts (θ′, or θ for joint), "
+                 + ("normalised by the references (0 random, 1 PPO from scratch at the fine-tuning budget); " if refs
+                    is not None else "") + "mean ± 95% over meta-runs.\n\n" + markdown_table(table, tcols))
+        if refs is not None:
+            text += ("\nAveraged over the training games (normalised reward per step, last fifth):\n\n"
+                     + markdown_table(training_by_config(table), {"config": "config", "games": "games",
+                                                                  "n_rate_last": "normalised reward/step"}))
     (out / "summary.md").write_text(text)
     return [plot_curves(out / "curves.png", curves), plot_compute(out / "auc_vs_compute.png", pooled or fold_rows,
                                                                   "n_auc" if pooled else "auc_return")]

@@ -391,6 +391,7 @@ def training_rows(run_dir: Path, label: str, fold: str, meta_seed: int, last: fl
     per_game = run["rows"][-1]["env_steps/total"] / len(run["games"])
     return [{"config": label, "fold": fold, "meta_seed": meta_seed, "game": g, "env_steps_per_game": per_game,
              "final": training.last_share_mean(*training.episodes(run, g), per_game, last),
+             "rate_last": training.last_share_rate(run, g, last),
              "adaptation_gain": training.adaptation_gain(run, g)} for g in run["games"]]
 
 

@@ -87,6 +87,17 @@ def last_share_mean(steps: np.ndarray, returns: np.ndarray, total: float, last: 
     return float(returns[keep].mean()) if keep.any() else math.nan
 
 
+def last_share_rate(run: dict, game: str, last: float) -> float:
+    """The raw reward per step of the game's evaluation rollouts (`rate_post/<game>`: with theta',
+    or theta where nothing adapts) averaged over the iterations in the last `last` share of the
+    run's env steps: defined every iteration, where an episode-based return is not (MinAtar
+    Freeway's 2,500-step episodes end a few times in a whole meta-run)."""
+    total = run["rows"][-1]["env_steps/total"]
+    v = [r[f"rate_post/{game}"] for r in run["rows"]
+         if r["env_steps/total"] > total * (1.0 - last) and r.get(f"rate_post/{game}") is not None]
+    return float(np.mean(v)) if v else math.nan
+
+
 def adaptation_gain(run: dict, game: str) -> float:
     """Mean over the second half of the run of rate_post - rate_pre on `game` (iterations where
     the game led a group, so both exist); nan where the run did not log per-game rates."""
