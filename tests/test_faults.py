@@ -48,13 +48,15 @@ def start_driver(out: Path, *extra: str) -> subprocess.Popen:
 def test_killed_and_hung_workers_do_not_fail_the_run(tmp_path):
     """SIGKILL one worker, later SIGSTOP another: the run drops their tasks for that iteration by
     the stated rule, Ray restarts the workers, theta is only updated from finite gradients, and
-    every iteration completes.
+    every iteration completes; once the restarted workers serve a whole iteration again the test
+    stops the run with SIGTERM (it keeps the work: exit 143, a checkpoint of the last iteration).
 
     The call timeout (20 s) is ~20x a smoke call's time even on a loaded 2-core machine, so the
-    one call that times out is the stopped worker's, which never answers; the waits are hang
-    guards only. How soon Ray's restarted actor answers again does depend on the load."""
+    one call that times out is the stopped worker's, which never answers. How soon Ray's restarted
+    actor answers again depends on the load (3 iterations on a quiet machine, more beside other
+    work), so the test waits for it rather than presuming it; the waits are hang guards only."""
     out = tmp_path / "run"
-    p = start_driver(out, "--iterations", "14", "--set", "ray.call_timeout_s=20", "--set", "meta.checkpoint_every=50")
+    p = start_driver(out, "--iterations", "60", "--set", "ray.call_timeout_s=20", "--set", "meta.checkpoint_every=50")
     try:
         wait_for(lambda: (out / "actors.json").exists() and len(rows(out)) >= 2, 900, "two iterations")
         workers = json.loads((out / "actors.json").read_text())["workers"]
@@ -65,15 +67,23 @@ def test_killed_and_hung_workers_do_not_fail_the_run(tmp_path):
         hung = next(w for w in workers if "breakout" in w["tasks"])
         assert hung["pid"] != victim["pid"]
         os.kill(hung["pid"], signal.SIGSTOP)
+
+        def whole_again() -> bool:  # an iteration with nothing dropped after the stopped worker's timeout
+            rs = rows(out)
+            t = next((i for i, r in enumerate(rs) if "timed_out" in r["drop_kinds"].values()), None)
+            return t is not None and any(not r["tasks_dropped"] for r in rs[t + 1:])
+        wait_for(whole_again, 900, "the restarted workers to serve a whole iteration")
         n_stop = len(rows(out))
-        assert n_stop <= 11, "the run should still have iterations to go when the worker stops"
-        output, _ = p.communicate(timeout=1800)
+        assert n_stop < 55, "the run should still have iterations to go when it is stopped"
+        p.send_signal(signal.SIGTERM)
+        output, _ = p.communicate(timeout=600)
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 0, output
+    assert p.returncode == 143, output
     rs = read_metrics(out / "metrics.jsonl")
-    assert [r["iteration"] for r in rs] == list(range(1, 15))  # every iteration ran
+    last = rs[-1]["iteration"]
+    assert last >= n_stop and [r["iteration"] for r in rs] == list(range(1, last + 1))  # every iteration ran
     dropped = [r for r in rs if r["tasks_dropped"]]
     assert any("pong" in r["tasks_dropped"] for r in dropped), output
     assert any("breakout" in r["tasks_dropped"] and "no answer" in r["drop_reasons"]["breakout"] for r in dropped), output
@@ -85,11 +95,10 @@ def test_killed_and_hung_workers_do_not_fail_the_run(tmp_path):
     assert len(timed_out) == 1 and timed_out[0][1] == "breakout" and timed_out[0][0] > n_kill + 3, timed_out
     for r in dropped:  # partial iterations say so, and use only the evaluations that completed
         assert r["evaluations_used"] < 3 or r["update_skipped"]
-    # restarted workers serve again: the run ends on a whole iteration (on a loaded machine the
-    # restart after the timeout can take the iteration after it too, so not the last two)
-    assert rs[-1]["tasks_dropped"] == [], "restarted workers serve again"
-    assert "warning: iteration" in output and "dropped" in output
-    assert checkpoint.load(checkpoint.latest(out))["iteration"] == 14
+    # restarted workers serve again: after the timeout every task answers in a whole iteration
+    assert any(not r["tasks_dropped"] and r["evaluations_used"] == 3 for r in rs if r["iteration"] > timed_out[0][0])
+    assert "warning: iteration" in output and "dropped" in output and "stopped by SIGTERM" in output
+    assert checkpoint.load(checkpoint.latest(out))["iteration"] == last
 
 
 INTERRUPTED_SAVE = """
