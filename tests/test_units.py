@@ -138,3 +138,12 @@ def test_training_table_reads_the_normalised_rate_of_every_game():
     assert table["a"]["n_rate_last_mean"] == pytest.approx(0.55)
     (avg,) = training_by_config(list(table.values()))
     assert avg["games"] == 2 and avg["n_rate_last_mean"] == pytest.approx(0.525)
+
+
+def test_units_for_a_planned_detectable_size():
+    from metarl.core.stats import units_for
+    n = units_for(0.3, 0.15)
+    assert (t95(int(n) - 1) + t80(int(n) - 1)) * 0.3 / math.sqrt(n) <= 0.15  # n reaches it
+    assert (t95(int(n) - 2) + t80(int(n) - 2)) * 0.3 / math.sqrt(n - 1) > 0.15  # n - 1 does not
+    assert units_for(0.3, 0.15, strata=5) % 5 == 0 and units_for(0.3, 0.15, strata=5) >= n
+    assert math.isnan(units_for(math.nan, 0.15)) and units_for(100.0, 0.15) == math.inf

@@ -56,15 +56,32 @@ def stratified(groups: dict[Any, Any]) -> dict[str, float]:
     xs = [x[np.isfinite(x)] for x in (np.asarray(v, dtype=float) for v in groups.values())]
     xs = [x for x in xs if x.size]
     if not xs:
-        return {"mean": math.nan, "ci95": math.nan, "detectable": math.nan, "df": 0, "n": 0}
+        return {"mean": math.nan, "ci95": math.nan, "detectable": math.nan, "df": 0, "n": 0, "sd": math.nan}
     k = len(xs)
     mean = float(np.mean([x.mean() for x in xs]))
     df, n = sum(x.size - 1 for x in xs), sum(x.size for x in xs)
     if df < 1:
-        return {"mean": mean, "ci95": math.nan, "detectable": math.nan, "df": df, "n": n}
+        return {"mean": mean, "ci95": math.nan, "detectable": math.nan, "df": df, "n": n, "sd": math.nan}
     pooled_var = sum(((x - x.mean()) ** 2).sum() for x in xs) / df
     se = math.sqrt(pooled_var * sum(1.0 / x.size for x in xs)) / k
-    return {"mean": mean, "ci95": t95(df) * se, "detectable": (t95(df) + t80(df)) * se, "df": df, "n": n}
+    return {"mean": mean, "ci95": t95(df) * se, "detectable": (t95(df) + t80(df)) * se, "df": df, "n": n,
+            "sd": math.sqrt(pooled_var)}
+
+
+def units_for(sd: float, target: float, strata: int = 1, most: int = 10_000) -> float:
+    """The fewest units (a multiple of `strata`, df = units - strata) whose smallest detectable
+    difference, (t(0.975, df) + t(0.80, df)) x sd / sqrt(units), is at most `target`, for
+    differences with standard deviation `sd` between units (within strata when strata > 1, balanced);
+    NaN when sd is not finite, inf past `most`. For planning how many replicates a design needs."""
+    if not math.isfinite(sd):
+        return math.nan
+    m = strata * 2
+    while m <= most:
+        df = m - strata
+        if (t95(df) + t80(df)) * sd / math.sqrt(m) <= target:
+            return float(m)
+        m += strata
+    return math.inf
 
 
 def half_width(values: Any) -> float:

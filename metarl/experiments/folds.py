@@ -42,18 +42,22 @@ from typing import Any
 
 import numpy as np
 
-from metarl.core.stats import ci95, detectable, pm, stratified
+from metarl.core.stats import ci95, detectable, pm, stratified, units_for
 from metarl.core.plots import Panel, Series, markdown_table, save_grid, write_csv
 from metarl.experiments.references import normalise
 
 REF_FRESH, REF_SKIP1 = "baseline", "skip1"
+PLAN = 0.15
+"""The detectable difference (normalised scale) the design is planned for: summary.csv gives, per
+difference, the units that would reach it at the measured spread."""
 
 
 def _stats(values: list[float]) -> dict[str, float]:
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if not x.size:
-        return {"mean": math.nan, "ci95": math.nan, "n": 0, "detectable": math.nan}
-    return {"mean": float(x.mean()), "ci95": ci95(x), "n": int(x.size), "detectable": detectable(x)}
+        return {"mean": math.nan, "ci95": math.nan, "n": 0, "detectable": math.nan, "sd": math.nan}
+    return {"mean": float(x.mean()), "ci95": ci95(x), "n": int(x.size), "detectable": detectable(x),
+            "sd": float(x.std(ddof=1)) if x.size > 1 else math.nan}
 
 
 def _pm(s: dict[str, float], fmt: str = ".3f") -> str:
@@ -65,6 +69,10 @@ def _diff(s: dict[str, float], fmt: str = ".3f") -> str:
     if not s["n"]:
         return ""
     return _pm(s, fmt) + (f" (det. {s['detectable']:{fmt}})" if math.isfinite(s["detectable"]) else "")
+
+
+def _units(n: float | None) -> str:
+    return "" if n is None or not math.isfinite(n) and not n == math.inf else ("> 10,000" if n == math.inf else f"{n:,.0f}")
 
 
 def normalised(row: dict[str, Any], refs: dict[str, dict[str, float]], fast_keys: list[str]) -> dict[str, float]:
@@ -148,10 +156,13 @@ def summarise(units: list[dict], labels: list[str], measures: list[str], fold: s
                 row[f"d_{m}_vs_{tag}_mean"], row[f"d_{m}_vs_{tag}_ci95"] = d["mean"], d["ci95"]
                 row[f"d_{m}_vs_{tag}_detectable"] = d["detectable"]
                 if fold is None:
-                    f = stratified(by_fold(units, label, ref, m))
+                    folds_d = by_fold(units, label, ref, m)
+                    f = stratified(folds_d)
                     row[f"d_{m}_vs_{tag}_fixed"] = _diff(f)
                     row[f"d_{m}_vs_{tag}_fixed_mean"], row[f"d_{m}_vs_{tag}_fixed_ci95"] = f["mean"], f["ci95"]
                     row[f"d_{m}_vs_{tag}_fixed_detectable"] = f["detectable"]
+                    row[f"d_{m}_vs_{tag}_units_for_{PLAN:g}"] = units_for(d["sd"], PLAN)
+                    row[f"d_{m}_vs_{tag}_fixed_units_for_{PLAN:g}"] = units_for(f["sd"], PLAN, max(len(folds_d), 1))
         for k in ("env_steps", "env_steps_adapt", "wall_s"):
             row[f"meta_{k}"] = float(np.mean([u[k] for u in mine]))
         rows.append(row)
@@ -227,11 +238,19 @@ def write(out: Path, per_seed: list[dict[str, Any]], curves: dict[str, dict[str,
                  **({f"d_n_{fast_keys[-1]}_vs_fresh_fixed": f"Δ after {fast_keys[-1].removeprefix('fast_rate_')} "
                      "updates vs fresh"} if fast_keys else {})}
         n_folds = len({u["fold"] for u in units})
+        plan = [{"config": r["config"], **{f"{k}_{tag}": _units(r.get(f"d_n_auc_vs_{tag}{k}_units_for_{PLAN:g}"))
+                                           for tag in ("fresh", "skip1") for k in ("", "_fixed")}}
+                for r in pooled if r["config"] != REF_FRESH]
         text += (f"\n## The same differences with the folds fixed (these {n_folds} games)\n\n"
                  "Mean over folds of each fold's mean over its replicates; interval and det. from the "
                  f"replicates' variation within folds, pooled (df = units − folds = {n_units - n_folds}). "
                  "The table above treats the games as a sample of games (the game-to-game spread of an "
                  "effect counts as error); this one asks about these games only.\n\n" + markdown_table(pooled, xcols))
+        text += (f"\nUnits that would make the Δ AUC detectable at {PLAN:g} (at the spread measured here; now "
+                 f"{n_units}):\n\n" + markdown_table(plan, {"config": "config", "_fresh": "vs fresh, units over folds",
+                                                            "_fixed_fresh": "vs fresh, folds fixed",
+                                                            "_skip1": "vs skip 1, units over folds",
+                                                            "_fixed_skip1": "vs skip 1, folds fixed"}))
         if fast_keys:
             fcols = {"config": "config", "units": "units",
                      **{f"n_{k}": f"after {k.removeprefix('fast_rate_')} updates" for k in fast_keys},
