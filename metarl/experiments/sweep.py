@@ -532,7 +532,9 @@ def sweep(cfg: Config, spec: SweepSpec, out: Path, local: bool = False,
             trained += training_rows(dir_u / label, label, game, meta_seed)
             (out / "training").mkdir(exist_ok=True)
             name = "_".join(p for p in (game, f"seed{meta_seed}", label) if p)
-            write_csv(out / "training" / f"{name}.csv", training.per_game_rows(training.read_run(dir_u / label)))
+            write_csv(out / "training" / f"{name}.csv",  # 6 decimals: rates are counts over 512-step rollouts
+                      [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()}
+                       for r in training.per_game_rows(training.read_run(dir_u / label))])
         for label, by in curves_u.items():
             for g, c in by.items():
                 curve_sets.setdefault(g, {}).setdefault(label, []).append(c)
