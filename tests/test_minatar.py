@@ -251,6 +251,22 @@ def test_replicated_leave_one_game_out_sweep_in_two_shards_writes_every_output(t
     text = (out / "summary.md").read_text()
     assert "Pooled over 4 units" in text and "det." in text and "Fast adaptation" in text
     assert "Meta-training on its own games" in text and "joint-updates" in text
+    assert "folds fixed" in text and "detectable at 0.15" in text
+
+    # extend to a third replicate: only the new units run, the summary is rewritten over all six
+    finished = [out / "fold-breakout" / "seed0" / "skip1" / "eval" / "eval.json", out / "fold-asterix" / "seed1" / "training"]
+    before = {f: f.stat().st_mtime_ns for f in finished if f.exists()}
+    capsys.readouterr()
+    assert main(["sweep", "--resume", "--local", "--replicates", "1", "--out", str(out)]) == 2
+    assert "can only add replicates" in capsys.readouterr().err
+    assert main(["sweep", "--resume", "--local", "--no-progress", "--replicates", "3", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "extended from 2 to 3" in log and "unit 6/6" in log and "meta-seed 2" in log
+    assert json.loads((out / "sweep.json").read_text())["spec"]["replicates"] == 3
+    assert {f: f.stat().st_mtime_ns for f in before} == before  # finished units untouched
+    assert (out / "fold-asterix" / "seed2" / "baseline" / "eval" / "eval.json").exists()
+    pooled = {r["config"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert pooled["skip1"]["units"] == "6" and "Pooled over 6 units" in (out / "summary.md").read_text()
 
 
 def test_fresh_init_of_the_family_is_seeded():

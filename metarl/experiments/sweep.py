@@ -492,6 +492,25 @@ def load_sweep(out: Path) -> tuple[Config, SweepSpec]:
     return config_mod.validate(config_mod.from_dict(stored["config"])), spec_from_json(stored["spec"])
 
 
+def add_replicates(out: Path, spec: SweepSpec, replicates: int) -> SweepSpec:
+    """Extend a stored sweep to `replicates` meta-training replicates per fold (`--resume
+    --replicates R`): the new units (meta-seeds past the stored ones) come after the existing ones
+    in unit order, so finished units and shard assignments stay as they were; the summary is
+    rewritten over every unit once all are finished."""
+    if replicates < spec.replicates:
+        raise ConfigError(f"--replicates {replicates} with --resume can only add replicates: the sweep in {out} has "
+                          f"{spec.replicates}; give more, or drop --replicates")
+    if spec.replicates == 1:
+        raise ConfigError(f"the sweep in {out} has one replicate, whose units are the fold directories themselves; "
+                          f"replicates cannot be added to it: start a new sweep with --replicates {replicates}")
+    stored = json.loads((out / "sweep.json").read_text())
+    stored["spec"]["replicates"] = replicates
+    write_json(out / "sweep.json", stored)
+    print(f"sweep: {out} extended from {spec.replicates} to {replicates} meta-training replicates per fold "
+          f"(sweep.json rewritten; other shards resume with plain --resume)")
+    return replace(spec, replicates=replicates)
+
+
 def unit_finished(cfg: Config, spec: SweepSpec, unit_dir: Path) -> bool:
     """Every configuration of a unit trained to its target and evaluated, and its baseline evaluated."""
     done = all(finished(unit_dir / label, configured_iterations(cfg, spec, label)) for label in spec.labels)
@@ -666,12 +685,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out DIR: the sweep directory to continue")
-        given = [s for s in SETTINGS if getattr(args, s) not in (None, [], False)]
+        given = [s for s in SETTINGS if s != "replicates" and getattr(args, s) not in (None, [], False)]
         if given:
             raise ConfigError(f"--resume continues the sweep as stored in {args.out}/sweep.json; "
                               f"drop --{given[0].replace('_', '-')}")
         out = Path(args.out)
         cfg, spec = load_sweep(out)
+        if args.replicates is not None and args.replicates != spec.replicates:
+            spec = add_replicates(out, spec, args.replicates)
         cfg = resolve_config(args, base=cfg)  # only the cluster flags are left to apply
     else:
         if args.out:
@@ -712,7 +733,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--folds", choices=("loo",), help="loo: leave-one-game-out over tasks.train, one fold per game")
     p.add_argument("--replicates", type=int, metavar="R",
                    help="independent meta-training runs per fold, meta.seed s..s+R-1, each with its own theta0 and "
-                        "fresh network (default 1); intervals are over fold x replicate units")
+                        "fresh network (default 1); intervals are over fold x replicate units. With --resume: "
+                        "extend the stored sweep to R replicates (only more)")
     p.add_argument("--match-updates", action="store_true",
                    help="also train every configuration but skip 1 for skip 1's meta-iterations (<label>-updates)")
     p.add_argument("--fast", metavar="K,K,...",
