@@ -384,10 +384,10 @@ def fast_scores(eval_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
     return out
 
 
-def training_rows(run_dir: Path, label: str, fold: str, meta_seed: int, last: float = 0.2) -> list[dict[str, Any]]:
-    """A meta-run on its own games: per training game, the return of the episodes that ended in its
-    rollouts over the last `last` share of the run's env steps, and the adaptation gain."""
-    run = training.read_run(run_dir)
+def training_rows(run: dict, label: str, fold: str, meta_seed: int, last: float = 0.2) -> list[dict[str, Any]]:
+    """A meta-run (`training.read_run`) on its own games: per training game, the return of the
+    episodes that ended in its rollouts and its evaluation rollouts' reward per step over the last
+    `last` share of the run's env steps, and the adaptation gain."""
     per_game = run["rows"][-1]["env_steps/total"] / len(run["games"])
     return [{"config": label, "fold": fold, "meta_seed": meta_seed, "game": g, "env_steps_per_game": per_game,
              "final": training.last_share_mean(*training.episodes(run, g), per_game, last),
@@ -548,12 +548,13 @@ def sweep(cfg: Config, spec: SweepSpec, out: Path, local: bool = False,
         rows += [{**r, "fold": game, "meta_seed": meta_seed} for r in rows_u]
         per_seed += seeds_u
         for label in spec.labels:
-            trained += training_rows(dir_u / label, label, game, meta_seed)
+            run = training.read_run(dir_u / label)  # metrics.jsonl read once for both uses
+            trained += training_rows(run, label, game, meta_seed)
             (out / "training").mkdir(exist_ok=True)
             name = "_".join(p for p in (game, f"seed{meta_seed}", label) if p)
             write_csv(out / "training" / f"{name}.csv",  # 6 decimals: rates are counts over 512-step rollouts
                       [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()}
-                       for r in training.per_game_rows(training.read_run(dir_u / label))])
+                       for r in training.per_game_rows(run)])
         for label, by in curves_u.items():
             for g, c in by.items():
                 curve_sets.setdefault(g, {}).setdefault(label, []).append(c)
