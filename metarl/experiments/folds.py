@@ -50,6 +50,8 @@ REF_FRESH, REF_SKIP1 = "baseline", "skip1"
 PLAN = 0.15
 """The detectable difference (normalised scale) the design is planned for: summary.csv gives, per
 difference, the units that would reach it at the measured spread."""
+UNITS_MOST = 10_000
+"""The most units `units_for` searches; beyond it the table says '> 10,000'."""
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -72,7 +74,10 @@ def _diff(s: dict[str, float], fmt: str = ".3f") -> str:
 
 
 def _units(n: float | None) -> str:
-    return "" if n is None or not math.isfinite(n) and not n == math.inf else ("> 10,000" if n == math.inf else f"{n:,.0f}")
+    """A `units_for` result as a table cell: blank where there is no spread to plan from."""
+    if n is None or math.isnan(n):
+        return ""
+    return f"> {UNITS_MOST:,}" if n == math.inf else f"{n:,.0f}"
 
 
 def normalised(row: dict[str, Any], refs: dict[str, dict[str, float]], fast_keys: list[str]) -> dict[str, float]:
@@ -161,8 +166,8 @@ def summarise(units: list[dict], labels: list[str], measures: list[str], fold: s
                     row[f"d_{m}_vs_{tag}_fixed"] = _diff(f)
                     row[f"d_{m}_vs_{tag}_fixed_mean"], row[f"d_{m}_vs_{tag}_fixed_ci95"] = f["mean"], f["ci95"]
                     row[f"d_{m}_vs_{tag}_fixed_detectable"] = f["detectable"]
-                    row[f"d_{m}_vs_{tag}_units_for_{PLAN:g}"] = units_for(d["sd"], PLAN)
-                    row[f"d_{m}_vs_{tag}_fixed_units_for_{PLAN:g}"] = units_for(f["sd"], PLAN, max(len(folds_d), 1))
+                    row[f"d_{m}_vs_{tag}_units_for_{PLAN:g}"] = units_for(d["sd"], PLAN, most=UNITS_MOST)
+                    row[f"d_{m}_vs_{tag}_fixed_units_for_{PLAN:g}"] = units_for(f["sd"], PLAN, max(len(folds_d), 1), most=UNITS_MOST)
         for k in ("env_steps", "env_steps_adapt", "wall_s"):
             row[f"meta_{k}"] = float(np.mean([u[k] for u in mine]))
         rows.append(row)
